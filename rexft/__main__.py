@@ -1,0 +1,5 @@
+import sys
+
+from rexft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,233 @@
+"""Adapter injection, per-batch state, parameter report and (de)serialisation.
+
+The adapter types are the modules of this folder (lora.py, molora.py, hydralora.py, trex.py, mode.py);
+``adapter.type`` names one. Public API (re-exported from :mod:`rexft`):
+
+    inject_adapters(model, adapter_cfg) -> model    wrap every matching nn.Linear; freeze the rest
+    set_prior(model, prior)                         (b, k) or (b, s, k) cluster similarities for this batch
+    adapter_state_dict(model) -> dict               the rex_* tensors
+    save_adapter(model, dir) / load_adapter(model, dir)
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import pkgutil
+import re
+from collections import Counter
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from rexft.adapters.base import AdapterLinear, is_adapter_param
+from rexft.config import AdapterConfig, adapter_config_from
+from rexft.errors import RexftError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT_VERSION = 1
+_NOT_TYPES = {"base"}
+
+
+@lru_cache(maxsize=None)
+def adapter_types() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_TYPES)
+
+
+def adapter_class(name: str) -> type[AdapterLinear]:
+    if name not in adapter_types():
+        raise RexftError(f"unknown adapter type '{name}'; valid types: {', '.join(adapter_types())}")
+    module = importlib.import_module(f"rexft.adapters.{name}")
+    (cls,) = [c for _, c in inspect.getmembers(module, inspect.isclass)
+              if issubclass(c, AdapterLinear) and c.__module__ == module.__name__]
+    return cls
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLinear)}
+
+
+def target_names(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Names of the linear layers that ``target_modules`` matches and ``exclude_modules`` does not."""
+    targets = [re.compile(p) for p in cfg.target_modules]
+    excludes = [re.compile(p) for p in cfg.exclude_modules]
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not name or is_adapter_param(name):
+            continue
+        if any(p.search(name) for p in targets) and not any(p.search(name) for p in excludes):
+            names.append(name)
+    return names
+
+
+def inject_adapters(model: nn.Module, adapter_cfg: AdapterConfig | dict) -> nn.Module:
+    """Wrap the targeted linear layers in place and make only adapter parameters trainable."""
+    cfg = adapter_config_from(adapter_cfg)
+    if adapter_layers(model):
+        raise RexftError("the model already has adapters injected")
+    cls = adapter_class(cfg.type)
+    names = target_names(model, cfg)
+    if not names:
+        raise RexftError(f"adapter.target_modules {cfg.target_modules} matched no nn.Linear in {type(model).__name__}")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        layer = cls(base, cfg)
+        device = next((p.device for p in base.parameters() if p.device.type != "meta"), None)
+        if device is not None:  # adapter weights live beside their base (device_map, 4-bit on GPU)
+            for pname, param in layer.named_parameters():
+                if is_adapter_param(pname):
+                    param.data = param.data.to(device)
+        setattr(parent, child, layer)
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_adapter_param(name))
+    model.rexft_adapter_config = cfg
+    return model
+
+
+def set_prior(model: nn.Module, prior: torch.Tensor | None) -> None:
+    """Give every adapter this batch's prior, (b, k) per example or (b, s, k) per token (packing)."""
+    for layer in adapter_layers(model).values():
+        layer.prior = prior
+
+
+def set_token_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
+    """Which tokens count in routing statistics (the attention mask)."""
+    for layer in adapter_layers(model).values():
+        layer.token_mask = mask
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    losses = [layer.aux_loss for layer in adapter_layers(model).values() if layer.aux_loss is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
+def routing_stats(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per mixture layer, from its last forward: normalised routing entropy (1 = uniform) and the
+    largest share of routing weight any one expert got."""
+    stats = {}
+    for name, layer in adapter_layers(model).items():
+        if layer.last_route_mean is None:
+            continue
+        usage = layer.last_route_mean.float().clamp_min(0)
+        usage = usage / usage.sum().clamp_min(1e-12)
+        entropy = -(usage * usage.clamp_min(1e-12).log()).sum() / max(1e-12, float(torch.log(torch.tensor(float(len(usage))))))
+        stats[name] = {"entropy": round(float(entropy), 4), "max_share": round(float(usage.max()), 4)}
+    return stats
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if is_adapter_param(name)}
+
+
+def parameter_report(model: nn.Module) -> dict:
+    """Trainable parameters per module type, and against LoRA r=32 on the same targets."""
+    per_type: Counter = Counter()
+    lora32 = 0
+    for name, layer in adapter_layers(model).items():
+        kind = name.rsplit(".", 1)[-1]
+        per_type[kind] += sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        lora32 += 32 * (layer.in_features + layer.out_features)
+    total = sum(per_type.values())
+    return {"per_module_type": dict(per_type), "trainable": total, "lora_r32": lora32,
+            "ratio_vs_lora_r32": round(total / lora32, 4) if lora32 else None}
+
+
+def format_parameter_report(report: dict) -> str:
+    lines = [f"  {k:<14} {v:>12,}" for k, v in report["per_module_type"].items()]
+    lines.append(f"  {'total':<14} {report['trainable']:>12,}   "
+                 f"({report['ratio_vs_lora_r32']:.1%} of LoRA r=32 = {report['lora_r32']:,} on the same targets)")
+    return "trainable adapter parameters:\n" + "\n".join(lines)
+
+
+def save_adapter(model: nn.Module, directory: str | Path, state_dict: dict | None = None, metadata: dict | None = None) -> Path:
+    """safetensors weights + adapter_config.json (type, hyperparameters, targets, base-model fingerprint).
+
+    Written to a temporary folder and renamed, so a reader never sees half an adapter.
+    """
+    from safetensors.torch import save_file
+
+    from rexft.modeling import model_fingerprint
+
+    cfg: AdapterConfig = model.rexft_adapter_config
+    directory = Path(directory)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (state_dict or adapter_state_dict(model)).items()}
+    config = {"format": "rexft-adapter", "format_version": FORMAT_VERSION, "adapter": asdict(cfg),
+              "target_modules": sorted(adapter_layers(model)), "base_model": model_fingerprint(model),
+              **(metadata or {})}
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if directory.exists():
+        import shutil
+
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(directory)
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> dict:
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise RexftError(f"no adapter at {directory} ({ADAPTER_CONFIG} is missing)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RexftError(f"{path} is corrupt: {err.msg}") from None
+    if config.get("format") != "rexft-adapter":
+        raise RexftError(f"{path} is not a rexft adapter config")
+    return config
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Inject (if needed) and load a saved adapter; a different base model or bad tensors is an error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from rexft.modeling import model_fingerprint
+
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    expected, actual = config["base_model"], model_fingerprint(model)
+    diffs = [f"{k}: adapter {expected.get(k)!r} vs model {actual.get(k)!r}" for k in expected if expected.get(k) != actual.get(k)]
+    if diffs:
+        raise RexftError(f"adapter at {directory} was trained on a different base model ({'; '.join(diffs)})")
+    cfg = adapter_config_from(config["adapter"])
+    if not adapter_layers(model):
+        inject_adapters(model, cfg)
+    try:
+        tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RexftError(f"{directory / ADAPTER_WEIGHTS} is missing or corrupt ({err})") from None
+    own = dict(model.named_parameters())
+    own = {k: v for k, v in own.items() if is_adapter_param(k)}
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    misshaped = [f"{k} {tuple(tensors[k].shape)} != {tuple(own[k].shape)}" for k in own
+                 if k in tensors and tensors[k].shape != own[k].shape]
+    problems = ([f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"] if missing else []) + \
+               ([f"unexpected {unexpected[:5]}"] if unexpected else []) + ([f"mis-shaped {misshaped[:5]}"] if misshaped else [])
+    if problems:
+        raise RexftError(f"adapter weights at {directory} do not fit the model: {'; '.join(problems)}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor)
+    return model

@@ -1,0 +1,34 @@
+"""HydraLoRA: one shared down-projection A, E up-projection heads B_e, a token router.
+
+    g(x) = softmax(W_g x)                      (E,), optionally top-k
+    delta(x) = s * sum_e g_e(x) B_e A x        A: (r, in), B_e: (out, r), stacked as B_all: (out, E*r)
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rexft.adapters.base import AdapterLinear, fused_down, kaiming_, lora_scaling, sparse_softmax
+
+
+class HydraLoRALinear(AdapterLinear):
+    is_mixture = True
+
+    def __init__(self, base, cfg):
+        super().__init__(base, cfg)
+        self.r, self.num_experts, self.top_k = cfg.r, cfg.num_experts, cfg.top_k
+        self.scaling = lora_scaling(cfg, cfg.r)
+        self.rex_A = nn.Parameter(kaiming_(torch.empty(cfg.r, self.in_features, dtype=self.dtype)))
+        self.rex_B = nn.Parameter(torch.zeros(self.out_features, cfg.num_experts * cfg.r, dtype=self.dtype))
+        self.rex_router = nn.Linear(self.in_features, cfg.num_experts, dtype=self.dtype)
+
+    def delta(self, x):
+        h, logits = fused_down(x, self.rex_A, self.rex_router)  # (b, s, r), (b, s, E)
+        gates = sparse_softmax(logits, self.top_k)  # (b, s, E)
+        self.observe(gates, gates)
+        coef = (gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # (b, s, E*r)
+        return self.scaling * F.linear(coef, self.rex_B)
+
+    def static_factors(self, mean_route):
+        heads = self.rex_B.detach().unflatten(1, (self.num_experts, self.r))  # (out, E, r)
+        return self.rex_A.detach(), self.scaling * torch.einsum("oer,e->or", heads, mean_route.to(heads))

@@ -1,0 +1,208 @@
+"""Command line: ``rexft <command> [recipe=NAME] [group=option] [key=value ...]``.
+
+Every command composes the same Hydra config (configs/rexft.yaml + groups + recipes/NAME.yaml +
+command-line overrides), validates it against :class:`rexft.config.RunConfig`, writes the resolved
+YAML into the run directory and calls one stage function with the typed config. This is the only
+module that touches Hydra/OmegaConf.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import sys
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Callable
+
+from rexft.config import RunConfig
+
+GROUPS = ("model", "data", "adapter", "prior", "trainer")
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module:function, one-line help)
+    "data": ("rexft.data:prepare_data", "format, mix and tokenize the datasets; write data/ and stats"),
+    "cluster-prior": ("rexft.prior:cluster_prior", "embed training prompts, k-means, write prior/"),
+    "train": ("rexft.train:train", "inject adapters and train; write adapter/ and checkpoints/"),
+    "eval": ("rexft.evaluate:evaluate", "score the validation sets; write eval/results.json"),
+    "merge-export": ("rexft.export:merge_export", "merge or export adapters for standard tools; write export/"),
+}
+
+
+class ConfigError(Exception):
+    """A user mistake in the composed configuration: printed as one line, exit status 2."""
+
+
+def config_root() -> Path:
+    """Folder holding configs/ and recipes/: inside the installed wheel, else the checkout."""
+    packaged = Path(__file__).parent / "_configs"
+    if (packaged / "configs").is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent
+
+
+def options(group: str) -> list[str]:
+    folder = config_root() / ("recipes" if group == "recipe" else f"configs/{group}")
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def _schema_keys(node) -> list[str]:
+    return [f.name for f in fields(node)] if is_dataclass(node) else []
+
+
+def _check_override(override: str) -> None:
+    """Name the culprit of a bad override before Hydra sees it."""
+    if "=" not in override:
+        raise ConfigError(f"argument '{override}' is not of the form key=value")
+    key, value = override.split("=", 1)
+    key = key.lstrip("+~")
+    if key in ("recipe",) + GROUPS:
+        valid = options(key)
+        if value not in valid:
+            raise ConfigError(f"unknown {key} '{value}'; valid choices: {', '.join(valid)}")
+        return
+    node, path = RunConfig(), []
+    for part in key.split("."):
+        valid = _schema_keys(node)
+        if part not in valid:
+            where = ".".join(path) or "the root config"
+            hint = difflib.get_close_matches(part, valid, n=1)
+            raise ConfigError(
+                f"unknown config key '{key}'"
+                + (f" (did you mean '{'.'.join(path + hint)}'?)" if hint else "")
+                + f"; valid keys of {where}: {', '.join(valid)}"
+            )
+        node, path = getattr(node, part), path + [part]
+
+
+def compose(overrides: list[str]):
+    """Compose and validate; returns (typed RunConfig, resolved DictConfig)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    for override in overrides:
+        _check_override(override)
+    root = config_root()
+    hydra_overrides = [f"hydra.searchpath=[file://{root}]"]
+    hydra_overrides += [("recipes=" + o.split("=", 1)[1]) if o.startswith("recipe=") else o for o in overrides]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(root / "configs"), version_base=None):
+            composed = hydra_compose(config_name="rexft", overrides=hydra_overrides)
+    except Exception as err:  # Hydra's errors are multi-line; keep the first line
+        raise ConfigError(str(err).strip().splitlines()[0]) from None
+    try:
+        OmegaConf.set_struct(composed, False)
+        schema = OmegaConf.structured(RunConfig)
+        merged = OmegaConf.merge(schema, composed)
+        OmegaConf.resolve(merged)
+        typed: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        message = str(err).strip().splitlines()[0]
+        raise ConfigError(f"config key '{key}': {message}" if key else message) from None
+    _validate(typed)
+    return typed, merged
+
+
+def _validate(cfg: RunConfig) -> None:
+    from rexft.adapters import adapter_types
+    from rexft.tasks import task_names
+
+    checks = [
+        ("adapter.type", cfg.adapter.type, adapter_types()),
+        ("adapter.mode", cfg.adapter.mode, ["rank1", "rank1_flex"]),
+        ("data.mixture", cfg.data.mixture, ["proportional", "temperature"]),
+        ("data.no_train_split", cfg.data.no_train_split, ["split_validation", "skip"]),
+        ("trainer.scheduler", cfg.trainer.scheduler, ["cosine", "linear", "constant"]),
+        ("trainer.mixed_precision", cfg.trainer.mixed_precision, ["auto", "no", "bf16", "fp16"]),
+        ("trainer.optimizer", cfg.trainer.optimizer, ["adamw", "adamw_8bit", "paged_adamw_8bit"]),
+        ("eval.protocol", cfg.eval.protocol, ["first_token", "loglik"]),
+        ("export.mode", cfg.export.mode, ["auto", "merged", "per_task", "per_cluster", "adapter"]),
+        ("prior.backend", cfg.prior.backend, ["auto", "torch", "faiss"]),
+    ]
+    for key, value, valid in checks:
+        if value not in valid:
+            raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(valid)}")
+    for task in cfg.data.tasks + list(cfg.eval.tasks or []):
+        if task not in task_names():
+            raise ConfigError(f"unknown task '{task}'; valid tasks: {', '.join(task_names())}")
+    for task in cfg.eval.tasks or []:
+        if task not in cfg.data.tasks:
+            raise ConfigError(f"eval.tasks names '{task}', which is not in data.tasks")
+
+
+def usage(command: str | None = None) -> str:
+    lines = []
+    if command is None:
+        lines += ["usage: rexft <command> [recipe=NAME] [group=option ...] [key=value ...] [--print-config]", "",
+                  "Multitask PEFT with mixtures of rank-one experts (T-REX, MoDE) and LoRA baselines.", "",
+                  "commands:"]
+        lines += [f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items()]
+        lines += ["  eval compare   rexft eval compare RUN_DIR [RUN_DIR ...]: side-by-side table + bar chart"]
+    else:
+        lines += [f"usage: rexft {command} [recipe=NAME] [group=option ...] [key=value ...] [--print-config]",
+                  "", COMMANDS[command][1]]
+    lines += ["", f"recipes:  {', '.join(options('recipe'))}"]
+    lines += [f"{group + ':':<9} {', '.join(options(group))}" for group in GROUPS]
+    lines += ["", "Keys are those of configs/rexft.yaml and its groups, e.g. trainer.lr=1e-4 data.local_dir=PATH.",
+              "--print-config prints the composed config and exits. Precedence: group < recipe < command line."]
+    return "\n".join(lines)
+
+
+def _stage(command: str) -> Callable:
+    import importlib
+
+    module, function = COMMANDS[command][0].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, args = argv[0], argv[1:]
+    if command == "eval" and args and args[0] == "compare":
+        from rexft.evaluate import compare_runs
+
+        compare_runs([Path(a) for a in args[1:]])
+        return 0
+    if command not in COMMANDS:
+        hint = difflib.get_close_matches(command, COMMANDS, n=1)
+        print(f"rexft: error: unknown command '{command}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+              + f"; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if "-h" in args or "--help" in args:
+        print(usage(command))
+        return 0
+    print_only = "--print-config" in args
+    overrides = [a for a in args if a != "--print-config"]
+    try:
+        cfg, resolved = compose(overrides)
+    except ConfigError as err:
+        print(f"rexft: error: {err}", file=sys.stderr)
+        return 2
+    from omegaconf import OmegaConf
+
+    if print_only:
+        print(OmegaConf.to_yaml(resolved), end="")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from rexft.rundir import save_resolved_config
+    from rexft.errors import RexftError
+
+    save_resolved_config(cfg, OmegaConf.to_yaml(resolved), command)
+    try:
+        _stage(command)(cfg)
+    except RexftError as err:
+        print(f"rexft: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

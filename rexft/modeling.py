@@ -1,0 +1,129 @@
+"""Loading the base model and tokenizer: hub id, local directory, GGUF file, or a tiny random LLaMA.
+
+GGUF checkpoints (``model.gguf_file``) are dequantized to float by transformers once and cached as a
+safetensors directory beside the GGUF file's cache key, so later runs load in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from rexft.config import ModelConfig
+from rexft.errors import RexftError
+
+log = logging.getLogger(__name__)
+TINY = "tiny-random-llama"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("REXFT_CACHE", Path.home() / ".cache" / "rexft"))
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 bytes + <s>, </s>, <pad>) built in-process: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({ch: i + 3 for i, ch in enumerate(sorted(alphabet))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_llama(cfg: ModelConfig, vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t = cfg.tiny
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                         num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(t.seed)
+        return LlamaForCausalLM(config)
+
+
+def _gguf_cache_dir(cfg: ModelConfig) -> Path:
+    source = Path(cfg.name_or_path) / cfg.gguf_file
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "converted" / f"{Path(cfg.gguf_file).stem}-{key}"
+
+
+def resolve_source(cfg: ModelConfig) -> str:
+    """Where from_pretrained should read: the converted cache for GGUF, else name_or_path as given."""
+    if not cfg.gguf_file:
+        return cfg.name_or_path
+    source = Path(cfg.name_or_path) / cfg.gguf_file
+    if not source.is_file():
+        raise RexftError(f"model.gguf_file: {source} does not exist (scripts/fetch_smollm2.sh fetches the demo model)")
+    converted = _gguf_cache_dir(cfg)
+    if not (converted / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s to a cached safetensors copy at %s", source, converted)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file, dtype=torch.float32)
+        tmp = converted.with_name(converted.name + ".tmp")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(converted)
+    return str(converted)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    if cfg.name_or_path == TINY:
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(cfg: ModelConfig, vocab_size: int | None = None, device: str = "cpu"):
+    """The frozen base model. ``quantization=nf4`` loads it in 4-bit through bitsandbytes (CUDA only)."""
+    if cfg.name_or_path == TINY:
+        return tiny_llama(cfg, vocab_size or len(byte_tokenizer()))
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch_dtype(cfg.dtype, device), "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.quantization == "nf4":
+        if not torch.cuda.is_available():
+            raise RexftError("model.quantization=nf4 needs a CUDA GPU (bitsandbytes 4-bit); set model.quantization=null on CPU")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    elif cfg.quantization is not None:
+        raise RexftError(f"model.quantization: '{cfg.quantization}' is not one of null, nf4")
+    return AutoModelForCausalLM.from_pretrained(resolve_source(cfg), **kwargs)
+
+
+def model_fingerprint(model) -> dict:
+    """What an adapter must match to be loaded onto a base model."""
+    config = model.config
+    return {
+        "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+    }

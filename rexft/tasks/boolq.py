@@ -1,0 +1,12 @@
+"""BoolQ (super_glue/boolq): yes/no question about a passage; label 1 = true -> A (yes)."""
+
+from rexft.tasks.common import YES_NO, multiple_choice, yes_no
+
+HUB = ("super_glue", "boolq")
+HUB_SPLITS = {"train": "train", "validation": "validation"}
+FIELDS = {"question": str, "passage": str, "label": int}
+
+
+def to_example(record, check):
+    positive = check.label(record["label"], 2) == 1
+    return multiple_choice(f"Question: {record['question']}?", YES_NO, yes_no(positive), context=record["passage"])

@@ -1,0 +1,89 @@
+"""What every task loader shares: the multiple-choice example, schema checks and the prompt layout.
+
+A task module under rexft/tasks/ defines
+    HUB = (path, name)                  the dataset on the Hugging Face hub
+    HUB_SPLITS = {"train": ..., "validation": ...}   hub split names behind the local file names
+    FIELDS = {field: type, ...}         the record schema the loader checks
+    def to_example(record, check) -> Example-parts via ``multiple_choice``
+and nothing else. The prompt is ``context`` (a passage that truncation may trim) followed by the
+question and the lettered options; binary tasks always put the positive reading first:
+A = yes / true / entailment, B = no / false / not entailment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from rexft.errors import RexftError
+
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass
+class Example:
+    task: str
+    row: int  # 0-based position of the record in its split (file line / hub row)
+    prompt: str  # context + question + lettered options (no answer)
+    options: list[str]  # option texts in letter order
+    answer: str  # gold letter
+    context_chars: int = 0  # prompt[:context_chars] is a passage that may be trimmed to fit max_length
+
+    @property
+    def answer_index(self) -> int:
+        return LETTERS.index(self.answer)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Checker:
+    """Schema checks that name the task, the file and the row of a bad record."""
+
+    task: str
+    source: str
+    row: int
+
+    def fail(self, message: str):
+        raise RexftError(f"{self.task}: {self.source} row {self.row}: {message}")
+
+    def fields(self, record: dict, schema: dict) -> None:
+        for name, kind in schema.items():
+            if name not in record or record[name] is None:
+                self.fail(f"missing field '{name}'")
+            if not isinstance(record[name], kind):
+                self.fail(f"field '{name}' should be {getattr(kind, '__name__', kind)}, got {type(record[name]).__name__}")
+
+    def label(self, value, n_options: int, base: int = 0) -> int:
+        """An int-like label (int or digit string) in [base, base + n_options)."""
+        try:
+            index = int(value) - base
+        except (TypeError, ValueError):
+            self.fail(f"label {value!r} is not a number")
+        if not 0 <= index < n_options:
+            self.fail(f"label {value!r} is out of range for {n_options} options")
+        return index
+
+
+def multiple_choice(question: str, options: list[str], gold: int, context: str = "") -> tuple[str, list[str], int, int]:
+    """Lay out one prompt: returns (prompt, options, gold index, trimmable context length)."""
+    context_block = f"{context}\n" if context else ""
+    lettered = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
+    return f"{context_block}{question}\n{lettered}", list(options), gold, len(context_block)
+
+
+YES_NO = ["yes", "no"]
+
+
+def yes_no(positive: bool) -> int:
+    return 0 if positive else 1
+
+
+def keyed_choices(record: dict, check: Checker) -> tuple[list[str], int]:
+    """``choices = {label: [...], text: [...]}`` with ``answerKey`` naming the gold label."""
+    labels, texts = record["choices"].get("label"), record["choices"].get("text")
+    if not labels or not texts or len(labels) != len(texts):
+        check.fail("field 'choices' needs equal-length 'label' and 'text' lists")
+    if record["answerKey"] not in labels:
+        check.fail(f"label {record['answerKey']!r} is out of range for choices {labels}")
+    return texts, labels.index(record["answerKey"])

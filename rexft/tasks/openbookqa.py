@@ -1,0 +1,12 @@
+"""OpenBookQA (main): four choices; answerKey is the gold choice's label."""
+
+from rexft.tasks.common import keyed_choices, multiple_choice
+
+HUB = ("allenai/openbookqa", "main")
+HUB_SPLITS = {"train": "train", "validation": "validation"}
+FIELDS = {"question_stem": str, "choices": dict, "answerKey": str}
+
+
+def to_example(record, check):
+    texts, gold = keyed_choices(record, check)
+    return multiple_choice(f"Question: {record['question_stem']}", texts, gold)

@@ -1,0 +1,13 @@
+"""PIQA: the better solution for the goal; label indexes sol1/sol2."""
+
+from rexft.tasks.common import multiple_choice
+
+HUB = ("ybisk/piqa", None)
+HUB_SPLITS = {"train": "train", "validation": "validation"}
+FIELDS = {"goal": str, "sol1": str, "sol2": str, "label": int}
+
+
+def to_example(record, check):
+    gold = check.label(record["label"], 2)
+    return multiple_choice(f"Goal: {record['goal']}\nQuestion: Which solution is better?",
+                           [record["sol1"], record["sol2"]], gold)

@@ -1,0 +1,13 @@
+"""RTE (super_glue/rte): label 0 = entailment -> A (yes), 1 = not_entailment -> B (no)."""
+
+from rexft.tasks.common import YES_NO, multiple_choice, yes_no
+
+HUB = ("super_glue", "rte")
+HUB_SPLITS = {"train": "train", "validation": "validation"}
+FIELDS = {"premise": str, "hypothesis": str, "label": int}
+
+
+def to_example(record, check):
+    entailed = check.label(record["label"], 2) == 0
+    question = f"Question: Does this imply that \"{record['hypothesis']}\"?"
+    return multiple_choice(question, YES_NO, yes_no(entailed), context=record["premise"])
