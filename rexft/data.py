@@ -176,12 +176,18 @@ class PromptFormat:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-def letter_token_ids(tokenizer, fmt: PromptFormat, n: int) -> list[int]:
-    """The first token of each answer letter as it follows a prompt (what first_token scores)."""
-    ids = [tokenizer(fmt.answer_text(letter), add_special_tokens=False).input_ids[0] for letter in LETTERS[:n]]
+def letter_token_ids(tokenizer, fmt: PromptFormat, n: int) -> tuple[list[int], list[int]]:
+    """(shared prefix, letter ids): the answer letters' tokens after the prompt. Tokenizers that split
+    " A" into a space and "A" share a prefix; first_token scoring appends it to the prompt and compares
+    the letters at the next position."""
+    encoded = [tokenizer(fmt.answer_text(letter), add_special_tokens=False).input_ids for letter in LETTERS[:n]]
+    prefix = 0
+    while all(len(e) > prefix + 1 for e in encoded) and len({e[prefix] for e in encoded}) == 1:
+        prefix += 1
+    ids = [e[prefix] for e in encoded]
     if len(set(ids)) != n:
-        raise RexftError(f"the tokenizer maps answer letters {LETTERS[:n]} to non-distinct first tokens {ids}")
-    return ids
+        raise RexftError(f"the tokenizer maps answer letters {LETTERS[:n]} to non-distinct tokens {encoded}")
+    return encoded[0][:prefix], ids
 
 
 def encode_prompt(example: Example, tokenizer, fmt: PromptFormat, max_length: int, reserve: int = 0) -> tuple[list[int], bool]:

@@ -302,11 +302,17 @@ def check_prior(meta: dict, cfg: RunConfig, adapter_prior_dim: int | None = None
                          "(rerun rexft cluster-prior with prior.k matching adapter.prior_dim)")
 
 
+def priors_from(prompts: list[str], centroids: torch.Tensor, meta: dict, cfg: PriorConfig) -> torch.Tensor:
+    """(n, k) = embeddings @ centroids.T with the embedder the centroids were built with."""
+    embedder_cfg = PriorConfig(**{**cfg.__dict__, "embedder": meta["embedder"], "max_length": meta["max_length"]})
+    embeddings = embed_cached(prompts, embedder_cfg)
+    if embeddings.shape[1] != meta["dim"]:
+        raise RexftError(f"prior centroids have dimension {meta['dim']} but embedder {meta['embedder']} gives {embeddings.shape[1]}")
+    return embeddings @ centroids.T
+
+
 def priors_for(prompts: list[str], cfg: RunConfig, adapter_prior_dim: int | None = None) -> tuple[torch.Tensor, dict]:
     """(n, k) priors of these prompts with the run's centroids; the same computation at train and eval."""
     centroids, meta = load_prior(cfg.path)
     check_prior(meta, cfg, adapter_prior_dim)
-    embeddings = embed_cached(prompts, cfg.prior)
-    if embeddings.shape[1] != meta["dim"]:
-        raise RexftError(f"prior/ centroids have dimension {meta['dim']} but the embedder gives {embeddings.shape[1]}")
-    return embeddings @ centroids.T, meta
+    return priors_from(prompts, centroids, meta, cfg.prior), meta
