@@ -102,6 +102,14 @@ def gathered_adapter_state(model, accelerator) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone().cpu() for name, p in params.items()}
 
 
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing (non-reentrant, so frozen inputs still get adapter gradients)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 # ------------------------------------------------------------------------------------------------ data
 def training_rows(cfg: RunConfig, tokenizer) -> tuple[list[dict], dict | None]:
     """Tokenized training examples, each with its prior when the adapter uses one."""
@@ -263,8 +271,7 @@ def train(cfg: RunConfig) -> Path:
     model.config.use_cache = False
     inject_adapters(model, cfg.adapter)
     if tcfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     report = parameter_report(model)
     if accelerator.is_main_process:
         print(format_parameter_report(report))

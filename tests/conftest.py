@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random models built in-process, the real data in ../shared/data, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("REXFT_DATA", ROOT.parent / "shared" / "data")).resolve()
+
+
+def pytest_configure(config):
+    # One embedding / tokenization cache for the whole session, outside the user's home.
+    os.environ.setdefault("REXFT_CACHE", str(Path(config.rootpath) / ".pytest_cache" / "rexft"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA / "MANIFEST.md").is_file():
+        pytest.skip(f"real data not found at {DATA}")
+    return DATA
+
+
+def tiny_model(seed: int = 0, layers: int = 2, vocab: int = 259):
+    from rexft.config import ModelConfig, TinyModelConfig
+    from rexft.modeling import tiny_llama
+
+    return tiny_llama(ModelConfig(tiny=TinyModelConfig(num_hidden_layers=layers, seed=seed)), vocab).eval()
+
+
+@pytest.fixture
+def make_model():
+    return tiny_model
+
+
+def run_cli(*args: str, cwd: Path = ROOT, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m rexft ARGS`` as a user would run it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", "rexft", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"rexft {' '.join(args)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result

@@ -1,0 +1,141 @@
+"""Task loaders on real records: gold letters, options, prompts, schema errors, mixture, tokenization."""
+
+import json
+
+import pytest
+
+from rexft.config import DataConfig, ModelConfig
+from rexft.data import (IGNORE_INDEX, PromptFormat, build_splits, encode_example, load_examples, mixture,
+                        read_records)
+from rexft.errors import RexftError
+from rexft.modeling import byte_tokenizer
+from rexft.tasks import task_names
+from rexft.tasks.common import LETTERS
+
+ALL_TASKS = task_names()
+
+
+def raw_gold_text(task: str, record: dict) -> str:
+    """The gold answer's text straight from the raw record, independent of the loaders."""
+    yes_no = {True: "yes", False: "no"}
+    if task in ("boolq", "wic", "wsc", "multirc"):
+        return yes_no[record["label"] == 1]
+    if task == "rte":
+        return yes_no[record["label"] == 0]
+    if task == "anli":
+        return ["entailment", "neutral", "contradiction"][record["label"]]
+    if task == "copa":
+        return [record["choice1"], record["choice2"]][record["label"]]
+    if task == "winogrande":
+        return record["option" + record["answer"]]
+    if task == "hellaswag":
+        return record["endings"][int(record["label"])]
+    if task == "piqa":
+        return [record["sol1"], record["sol2"]][record["label"]]
+    if task == "social_i_qa":
+        return record["answer" + "ABC"[int(record["label"]) - 1]]
+    if task in ("openbookqa", "commonsense_qa"):
+        return record["choices"]["text"][record["choices"]["label"].index(record["answerKey"])]
+    if task == "mmlu":
+        return record["choices"][record["answer"]]
+    raise AssertionError(task)
+
+
+QUESTION_FIELD = {"boolq": "question", "wic": "word", "wsc": "span2_text", "rte": "hypothesis", "copa": "premise",
+                  "multirc": "question", "winogrande": "sentence", "anli": "hypothesis", "hellaswag": "ctx",
+                  "piqa": "goal", "social_i_qa": "question", "openbookqa": "question_stem", "mmlu": "question",
+                  "commonsense_qa": "question"}
+N_OPTIONS = {"anli": 3, "hellaswag": 4, "social_i_qa": 3, "openbookqa": 4, "mmlu": 4, "commonsense_qa": 5}
+
+
+def test_all_fourteen_tasks_are_registered():
+    assert len(ALL_TASKS) == 14
+
+
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_gold_letter_points_at_the_raw_label(task, data_dir):
+    records, _ = read_records(task, "validation", str(data_dir))
+    examples = load_examples(task, "validation", str(data_dir))
+    assert len(examples) == len(records) > 0
+    for example, record in list(zip(examples, records))[:300]:
+        assert example.options[LETTERS.index(example.answer)] == raw_gold_text(task, record)
+        assert len(example.options) == N_OPTIONS.get(task, 2)
+        assert record[QUESTION_FIELD[task]].strip()[:40] in example.prompt
+        for i, option in enumerate(example.options):  # every option is lettered in the prompt
+            assert f"{LETTERS[i]}. {option}" in example.prompt
+
+
+def test_binary_convention_puts_the_positive_reading_first(data_dir):
+    for task in ("boolq", "wic", "wsc", "rte", "multirc"):
+        assert load_examples(task, "validation", str(data_dir))[0].options == ["yes", "no"]
+
+
+def _write(tmp_path, task, rows):
+    (tmp_path / task).mkdir(parents=True, exist_ok=True)
+    (tmp_path / task / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_missing_field_names_task_file_and_row(tmp_path):
+    _write(tmp_path, "copa", [{"premise": "p", "choice1": "a", "choice2": "b", "question": "cause", "label": 0},
+                              {"premise": "p", "choice1": "a", "question": "cause", "label": 0}])
+    with pytest.raises(RexftError, match=r"copa: .*copa/validation.jsonl row 1: missing field 'choice2'"):
+        load_examples("copa", "validation", str(tmp_path))
+
+
+def test_out_of_range_label_names_the_row(tmp_path):
+    _write(tmp_path, "anli", [{"premise": "p", "hypothesis": "h", "label": 3}])
+    with pytest.raises(RexftError, match=r"anli: .* row 0: label 3 is out of range for 3 options"):
+        load_examples("anli", "validation", str(tmp_path))
+
+
+def test_missing_task_folder_is_named(tmp_path):
+    with pytest.raises(RexftError, match="piqa: no folder"):
+        build_splits(DataConfig(tasks=["piqa"], local_dir=str(tmp_path)))
+
+
+def test_tasks_without_train_split_use_disjoint_validation_parts(data_dir):
+    (split,) = build_splits(DataConfig(tasks=["piqa"], local_dir=str(data_dir)))
+    train_rows, eval_rows = {e.row for e in split.train}, {e.row for e in split.eval}
+    assert not train_rows & eval_rows
+    assert len(train_rows) + len(eval_rows) == 1838
+    assert split.train_source.startswith("validation")
+
+
+def test_mixture_is_deterministic_and_respects_caps(data_dir):
+    cfg = DataConfig(tasks=ALL_TASKS, local_dir=str(data_dir), train_per_task=20, seed=3)
+    first = mixture(build_splits(cfg), cfg)
+    again = mixture(build_splits(cfg), cfg)
+    assert [(e.task, e.row) for e in first] == [(e.task, e.row) for e in again]
+    counts = {t: sum(e.task == t for e in first) for t in ALL_TASKS}
+    assert all(c == 20 for c in counts.values())
+    other = DataConfig(tasks=ALL_TASKS, local_dir=str(data_dir), train_per_task=20, seed=4)
+    assert [(e.task, e.row) for e in mixture(build_splits(other), other)] != [(e.task, e.row) for e in first]
+
+
+def test_temperature_mixture_flattens_task_sizes(data_dir):
+    cfg = DataConfig(tasks=["copa", "winogrande"], local_dir=str(data_dir), mixture="temperature", temperature=100.0,
+                     mixture_size=1000)
+    mixed = mixture(build_splits(cfg), cfg)
+    copa = sum(e.task == "copa" for e in mixed)
+    assert len(mixed) == 1000 and 400 < copa < 600  # 400 vs 10234 examples, near-uniform at T=100
+
+
+def test_labels_mask_everything_but_the_answer(data_dir):
+    tok = byte_tokenizer()
+    fmt = PromptFormat.for_model(tok, ModelConfig(use_chat_template=False))
+    example = load_examples("copa", "validation", str(data_dir))[0]
+    row = encode_example(example, tok, fmt, 512)
+    answer = [t for t in row["labels"] if t != IGNORE_INDEX]
+    assert tok.decode(answer) == f" {example.answer}</s>"
+    assert row["labels"][: row["prompt_length"]] == [IGNORE_INDEX] * row["prompt_length"]
+
+
+def test_truncation_trims_the_passage_never_options_or_answer(data_dir):
+    tok = byte_tokenizer()
+    fmt = PromptFormat.for_model(tok, ModelConfig(use_chat_template=False))
+    example = max(load_examples("boolq", "validation", str(data_dir))[:50], key=lambda e: len(e.prompt))
+    row = encode_example(example, tok, fmt, 200)
+    text = tok.decode(row["input_ids"])
+    assert len(row["input_ids"]) <= 200 and row["truncated"]
+    assert text.endswith(f"A. yes\nB. no\nAnswer: {example.answer}</s>")
+    assert "Question:" in text
