@@ -218,6 +218,7 @@ def test_balance_loss_is_one_at_uniform_routing():
     with torch.no_grad():
         for layer in adapter_layers(model).values():
             layer.rex_router.weight.zero_()  # zero logits: uniform routing
+            layer.rex_router.bias.zero_()
     logits(model)
     from rexft.adapters import aux_loss
 
