@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import zlib
 from dataclasses import asdict, dataclass
@@ -243,7 +244,7 @@ def tokenize_examples(examples: list[Example], tokenizer, fmt: PromptFormat, max
     encoded = [encode_example(e, tokenizer, fmt, max_length) for e in tqdm(examples, desc=desc, leave=False)]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of one launch may race here
         torch.save(encoded, tmp)
         tmp.replace(path)
     return encoded

@@ -235,7 +235,7 @@ def evaluate(cfg: RunConfig) -> Path:
 
     from rexft.rundir import atomic_write_text, write_json, write_jsonl
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     model, tokenizer, adapter_config, description = load_eval_model(cfg)
     examples, sources = eval_examples(cfg)
     priors = None

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def embed_cached(texts: list[str], cfg: PriorConfig, embedder: Embedder | None =
     embedder = embedder or Embedder(cfg.embedder, cfg.max_length)
     embeddings = embedder.encode(texts, cfg.batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of one launch may race here
     save_file({"embeddings": embeddings.contiguous()}, str(tmp))
     tmp.replace(path)
     return embeddings

@@ -73,15 +73,20 @@ def make_accelerator(cfg: RunConfig):
     from accelerate.state import PartialState
 
     trainer = cfg.trainer
+    on_cpu = not torch.cuda.is_available()
     mixed_precision = resolve_mixed_precision(trainer.mixed_precision)
     plugin = None
     if trainer.deepspeed:
-        plugin = _deepspeed_plugin(trainer, PartialState().num_processes, mixed_precision)
+        # DeepSpeed initialises the process group itself (gloo on CPU); Accelerate's cpu=True disables it.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        state = PartialState(cpu=False, backend="gloo" if on_cpu else None)
+        plugin = _deepspeed_plugin(trainer, state.num_processes, mixed_precision)
+    cpu = on_cpu and plugin is None  # Accelerate forms a gloo process group on CPU only when told so
     report_to = [r for r in trainer.report_to if r in ("tensorboard", "wandb")]
     unknown = sorted(set(trainer.report_to) - {"tensorboard", "wandb"})
     if unknown:
         raise RexftError(f"trainer.report_to: unknown {unknown}; valid: tensorboard, wandb")
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=trainer.grad_accum,
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=trainer.grad_accum,
                        deepspeed_plugin=plugin, log_with=report_to or None, project_dir=str(cfg.path))
 
 

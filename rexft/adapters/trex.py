@@ -39,8 +39,9 @@ class TRexLinear(AdapterLinear):
         self.use_prior, self.use_router = cfg.use_prior, cfg.use_router
         self.rex_A = nn.Parameter(kaiming_(torch.empty(self.r1, self.in_features, dtype=self.dtype)))
         self.rex_B = nn.Parameter(torch.zeros(self.out_features, self.r2, dtype=self.dtype))
-        self.rex_w_omega = nn.Parameter(torch.zeros((), dtype=self.dtype))
-        self.rex_w_gate = nn.Parameter(torch.zeros((), dtype=self.dtype))
+        # shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters
+        self.rex_w_omega = nn.Parameter(torch.zeros(1, dtype=self.dtype))
+        self.rex_w_gate = nn.Parameter(torch.zeros(1, dtype=self.dtype))
         self.rex_router = None
         if self.use_router:
             self.rex_router = nn.Linear(self.in_features, self.num_routes, dtype=self.dtype)
