@@ -1,0 +1,64 @@
+"""Export: merged == adapter, PEFT reload, static per-task export reproduces constant routing exactly."""
+
+import torch
+from peft import PeftModel
+
+import rexft
+from conftest import tiny_model
+from rexft.adapters import adapter_layers
+from rexft.config import AdapterConfig
+from rexft.data import PromptFormat
+from rexft.export import mean_routes, merge_into_base, static_factors, write_peft_adapter
+from rexft.modeling import byte_tokenizer
+from transformers import AutoModelForCausalLM
+
+IDS = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def randomized(kind, **kw):
+    model = rexft.inject_adapters(tiny_model(), AdapterConfig(type=kind, prior_dim=8, dropout=0, **kw))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "rex_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@torch.no_grad()
+def test_merged_model_equals_adapter_model_and_reloads_without_rexft(tmp_path):
+    model = randomized("lora", r=4, alpha=8)
+    expected = model(input_ids=IDS).logits
+    merged = merge_into_base(model)
+    assert not adapter_layers(merged)
+    torch.testing.assert_close(merged(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(reloaded(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_peft_format_export_loads_with_peft_and_gives_the_same_logits(tmp_path):
+    model = randomized("lora", r=4, alpha=8)
+    expected = model(input_ids=IDS).logits
+    write_peft_adapter(tmp_path / "peft", static_factors(model, {}), "tiny-random-llama", torch.float32)
+    peft_model = PeftModel.from_pretrained(tiny_model(), str(tmp_path / "peft"))
+    torch.testing.assert_close(peft_model(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_static_export_of_constant_routing_reproduces_dynamic_logits(tmp_path):
+    """Prior-only trex routing is constant per example: its per-task static LoRA must be exact."""
+    for kind, kw in [("trex", {"use_router": False}), ("molora", {}), ("hydralora", {}), ("mode", {})]:
+        model = randomized(kind, **kw)
+        for layer in adapter_layers(model).values():  # zero router weights: routing independent of tokens
+            if getattr(layer, "rex_router", None) is not None:
+                layer.rex_router.weight.zero_()
+        prior = torch.rand(1, 8).expand(2, 8)
+        rexft.set_prior(model, prior)
+        expected = model(input_ids=IDS).logits
+        fmt = PromptFormat.for_model(byte_tokenizer(), rexft.config.ModelConfig(use_chat_template=False))
+        routes = mean_routes(model, byte_tokenizer(), fmt, IDS.tolist(), prior)
+        write_peft_adapter(tmp_path / kind, static_factors(model, routes), "tiny-random-llama", torch.float32)
+        static = PeftModel.from_pretrained(tiny_model(), str(tmp_path / kind))
+        torch.testing.assert_close(static(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5, msg=kind)

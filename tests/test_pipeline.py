@@ -1,0 +1,79 @@
+"""The whole pipeline through the real CLI on the smoke recipe: every artifact written and reloadable."""
+
+import json
+
+import pytest
+import torch
+
+import rexft
+from conftest import DATA, run_cli, tiny_model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir):
+    run_dir = tmp_path_factory.mktemp("smoke")
+    common = ["recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={data_dir}"]
+    for command in ("data", "cluster-prior", "train", "eval", "merge-export"):
+        run_cli(command, *common)
+    return run_dir
+
+
+def test_data_stage_writes_examples_and_stats(run_dir):
+    stats = json.loads((run_dir / "data" / "stats.json").read_text())
+    assert len(stats["tasks"]) == 14 and stats["train_examples"] == 14 * 16
+    first = json.loads((run_dir / "data" / "train.jsonl").read_text().splitlines()[0])
+    assert {"task", "row", "prompt", "options", "answer"} <= set(first)
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "config.data.yaml").is_file()
+
+
+def test_prior_stage_writes_centroids_and_report(run_dir):
+    meta = json.loads((run_dir / "prior" / "meta.json").read_text())
+    assert meta["k"] == 8 and meta["dim"] == 384 and meta["embedder"] == "all-MiniLM-L6-v2"
+    report = json.loads((run_dir / "prior" / "report.json").read_text())
+    assert 0 < report["nmi"] <= 1 and 0 < report["purity"] <= 1
+    assert (run_dir / "prior" / "report.png").stat().st_size > 1000
+
+
+def test_training_loss_drops(run_dir):
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    assert any("routing" in json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+
+
+def test_adapter_reloads_onto_the_base(run_dir):
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["adapter"]["type"] == "trex" and config["prior"]["k"] == 8
+    model = rexft.load_adapter(tiny_model(), run_dir / "adapter")
+    rexft.set_prior(model, torch.rand(1, 8))
+    assert model(input_ids=torch.tensor([[1, 50, 60]])).logits.isfinite().all()
+    assert (run_dir / "adapter" / "config.yaml").is_file() and (run_dir / "adapter" / "prior_centroids.safetensors").is_file()
+
+
+def test_eval_results_have_the_promised_keys(run_dir):
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert set(results["tasks"]) == set(rexft.tasks.task_names())
+    for entry in results["tasks"].values():
+        assert entry["n"] == 8 and 0 <= entry["accuracy"] <= 1 and entry["ci95"][0] <= entry["accuracy"] <= entry["ci95"][1]
+    assert results["mean_accuracy"] == pytest.approx(sum(t["accuracy"] for t in results["tasks"].values()) / 14, abs=1e-3)
+    predictions = (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 14 * 8
+    assert (run_dir / "eval" / "routing.png").stat().st_size > 1000
+
+
+def test_export_per_task_loads_in_peft_and_refuses_to_overwrite(run_dir):
+    from peft import PeftModel
+
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert manifest["mode"] == "per_task" and len(manifest["per_task"]) == 14
+    assert (run_dir / "export" / "per_task" / "fidelity.md").is_file()
+    model = PeftModel.from_pretrained(tiny_model(), str(run_dir / "export" / "per_task" / "boolq"))
+    assert model(input_ids=torch.tensor([[1, 50, 60]])).logits.isfinite().all()
+    again = run_cli("merge-export", "recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={DATA}", check=False)
+    assert again.returncode == 2 and "export.overwrite=true" in again.stderr
+    assert (run_dir / "export" / "manifest.json").is_file()  # nothing lost
+
+
+def test_eval_compare_prints_a_table_and_a_chart(run_dir, tmp_path):
+    out = run_cli("eval", "compare", str(run_dir), str(run_dir), cwd=tmp_path).stdout
+    assert "| boolq |" in out and "**mean**" in out
+    assert (tmp_path / "compare.png").stat().st_size > 1000

@@ -1,0 +1,109 @@
+"""Training through the real CLI: resume equals uninterrupted, SIGKILL, NaN, and 2-process runs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DATA, ROOT, run_cli
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def prior(tmp_path_factory, data_dir):
+    """One cluster prior for the smoke recipe, copied into each run directory."""
+    run_dir = tmp_path_factory.mktemp("prior")
+    run_cli("cluster-prior", "recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={data_dir}")
+    return run_dir / "prior"
+
+
+def smoke_run(tmp_path, prior, name, *overrides, launcher=None, check=True):
+    run_dir = tmp_path / name
+    run_dir.mkdir(exist_ok=True)
+    if not (run_dir / "prior").exists():
+        shutil.copytree(prior, run_dir / "prior")
+    args = ["train", "recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={DATA}", *overrides]
+    if launcher is None:
+        return run_dir, run_cli(*args, check=check)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launcher, "-m", "rexft", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir, result
+
+
+def test_resume_continues_exactly(tmp_path, prior):
+    """Dropout on, so the RNG state must be restored too."""
+    common = ["trainer.max_steps=8", "trainer.save_every=2", "adapter.dropout=0.1"]
+    full, _ = smoke_run(tmp_path, prior, "full", *common)
+    part, _ = smoke_run(tmp_path, prior, "part", *common, "trainer.stop_after_steps=5")
+    assert len(losses(part)) == 5 and not (part / "adapter").exists()
+    assert [p.name for p in sorted((part / "checkpoints").iterdir())] == ["step-2", "step-4"]  # keep_last=2
+    smoke_run(tmp_path, prior, "part", *common, "trainer.resume=true")
+    assert losses(part) == pytest.approx(losses(full), abs=1e-6)
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(part / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_sigkill_leaves_the_last_checkpoint_loadable(tmp_path, prior):
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    shutil.copytree(prior, run_dir / "prior")
+    process = subprocess.Popen([sys.executable, "-m", "rexft", "train", "recipe=smoke", f"run_dir={run_dir}",
+                                f"data.local_dir={DATA}", "trainer.max_steps=100000", "trainer.epochs=1000",
+                                "trainer.save_every=1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((run_dir / "checkpoints").glob("step-*"))) < 2:
+        time.sleep(0.2)
+    time.sleep(0.37)  # land somewhere inside a later step or checkpoint write
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    from rexft.train import checkpoint_dirs
+
+    last = checkpoint_dirs(run_dir)[-1]
+    assert load_file(str(last / "adapter.safetensors"))
+    step = json.loads((last / "trainer_state.json").read_text())["step"]
+    assert step >= 1
+    _, result = smoke_run(tmp_path, prior, "killed", "trainer.max_steps=100000", "trainer.epochs=1000", "trainer.save_every=1",
+                          "trainer.resume=true", f"trainer.stop_after_steps={step + 1}")
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step + 1
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, prior):
+    run_dir, result = smoke_run(tmp_path, prior, "nan", "trainer.lr=1e30", "trainer.max_grad_norm=0", "trainer.warmup_steps=0",
+                                "trainer.save_every=1", "trainer.max_steps=20", check=False)
+    assert result.returncode == 2
+    assert "non-finite loss" in result.stderr and "Last good checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "adapter").exists()
+    assert list((run_dir / "checkpoints").glob("step-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["default", "zero2", "zero3"])
+def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path, prior, trainer):
+    """DDP over gloo and DeepSpeed ZeRO-2/3 (gloo) on CPU: same data order, same adapter."""
+    common = ["trainer.max_steps=4", "adapter.dropout=0"]
+    single, _ = smoke_run(tmp_path, prior, "single", *common, "trainer.batch_size=8")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    double, _ = smoke_run(tmp_path, prior, f"two-{trainer}", *common, "trainer.batch_size=4", f"trainer={trainer}",
+                          launcher=launcher)
+    assert losses(double) == pytest.approx(losses(single), abs=1e-5)
+    a = load_file(str(single / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(double / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape  # ZeRO-3 shapes are gathered, not empty partitions
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    if trainer != "default":
+        assert (double / "checkpoints" / "step-4" / "deepspeed").is_dir()
