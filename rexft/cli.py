@@ -79,6 +79,7 @@ def compose(overrides: list[str]):
     """Compose and validate; returns (typed RunConfig, resolved DictConfig)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -86,13 +87,20 @@ def compose(overrides: list[str]):
     for override in overrides:
         _check_override(override)
     root = config_root()
+    # The dataclass schema is the base of configs/rexft.yaml's defaults list: every documented key
+    # exists (with its default) whatever group option is chosen, and Hydra type-checks while composing.
+    ConfigStore.instance().store(name="rexft_schema", node=RunConfig)
     hydra_overrides = [f"hydra.searchpath=[file://{root}]"]
     hydra_overrides += [("recipes=" + o.split("=", 1)[1]) if o.startswith("recipe=") else o for o in overrides]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(root / "configs"), version_base=None):
             composed = hydra_compose(config_name="rexft", overrides=hydra_overrides)
-    except Exception as err:  # Hydra's errors are multi-line; keep the first line
+    except Exception as err:  # Hydra's errors are multi-line and wrap OmegaConf's: name the key
+        cause = err.__cause__
+        key = getattr(cause, "full_key", None)
+        if key and cause is not None:
+            raise ConfigError(f"config key '{key}': {str(cause).strip().splitlines()[0]}") from None
         raise ConfigError(str(err).strip().splitlines()[0]) from None
     try:
         OmegaConf.set_struct(composed, False)

@@ -7,6 +7,7 @@ import torch
 
 import rexft
 from conftest import DATA, run_cli, tiny_model
+from rexft.tasks import task_names
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_adapter_reloads_onto_the_base(run_dir):
 
 def test_eval_results_have_the_promised_keys(run_dir):
     results = json.loads((run_dir / "eval" / "results.json").read_text())
-    assert set(results["tasks"]) == set(rexft.tasks.task_names())
+    assert set(results["tasks"]) == set(task_names())
     for entry in results["tasks"].values():
         assert entry["n"] == 8 and 0 <= entry["accuracy"] <= 1 and entry["ci95"][0] <= entry["accuracy"] <= entry["ci95"][1]
     assert results["mean_accuracy"] == pytest.approx(sum(t["accuracy"] for t in results["tasks"].values()) / 14, abs=1e-3)
