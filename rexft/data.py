@@ -257,17 +257,22 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; carries each row's prior (``rows[i]["prior"]``, shape (k,)) when present."""
+    """Left-pad a batch, so every row's answer sits at the end (the loss needs logits only there).
+
+    position_ids count real tokens, so a padded row computes what it would alone. Carries each row's
+    prior (``rows[i]["prior"]``, shape (k,)) when present.
+    """
     width = max(len(r["input_ids"]) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
-        input_ids[i, :n] = torch.tensor(row["input_ids"])
-        labels[i, :n] = torch.tensor(row["labels"])
-        attention_mask[i, :n] = 1
-    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        input_ids[i, width - n:] = torch.tensor(row["input_ids"])
+        labels[i, width - n:] = torch.tensor(row["labels"])
+        attention_mask[i, width - n:] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}
     if "prior" in rows[0]:
         batch["prior"] = torch.stack([torch.as_tensor(r["prior"], dtype=torch.float32) for r in rows])
     return batch

@@ -73,6 +73,11 @@ def resolve_source(cfg: ModelConfig) -> str:
         log.info("converting %s to a cached safetensors copy at %s", source, converted)
         tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file, dtype=torch.float32)
+        # The weights are dequantized floats already; transformers still tags the model as GGUF-quantized
+        # and refuses to save it, so drop the tag.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         tmp = converted.with_name(converted.name + ".tmp")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -251,6 +251,12 @@ def micro_batches(rows, order, step, cfg: TrainerConfig, rank: int, world: int):
     return batches, tokens
 
 
+def answer_span(labels: torch.Tensor) -> int:
+    """Positions whose logits the loss needs: from the one before the first label to the end (left-padded)."""
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+    return int(labels.shape[1] - labelled.min()) + 1 if len(labelled) else 1
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross entropies over the answer positions."""
     shifted = logits[:, :-1].float()
@@ -324,8 +330,10 @@ def train(cfg: RunConfig) -> Path:
             set_token_mask(model, batch["attention_mask"])
             with accelerator.accumulate(model):
                 try:
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    summed = token_loss_sum(logits, batch["labels"])
+                    keep = answer_span(batch["labels"])
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   position_ids=batch["position_ids"], logits_to_keep=keep).logits  # (b, keep, V)
+                    summed = token_loss_sum(logits, batch["labels"][:, -keep:])
                     # Normalised by the whole step's answer tokens; x world because gradients are averaged
                     # across processes; x grad_accum because accelerate divides each micro loss by it.
                     loss = summed / step_tokens * world * tcfg.grad_accum

@@ -1,0 +1,128 @@
+"""Training throughput and memory of rexft adapters against PEFT LoRA, side by side in one run.
+
+    python scripts/bench_adapters.py [--hidden 1024 --layers 4 --seq 256 --batch 4 --steps 6 --rounds 3]
+
+One random LLaMA (built in-process, no download), one batch shape, every method timed for a full
+training step (forward, backward, AdamW) in its own subprocess, so peak memory (RSS on CPU, CUDA peak on
+GPU) is per method; methods are interleaved over rounds and the median is kept, since absolute times on
+shared machines drift. Prints tokens/s, ms/step, peak memory and ratios to the PEFT peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = {
+    # name: (adapter config or PEFT rank, peer)
+    "peft-lora-r8": ({"peft_r": 8}, None),
+    "rexft-lora-r8": ({"type": "lora", "r": 8, "alpha": 16}, "peft-lora-r8"),
+    "peft-lora-r32": ({"peft_r": 32}, None),
+    "rexft-lora-r32": ({"type": "lora", "r": 32, "alpha": 64}, "peft-lora-r32"),
+    "trex-4x8": ({"type": "trex", "r1": 4, "r2": 8, "prior_dim": 32}, "peft-lora-r32"),
+    "trex-8x8": ({"type": "trex", "r1": 8, "r2": 8, "prior_dim": 32}, "peft-lora-r32"),
+    "mode-6x4": ({"type": "mode", "r": 4, "num_experts": 6}, "peft-lora-r32"),
+    "molora-4x8": ({"type": "molora", "r": 8, "num_experts": 4}, "peft-lora-r32"),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def measure(method: str, args) -> dict:
+    """Runs inside the child process."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import rexft
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                         num_key_value_heads=args.hidden // 64)
+    model = LlamaForCausalLM(config).to(device)
+    spec, _ = METHODS[method]
+    if "peft_r" in spec:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=spec["peft_r"], lora_alpha=2 * spec["peft_r"], lora_dropout=0.0,
+                                                 target_modules=TARGETS))
+    else:
+        rexft.inject_adapters(model, {**spec, "dropout": 0.0})
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
+    prior = torch.rand(args.batch, 32, device=device)
+    rexft.set_prior(model, prior)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"ms_per_step": 1000 * statistics.median(times), "peak_mib": peak,
+            "trainable": sum(p.numel() for p in params), "device": device}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args)))
+        return
+    passthrough = [f"--{k}={getattr(args, k)}" for k in ("hidden", "layers", "vocab", "seq", "batch", "steps")]
+    runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+    for round_index in range(args.rounds):
+        for method in args.methods:
+            out = subprocess.run([sys.executable, __file__, *passthrough, f"--child={method}"], capture_output=True, text=True, check=True)
+            runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {round_index + 1}/{args.rounds} {method}: {runs[method][-1]['ms_per_step']:.0f} ms/step", file=sys.stderr)
+    tokens = args.batch * args.seq
+    summary = {}
+    for method, results in runs.items():
+        ms = statistics.median(r["ms_per_step"] for r in results)
+        summary[method] = {"ms": ms, "tok_s": tokens / ms * 1000, "peak": max(r["peak_mib"] for r in results),
+                           "trainable": results[0]["trainable"], "device": results[0]["device"]}
+    print(f"\nLLaMA hidden={args.hidden} layers={args.layers} vocab={args.vocab}, batch {args.batch} x seq {args.seq}, "
+          f"median of {args.rounds} rounds x {args.steps} steps, device {summary[args.methods[0]]['device']}\n")
+    print("| method | trainable | ms/step | tokens/s | peak MiB | peer | throughput vs peer | memory vs peer |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method, s in summary.items():
+        peer = METHODS[method][1]
+        if peer in summary:
+            p = summary[peer]
+            ratios = f"{peer} | {s['tok_s'] / p['tok_s']:.2f}x | {s['peak'] / p['peak']:.2f}x"
+        else:
+            ratios = "- | - | -"
+        print(f"| {method} | {s['trainable']:,} | {s['ms']:.0f} | {s['tok_s']:.0f} | {s['peak']:.0f} | {ratios} |")
+
+
+if __name__ == "__main__":
+    main()
