@@ -53,6 +53,7 @@ class DataConfig:
     # task out of training ("skip").
     no_train_split: str = "split_validation"
     validation_train_fraction: float = 0.5
+    packing: bool = False  # training only: several examples per row of max_length tokens (batch_size counts rows)
     seed: int = 0
 
 

@@ -278,6 +278,62 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def pack_rows(rows: list[dict], max_length: int) -> list[dict]:
+    """Sequence packing: several examples per row, first-fit over length-sorted examples (deterministic).
+
+    position_ids restart at 0 for each example; with no attention mask, transformers builds a
+    block-diagonal causal mask from those restarts (and flash-attention takes its varlen path), so
+    attention stays within each example. That detection needs ``use_cache=False`` in the forward. Each token carries its own example's prior, (L, k).
+    """
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(rows[i]["input_ids"])
+        slot = next((b for b, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            bins.append([i])
+            room.append(max_length - n)
+        else:
+            bins[slot].append(i)
+            room[slot] -= n
+    packed = []
+    for members in bins:
+        row = {"input_ids": [], "labels": [], "position_ids": [], "packed": len(members)}
+        for i in members:
+            row["input_ids"] += rows[i]["input_ids"]
+            row["labels"] += rows[i]["labels"]
+            row["position_ids"] += list(range(len(rows[i]["input_ids"])))
+        if "prior" in rows[members[0]]:
+            row["prior"] = torch.cat([torch.as_tensor(rows[i]["prior"]).expand(len(rows[i]["input_ids"]), -1) for i in members])
+        packed.append(row)
+    return packed
+
+
+def collate_packed(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad packed rows; the padding is one more 'sequence' (positions from 0) with no labels."""
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(len(rows), 1)
+    token_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        position_ids[i, :n] = torch.tensor(row["position_ids"])
+        position_ids[i, n:] = torch.arange(width - n)
+        token_mask[i, :n] = 1
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask}
+    if "prior" in rows[0]:
+        k = rows[0]["prior"].shape[-1]
+        prior = torch.zeros(len(rows), width, k)
+        for i, row in enumerate(rows):
+            prior[i, : len(row["input_ids"])] = row["prior"]
+        batch["prior"] = prior  # (b, L, k): per token
+    return batch
+
+
 def length_grouped_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:
     """A seeded shuffle in which each run of ``batch_size * 16`` is sorted by length, then batches are
     shuffled: batches of similar length (little padding) in random order."""

@@ -330,7 +330,7 @@ def compare_runs(run_dirs: list[Path], out: Path = Path(".")) -> str:
     fig, ax = plt.subplots(figsize=(max(8, len(tasks) * 0.8), 4))
     width = 0.8 / len(runs)
     for k, (name, r) in enumerate(runs.items()):
-        values = [r["tasks"].get(t, {}).get("accuracy") or 0 for t in tasks + []] + [r["mean_accuracy"]]
+        values = [r["tasks"].get(t, {}).get("accuracy") or 0 for t in tasks] + [r["mean_accuracy"]]
         ax.bar([i + k * width for i in range(len(tasks) + 1)], values, width, label=Path(name).name or name)
     ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(tasks) + 1)], tasks + ["mean"], rotation=45, ha="right")
     ax.set_ylabel("accuracy")

@@ -27,7 +27,8 @@ import torch
 from rexft.adapters import (adapter_layers, aux_loss, format_parameter_report, inject_adapters, is_adapter_param,
                             parameter_report, routing_stats, save_adapter, set_prior, set_token_mask)
 from rexft.config import RunConfig, TrainerConfig
-from rexft.data import IGNORE_INDEX, PromptFormat, build_splits, collate, length_grouped_order, mixture, tokenize_examples
+from rexft.data import (IGNORE_INDEX, PromptFormat, build_splits, collate, collate_packed, length_grouped_order, mixture,
+                         pack_rows, tokenize_examples)
 from rexft.errors import RexftError
 from rexft.modeling import load_model, load_tokenizer
 
@@ -86,6 +87,8 @@ def make_accelerator(cfg: RunConfig):
     unknown = sorted(set(trainer.report_to) - {"tensorboard", "wandb"})
     if unknown:
         raise RexftError(f"trainer.report_to: unknown {unknown}; valid: tensorboard, wandb")
+    if "wandb" in report_to:
+        os.environ.setdefault("WANDB_DIR", str(cfg.path))  # W&B's files live in the run directory too
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=trainer.grad_accum,
                        deepspeed_plugin=plugin, log_with=report_to or None, project_dir=str(cfg.path))
 
@@ -251,17 +254,15 @@ def micro_batches(rows, order, step, cfg: TrainerConfig, rank: int, world: int):
     return batches, tokens
 
 
-def answer_span(labels: torch.Tensor) -> int:
-    """Positions whose logits the loss needs: from the one before the first label to the end (left-padded)."""
-    labelled = (labels != IGNORE_INDEX).any(0).nonzero()
-    return int(labels.shape[1] - labelled.min()) + 1 if len(labelled) else 1
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose logits the loss needs (one before each labelled token, in any row): the model
+    computes the vocabulary projection only there (``logits_to_keep`` as an index tensor)."""
+    return ((labels[:, 1:] != IGNORE_INDEX).any(0)).nonzero().flatten()
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross entropies over the answer positions."""
-    shifted = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    return torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of cross entropies; logits (b, P, V) at the kept positions, targets (b, P) the next tokens."""
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -288,6 +289,11 @@ def train(cfg: RunConfig) -> Path:
         print(format_parameter_report(report))
 
     rows, prior_meta = training_rows(cfg, tokenizer)
+    collate_rows = collate
+    if cfg.data.packing:
+        unpacked = len(rows)
+        rows, collate_rows = pack_rows(rows, cfg.data.max_length), collate_packed
+        log.info("packing: %d examples in %d rows of <= %d tokens", unpacked, len(rows), cfg.data.max_length)
     steps_per_epoch, total_steps = step_schedule(len(rows), tcfg, world)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(params, tcfg)
@@ -324,16 +330,19 @@ def train(cfg: RunConfig) -> Path:
         order = orders.setdefault(epoch, epoch_order(rows, tcfg, epoch, global_batch))
         batches, step_tokens = micro_batches(rows, order, step_in_epoch, tcfg, rank, world)
         step_loss = torch.zeros((), device=accelerator.device)
+        grad_norm = None
         for batch_rows in batches:
-            batch = {k: v.to(accelerator.device) for k, v in collate(batch_rows, pad_id).items()}
+            batch = {k: v.to(accelerator.device) for k, v in collate_rows(batch_rows, pad_id).items()}
             set_prior(model, batch.pop("prior", None))
-            set_token_mask(model, batch["attention_mask"])
+            token_mask = batch.pop("token_mask", None)
+            set_token_mask(model, token_mask if token_mask is not None else batch["attention_mask"])
             with accelerator.accumulate(model):
                 try:
-                    keep = answer_span(batch["labels"])
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   position_ids=batch["position_ids"], logits_to_keep=keep).logits  # (b, keep, V)
-                    summed = token_loss_sum(logits, batch["labels"][:, -keep:])
+                    keep = loss_positions(batch["labels"])
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                   position_ids=batch["position_ids"], logits_to_keep=keep,
+                                   use_cache=False).logits  # (b, P, V); no cache: packed rows get a block mask
+                    summed = token_loss_sum(logits, batch["labels"][:, keep + 1])
                     # Normalised by the whole step's answer tokens; x world because gradients are averaged
                     # across processes; x grad_accum because accelerate divides each micro loss by it.
                     loss = summed / step_tokens * world * tcfg.grad_accum
@@ -344,7 +353,7 @@ def train(cfg: RunConfig) -> Path:
                 except torch.cuda.OutOfMemoryError:
                     raise RexftError(f"out of GPU memory at step {step + 1}; reduce memory with {MEMORY_KEYS}") from None
                 step_loss += summed.detach() / step_tokens
-                tokens_seen += int(batch["attention_mask"].sum())
+                tokens_seen += int((token_mask if token_mask is not None else batch["attention_mask"]).sum())
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params, tcfg.max_grad_norm) if tcfg.max_grad_norm > 0 else None
                 optimizer.step()
@@ -385,7 +394,8 @@ def train(cfg: RunConfig) -> Path:
         unwrapped = accelerator.unwrap_model(model)
         metadata = {"prior": prior_meta, "parameters": report, "trained_steps": total_steps, "final_loss": last_loss}
         save_adapter(unwrapped, adapter_dir, state_dict=state, metadata=metadata)
-        shutil.copy(cfg.path / "config.yaml", adapter_dir / "config.yaml") if (cfg.path / "config.yaml").exists() else None
+        if (cfg.path / "config.yaml").exists():
+            shutil.copy(cfg.path / "config.yaml", adapter_dir / "config.yaml")
         if prior_meta is not None:
             shutil.copy(cfg.path / "prior" / "centroids.safetensors", adapter_dir / "prior_centroids.safetensors")
         log.info("adapter saved to %s (final loss %.4f)", adapter_dir, last_loss)

@@ -98,8 +98,13 @@ def report(results, params, wall, commands, args) -> str:
     names = list(results)
     tasks = list(results[names[0]]["summary"]["tasks"])
     n_eval = sum(t["n"] for t in results[names[0]]["summary"]["tasks"].values())
-    lines = [f"# Quality study: SmolLM2-135M-Instruct on the 14-task mixture ({'CPU' if 'cpu' in platform.processor() or True else ''})", "",
-             f"Machine: {platform.machine()}, {platform.system()}, {__import__('os').cpu_count()} cores, no GPU. "
+    import os
+
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    lines = [f"# Quality study: SmolLM2-135M-Instruct on the 14-task mixture", "",
+             f"Machine: {platform.machine()}, {platform.system()}, {os.cpu_count()} cores, {device}. "
              f"Budget: {args.per_task} training examples per task (fewer where a task has fewer), {args.epochs} epoch(s), "
              f"sequence length <= {args.max_length}, batch 8, lr {args.lr} (the same single value for every method: "
              f"a learning-rate search budget of one), seed 0. Evaluation: {n_eval} held-out validation examples "

@@ -107,3 +107,20 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path, prio
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
     if trainer != "default":
         assert (double / "checkpoints" / "step-4" / "deepspeed").is_dir()
+
+
+def test_packed_training_runs_and_learns(tmp_path, prior):
+    run_dir, _ = smoke_run(tmp_path, prior, "packed", "data.packing=true", "trainer.batch_size=2", "trainer.epochs=3")
+    curve = losses(run_dir)
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_tensorboard_and_offline_wandb_logging(tmp_path, prior, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir, _ = smoke_run(tmp_path, prior, "logged", "trainer.max_steps=3", "trainer.report_to=[tensorboard,wandb]")
+    assert list(run_dir.rglob("events.out.tfevents.*"))
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert {"loss", "lr", "tokens_per_s", "grad_norm"} <= set(records[0])
