@@ -85,7 +85,8 @@ class TRexLinear(AdapterLinear):
         route, probs = self.routing(logits, x)  # (b, s, E)
         self.observe(route, probs)
         if self.flex:
-            z = (h.unsqueeze(-2) @ route.unflatten(-1, (self.r1, self.r2))).squeeze(-2)  # (b, s, r2)
+            # z_j = sum_i h_i M_ij; broadcast-and-sum beats per-token (1 x r1) @ (r1 x r2) matmuls
+            z = (h.unsqueeze(-1) * route.unflatten(-1, (self.r1, self.r2))).sum(-2)  # (b, s, r1, r2) -> (b, s, r2)
         else:
             z = h * route  # (b, s, r): diagonal M
         return self.gate * F.linear(z, self.rex_B)
