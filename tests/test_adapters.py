@@ -243,3 +243,38 @@ def test_injection_accepts_a_yaml_shaped_dict_and_rejects_unknown_keys():
     assert len(adapter_layers(model)) == 14
     with pytest.raises(ValueError, match="unknown adapter config key"):
         rexft.inject_adapters(tiny_model(), {"type": "mode", "rank": 4})
+
+
+def tiny_arch(name):
+    import transformers
+
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    configs = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2}),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2}),
+        "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 2}),
+        "gemma": ("GemmaConfig", "GemmaForCausalLM", {"num_key_value_heads": 2, "head_dim": 8}),
+        "phi": ("PhiConfig", "PhiForCausalLM", {}),
+        "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    }
+    config_cls, model_cls, extra = configs[name]
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**common, **extra)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "phi", "gpt_neox"])
+@pytest.mark.parametrize("kind", ["trex", "mode"])
+def test_any_causal_lm_architecture(arch, kind):
+    model = tiny_arch(arch)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    rexft.inject_adapters(model, AdapterConfig(type=kind, prior_dim=K, dropout=0.0))
+    layers = adapter_layers(model)
+    head = model.get_output_embeddings()
+    assert layers and all(layer.base is not head for layer in layers.values())
+    rexft.set_prior(model, PRIOR)
+    assert torch.equal(model(input_ids=ids).logits.detach(), reference)
+    randomize(model)
+    model(input_ids=ids).logits.pow(2).mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "prior_proj" not in n)

@@ -78,3 +78,35 @@ def test_eval_compare_prints_a_table_and_a_chart(run_dir, tmp_path):
     out = run_cli("eval", "compare", str(run_dir), str(run_dir), cwd=tmp_path).stdout
     assert "| boolq |" in out and "**mean**" in out
     assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_two_process_eval_equals_one_process(run_dir):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rexft", "eval",
+                    "recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={DATA}", "eval.output=eval_2proc"],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    one = json.loads((run_dir / "eval" / "results.json").read_text())
+    two = json.loads((run_dir / "eval_2proc" / "results.json").read_text())
+    assert {t: r["accuracy"] for t, r in two["tasks"].items()} == {t: r["accuracy"] for t, r in one["tasks"].items()}
+    assert two["mean_nll"] == pytest.approx(one["mean_nll"], abs=1e-3)
+    assert len((run_dir / "eval_2proc" / "predictions.jsonl").read_text().splitlines()) == 14 * 8
+
+
+def test_export_per_cluster_and_dtype(run_dir):
+    run_cli("merge-export", "recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={DATA}", "export.mode=per_cluster",
+            "export.dtype=bfloat16", "export.overwrite=true", "export.fidelity=false")
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert manifest["mode"] == "per_cluster" and manifest["dtype"] == "bfloat16"
+    clusters = sorted((run_dir / "export" / "per_cluster").iterdir())
+    assert clusters and sum(manifest["per_cluster"].values()) == 14 * 16
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(clusters[0] / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())

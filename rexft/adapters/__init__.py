@@ -53,12 +53,14 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
 
 
 def target_names(model: nn.Module, cfg: AdapterConfig) -> list[str]:
-    """Names of the linear layers that ``target_modules`` matches and ``exclude_modules`` does not."""
+    """Names of the linear layers that ``target_modules`` matches and ``exclude_modules`` does not.
+    The output embedding (lm_head, GPT-NeoX's embed_out, ...) is never a target."""
     targets = [re.compile(p) for p in cfg.target_modules]
     excludes = [re.compile(p) for p in cfg.exclude_modules]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not name or is_adapter_param(name):
+        if not isinstance(module, nn.Linear) or not name or is_adapter_param(name) or module is head:
             continue
         if any(p.search(name) for p in targets) and not any(p.search(name) for p in excludes):
             names.append(name)
