@@ -304,8 +304,11 @@ def routing_heatmap(layer, order: list[int], examples: list[Example], tasks: lis
 
 
 # ------------------------------------------------------------------------------------------------ compare
-def compare_runs(run_dirs: list[Path], out: Path = Path(".")) -> str:
-    """``rexft eval compare DIR...``: side-by-side accuracy table and a grouped bar chart (compare.png)."""
+def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
+    """``rexft eval compare DIR...``: side-by-side accuracy table, and compare.{md,png} written to the
+    runs' common parent folder (or ``out``)."""
+    import os
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,6 +322,7 @@ def compare_runs(run_dirs: list[Path], out: Path = Path(".")) -> str:
         if not path.is_file():
             raise SystemExit(f"rexft: error: no eval results at {directory} (run rexft eval first)")
         runs[str(directory)] = json.loads(path.read_text())
+    out = Path(out) if out is not None else Path(os.path.commonpath([str(d.resolve()) for d in run_dirs]))
     tasks = list(dict.fromkeys(t for r in runs.values() for t in r["tasks"]))
     lines = ["| task | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
     for task in tasks:
@@ -339,4 +343,5 @@ def compare_runs(run_dirs: list[Path], out: Path = Path(".")) -> str:
     fig.savefig(out / "compare.png", dpi=110)
     plt.close(fig)
     (out / "compare.md").write_text(table + "\n")
+    print(f"wrote {out / 'compare.md'} and {out / 'compare.png'}")
     return table
