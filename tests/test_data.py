@@ -139,3 +139,21 @@ def test_truncation_trims_the_passage_never_options_or_answer(data_dir):
     assert len(row["input_ids"]) <= 200 and row["truncated"]
     assert text.endswith(f"A. yes\nB. no\nAnswer: {example.answer}</s>")
     assert "Question:" in text
+
+
+def test_tokenized_mixture_is_cached_on_disk(data_dir, tmp_path, monkeypatch):
+    import rexft.data as data
+
+    cfg = DataConfig(tasks=["copa", "rte"], local_dir=str(data_dir), train_per_task=10)
+    examples = mixture(build_splits(cfg), cfg)
+    tok = byte_tokenizer()
+    fmt = PromptFormat.for_model(tok, ModelConfig(use_chat_template=False))
+    first = data.tokenize_examples(examples, tok, fmt, 256, tmp_path)
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the cache should have answered")
+
+    monkeypatch.setattr(data, "encode_example", no_tokenizing)
+    assert data.tokenize_examples(examples, tok, fmt, 256, tmp_path) == first
+    with pytest.raises(AssertionError, match="cache should have answered"):  # another max_length is another key
+        data.tokenize_examples(examples, tok, fmt, 128, tmp_path)

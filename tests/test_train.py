@@ -107,6 +107,9 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path, prio
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
     if trainer != "default":
         assert (double / "checkpoints" / "step-4" / "deepspeed").is_dir()
+    if trainer == "zero3":  # an adapter trained under ZeRO-3 exports like any other
+        run_cli("merge-export", "recipe=smoke", f"run_dir={double}", f"data.local_dir={DATA}", "export.fidelity=false")
+        assert len(json.loads((double / "export" / "manifest.json").read_text())["per_task"]) == 14
 
 
 def test_packed_training_runs_and_learns(tmp_path, prior):
@@ -124,3 +127,28 @@ def test_tensorboard_and_offline_wandb_logging(tmp_path, prior, monkeypatch):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert {"loss", "lr", "tokens_per_s", "grad_norm"} <= set(records[0])
+
+
+def test_out_of_memory_names_the_keys_that_reduce_memory(tmp_path, prior, monkeypatch):
+    """Simulated (no GPU here): a CUDA OOM inside the step becomes one line naming the config keys."""
+    import rexft.train as train_module
+    from rexft.cli import compose
+    from rexft.errors import RexftError
+
+    real_load = train_module.load_model
+
+    def load_then_explode(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+
+        def oom(*a, **k):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+        model.forward = oom
+        return model
+
+    monkeypatch.setattr(train_module, "load_model", load_then_explode)
+    run_dir = tmp_path / "oom"
+    shutil.copytree(prior, run_dir / "prior")
+    cfg, _ = compose(["recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={DATA}"])
+    with pytest.raises(RexftError, match=r"out of GPU memory at step 1; reduce memory with trainer.batch_size .*gradient_checkpointing"):
+        train_module.train(cfg)
