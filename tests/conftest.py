@@ -42,9 +42,16 @@ def tiny_model(seed: int = 0, layers: int = 2, vocab: int = 259):
     return tiny_llama(ModelConfig(tiny=TinyModelConfig(num_hidden_layers=layers, seed=seed)), vocab).eval()
 
 
-@pytest.fixture
-def make_model():
-    return tiny_model
+def randomize_adapters(model, seed: int = 1, scale: float = 0.1):
+    """Give every adapter parameter non-trivial values (B is zero at init, so adapters start as identity)."""
+    from rexft.adapters import is_adapter_param
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter_param(name):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
 
 
 def run_cli(*args: str, cwd: Path = ROOT, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import rexft
+from conftest import randomize_adapters as randomize
 from conftest import tiny_model
 from rexft.adapters import adapter_layers, adapter_types, is_adapter_param, routing_stats, set_token_mask
 from rexft.config import AdapterConfig
@@ -18,16 +19,6 @@ IDS = torch.randint(3, 259, (2, 12), generator=torch.Generator().manual_seed(0))
 
 def cfg(kind, **kw):
     return AdapterConfig(type=kind, dropout=0.0, prior_dim=K, **kw)
-
-
-def randomize(model, seed=1):
-    """Give every adapter parameter non-trivial values (B is zero at init)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_adapter_param(name):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 def logits(model, prior=None, ids=IDS):

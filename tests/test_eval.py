@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rexft
-from conftest import tiny_model
+from conftest import randomize_adapters, tiny_model
 from rexft.config import AdapterConfig, DataConfig, ModelConfig
 from rexft.data import PromptFormat, build_splits, letter_token_ids
 from rexft.evaluate import Scorer, summarize, wilson
@@ -25,13 +25,7 @@ def examples(data_dir):
 
 
 def trained_like_model():
-    model = rexft.inject_adapters(tiny_model(), AdapterConfig(type="trex", prior_dim=8, dropout=0))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "rex_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return randomize_adapters(rexft.inject_adapters(tiny_model(), AdapterConfig(type="trex", prior_dim=8, dropout=0)), seed=0)
 
 
 @pytest.mark.parametrize("protocol", ["first_token", "loglik"])

@@ -4,7 +4,7 @@ import torch
 from peft import PeftModel
 
 import rexft
-from conftest import tiny_model
+from conftest import randomize_adapters, tiny_model
 from rexft.adapters import adapter_layers
 from rexft.config import AdapterConfig
 from rexft.data import PromptFormat
@@ -16,13 +16,7 @@ IDS = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
 def randomized(kind, **kw):
-    model = rexft.inject_adapters(tiny_model(), AdapterConfig(type=kind, prior_dim=8, dropout=0, **kw))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "rex_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return randomize_adapters(rexft.inject_adapters(tiny_model(), AdapterConfig(type=kind, prior_dim=8, dropout=0, **kw)), seed=2)
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 import torch
 
 import rexft
-from conftest import DATA, tiny_model
+from conftest import randomize_adapters, tiny_model
 from rexft.config import AdapterConfig, DataConfig, ModelConfig
 from rexft.data import PromptFormat, build_splits, collate_packed, encode_example, pack_rows
 from rexft.modeling import byte_tokenizer
@@ -26,11 +26,7 @@ def test_packed_logits_equal_examples_run_alone(data_dir):
     priors = torch.rand(3, 8)
     for row, prior in zip(rows, priors):
         row["prior"] = prior
-    model = rexft.inject_adapters(tiny_model(), AdapterConfig(type="trex", prior_dim=8, dropout=0))
-    g = torch.Generator().manual_seed(0)
-    for name, p in model.named_parameters():
-        if "rex_" in name:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model = randomize_adapters(rexft.inject_adapters(tiny_model(), AdapterConfig(type="trex", prior_dim=8, dropout=0)))
     (packed,) = pack_rows(rows, 1024)
     batch = collate_packed([packed], tok.pad_token_id)
     rexft.set_prior(model, batch["prior"])
