@@ -31,7 +31,7 @@ class ModelConfig:
     gguf_file: Optional[str] = None  # GGUF file inside name_or_path (transformers dequantizes it to float)
     revision: Optional[str] = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)
-    quantization: Optional[str] = None  # null | nf4 (QLoRA: 4-bit base via bitsandbytes, needs CUDA)
+    quantization: Optional[str] = None  # null | nf4 (QLoRA: 4-bit base via bitsandbytes; adapters stay in adapter.dtype)
     use_chat_template: bool = True  # use the tokenizer's chat template when it has one
     plain_template: str = "{prompt}\nAnswer:"  # prompt format when there is no chat template
     trust_remote_code: bool = False

@@ -109,14 +109,14 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, device: str = "c
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch_dtype(cfg.dtype, device), "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.quantization == "nf4":
-        if not torch.cuda.is_available():
-            raise RexftError("model.quantization=nf4 needs a CUDA GPU (bitsandbytes 4-bit); set model.quantization=null on CPU")
+    if cfg.quantization == "nf4":  # QLoRA: bitsandbytes NF4 base (CUDA, or its CPU backend)
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        on_gpu = torch.cuda.is_available()
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32)
+        kwargs["device_map"] = {"": torch.cuda.current_device() if on_gpu else "cpu"}
     elif cfg.quantization is not None:
         raise RexftError(f"model.quantization: '{cfg.quantization}' is not one of null, nf4")
     return AutoModelForCausalLM.from_pretrained(resolve_source(cfg), **kwargs)
