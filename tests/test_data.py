@@ -157,3 +157,26 @@ def test_tokenized_mixture_is_cached_on_disk(data_dir, tmp_path, monkeypatch):
     assert data.tokenize_examples(examples, tok, fmt, 256, tmp_path) == first
     with pytest.raises(AssertionError, match="cache should have answered"):  # another max_length is another key
         data.tokenize_examples(examples, tok, fmt, 128, tmp_path)
+
+
+def test_hub_path_maps_ids_and_splits_and_matches_local_files(data_dir, monkeypatch):
+    """The hub is unreachable here: serve the hub call from the local file through datasets' JSON builder."""
+    import datasets
+
+    asked = []
+    real_load = datasets.load_dataset
+
+    def fake_hub(path, name=None, split=None, **kwargs):
+        asked.append((path, name, split))
+        local = {"dev_r1": "validation", "train_r1": "train"}.get(split, split)
+        file = data_dir / "anli" / f"{local}.jsonl"
+        if not file.is_file():
+            raise ValueError(f"Unknown split {split}")
+        return real_load("json", data_files=str(file), split="train")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    from_hub = load_examples("anli", "validation", None)
+    assert asked == [("anli", None, "dev_r1")]
+    assert [e.to_dict() for e in from_hub][:50] == [e.to_dict() for e in load_examples("anli", "validation", str(data_dir))][:50]
+    (split,) = build_splits(DataConfig(tasks=["anli"], local_dir=None))  # no train_r1 served: validation is split
+    assert asked[-1] == ("anli", None, "train_r1") and split.train_source.startswith("validation")
