@@ -85,12 +85,22 @@ def resolve_source(cfg: ModelConfig) -> str:
     return str(converted)
 
 
+def _from_pretrained(loader, cfg: ModelConfig, what: str, **kwargs):
+    """from_pretrained with one clear error naming model.name_or_path (offline, typo, gated repo ...)."""
+    try:
+        return loader.from_pretrained(resolve_source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as err:  # ValueError: huggingface_hub's invalid repo id
+        first = str(err).strip().splitlines()[0]
+        raise RexftError(f"model.name_or_path={cfg.name_or_path}: cannot load its {what} ({first}); offline, point it at a "
+                         "local directory or a GGUF file (model=smollm2_135m), or run scripts/fetch_smollm2.sh") from None
+
+
 def load_tokenizer(cfg: ModelConfig):
     if cfg.name_or_path == TINY:
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = _from_pretrained(AutoTokenizer, cfg, "tokenizer")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -108,7 +118,7 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, device: str = "c
         return tiny_llama(cfg, vocab_size or len(byte_tokenizer()))
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": torch_dtype(cfg.dtype, device), "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    kwargs = {"dtype": torch_dtype(cfg.dtype, device)}
     if cfg.quantization == "nf4":  # QLoRA: bitsandbytes NF4 base (CUDA, or its CPU backend)
         from transformers import BitsAndBytesConfig
 
@@ -119,7 +129,7 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, device: str = "c
         kwargs["device_map"] = {"": torch.cuda.current_device() if on_gpu else "cpu"}
     elif cfg.quantization is not None:
         raise RexftError(f"model.quantization: '{cfg.quantization}' is not one of null, nf4")
-    return AutoModelForCausalLM.from_pretrained(resolve_source(cfg), **kwargs)
+    return _from_pretrained(AutoModelForCausalLM, cfg, "weights", **kwargs)
 
 
 def model_fingerprint(model) -> dict:

@@ -76,3 +76,9 @@ def test_print_config_composes_without_running(tmp_path):
     out = run_cli("train", "recipe=smoke", f"run_dir={tmp_path}/r", "--print-config").stdout
     assert "name: smoke" in out and "type: trex" in out
     assert not (tmp_path / "r").exists()
+
+
+def test_unreachable_model_is_one_clear_error(tmp_path):
+    result = run_cli("data", "recipe=smoke", f"run_dir={tmp_path}", "model.name_or_path=/nonexistent/model", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "model.name_or_path=/nonexistent/model: cannot load its tokenizer" in result.stderr
