@@ -74,3 +74,11 @@ def test_prior_mismatch_is_one_clear_error():
         check_prior({"embedder": "other", "k": 32}, cfg)
     with pytest.raises(RexftError, match="has k=16 centroids but the adapter expects prior_dim=32"):
         check_prior({"embedder": cfg.prior.embedder, "k": 16}, cfg, 32)
+
+
+def test_faiss_backend_when_installed():
+    pytest.importorskip("faiss")
+    points, labels = planted()
+    centroids, assign = kmeans(points, 5, restarts=8, seed=0, backend="faiss")  # faiss seeds at random, not k-means++
+    assert centroids.shape == (5, 32)
+    assert cluster_report(assign, [f"t{int(l)}" for l in labels], 5)["purity"] == 1.0
