@@ -347,8 +347,8 @@ def train(cfg: RunConfig) -> Path:
                     # across processes; x grad_accum because accelerate divides each micro loss by it.
                     loss = summed / step_tokens * world * tcfg.grad_accum
                     extra = aux_loss(model)
-                    if extra is not None:
-                        loss = loss + extra / len(batches)
+                    if extra is not None:  # accelerate's 1/grad_accum makes it the mean over micro-batches
+                        loss = loss + extra
                     accelerator.backward(loss)
                 except torch.cuda.OutOfMemoryError:
                     raise RexftError(f"out of GPU memory at step {step + 1}; reduce memory with {MEMORY_KEYS}") from None
