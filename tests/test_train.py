@@ -152,3 +152,12 @@ def test_out_of_memory_names_the_keys_that_reduce_memory(tmp_path, prior, monkey
     cfg, _ = compose(["recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={DATA}"])
     with pytest.raises(RexftError, match=r"out of GPU memory at step 1; reduce memory with trainer.batch_size .*gradient_checkpointing"):
         train_module.train(cfg)
+
+
+def test_balance_loss_trains_a_mixture(tmp_path, prior):
+    run_dir, _ = smoke_run(tmp_path, prior, "balanced", "adapter=molora", "adapter.aux_loss_weight=0.1", "prior=none",
+                           "trainer.max_steps=10", "trainer.routing_stats_every=5")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in records) and len(records) == 10
+    stats = records[4]["routing"]
+    assert len(stats) == 14 and all(0 < s["entropy"] <= 1 for s in stats.values())
