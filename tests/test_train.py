@@ -89,13 +89,19 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, prior):
     assert list((run_dir / "checkpoints").glob("step-*"))
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+# Accelerate's own launcher; on a CPU-only machine --multi_gpu is what starts N gloo processes (--cpu runs one)
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", ["default", "zero2", "zero3"])
-def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path, prior, trainer):
+@pytest.mark.parametrize("trainer,launcher", [("default", TORCHRUN), ("default", ACCELERATE), ("zero2", TORCHRUN),
+                                              ("zero3", TORCHRUN)], ids=["ddp-torchrun", "ddp-accelerate", "zero2", "zero3"])
+def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path, prior, trainer, launcher):
     """DDP over gloo and DeepSpeed ZeRO-2/3 (gloo) on CPU: same data order, same adapter."""
     common = ["trainer.max_steps=4", "adapter.dropout=0"]
     single, _ = smoke_run(tmp_path, prior, "single", *common, "trainer.batch_size=8")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     double, _ = smoke_run(tmp_path, prior, f"two-{trainer}", *common, "trainer.batch_size=4", f"trainer={trainer}",
                           launcher=launcher)
     assert losses(double) == pytest.approx(losses(single), abs=1e-5)
