@@ -269,3 +269,10 @@ def test_any_causal_lm_architecture(arch, kind):
     randomize(model)
     model(input_ids=ids).logits.pow(2).mean().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "prior_proj" not in n)
+
+
+def test_injected_layers_follow_the_models_train_or_eval_mode():
+    evaluating = rexft.inject_adapters(tiny_model().eval(), AdapterConfig(type="trex", prior_dim=K, dropout=0.5))
+    assert not any(m.training for m in evaluating.modules())
+    training = rexft.inject_adapters(tiny_model().train(), AdapterConfig(type="trex", prior_dim=K, dropout=0.5))
+    assert all(layer.training for layer in adapter_layers(training).values())

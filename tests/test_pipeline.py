@@ -102,7 +102,7 @@ def test_two_process_eval_equals_one_process(run_dir):
 
 def test_export_per_cluster_and_dtype(run_dir):
     run_cli("merge-export", "recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={DATA}", "export.mode=per_cluster",
-            "export.dtype=bfloat16", "export.overwrite=true", "export.fidelity=false")
+            "export.dtype=bfloat16", "export.overwrite=true", "export.fidelity=false", "export.merged_models=true")
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["mode"] == "per_cluster" and manifest["dtype"] == "bfloat16"
     clusters = sorted((run_dir / "export" / "per_cluster").iterdir())
@@ -111,3 +111,21 @@ def test_export_per_cluster_and_dtype(run_dir):
 
     tensors = load_file(str(clusters[0] / "adapter_model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    from transformers import AutoModelForCausalLM  # a merged full model per cluster, loadable without rexft
+
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "merged" / clusters[0].name)
+    assert merged.dtype == torch.bfloat16 and not any("rex_" in n for n, _ in merged.named_parameters())
+
+
+def test_export_dynamic_adapter_with_loader_notes(run_dir):
+    run_cli("merge-export", "recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={DATA}", "export.mode=adapter",
+            "export.overwrite=true")
+    exported = run_dir / "export" / "adapter"
+    assert (exported / "LOADING.md").is_file() and (exported / "prior_centroids.safetensors").is_file()
+    model = rexft.load_adapter(tiny_model(), exported)
+    reference = rexft.load_adapter(tiny_model(), run_dir / "adapter")
+    prior = torch.rand(1, 8)
+    ids = torch.tensor([[1, 50, 60]])
+    rexft.set_prior(model, prior)
+    rexft.set_prior(reference, prior)
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)

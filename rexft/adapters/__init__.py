@@ -82,7 +82,7 @@ def inject_adapters(model: nn.Module, adapter_cfg: AdapterConfig | dict) -> nn.M
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
-        layer = cls(base, cfg)
+        layer = cls(base, cfg).train(model.training)  # new modules would otherwise start in training mode
         device = next((p.device for p in base.parameters() if p.device.type != "meta"), None)
         if device is not None:  # adapter weights live beside their base (device_map, 4-bit on GPU)
             for pname, param in layer.named_parameters():
