@@ -109,7 +109,7 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16 (auto: bf16 on a bf16 GPU, else no)
     gradient_checkpointing: bool = False
-    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (the last two need bitsandbytes + CUDA)
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes 8-bit optimizer states)
     seed: int = 0
     deepspeed: Optional[str] = None  # path of a DeepSpeed JSON config, relative paths from configs/
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)

@@ -160,9 +160,7 @@ def epoch_order(rows: list[dict], cfg: TrainerConfig, epoch: int, global_batch: 
 def make_optimizer(params, cfg: TrainerConfig):
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if not torch.cuda.is_available():
-        raise RexftError(f"trainer.optimizer={cfg.optimizer} needs bitsandbytes on a CUDA GPU; use trainer.optimizer=adamw")
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # 8-bit states; CUDA or bitsandbytes' CPU backend
 
     cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -176,3 +176,10 @@ def test_bf16_mixed_precision_trains(tmp_path, prior):
     assert all(l == l for l in curve) and sum(curve[-3:]) < sum(curve[:3])
     tensors = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert all(t.dtype == torch.float32 for t in tensors.values())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
+def test_bitsandbytes_8bit_optimizers(tmp_path, prior, optimizer):
+    run_dir, _ = smoke_run(tmp_path, prior, optimizer, f"trainer.optimizer={optimizer}", "trainer.max_steps=12")
+    curve = losses(run_dir)
+    assert all(l == l for l in curve) and sum(curve[-3:]) < sum(curve[:3])
