@@ -109,7 +109,7 @@ def split_task(task: str, cfg: DataConfig) -> TaskSplit:
                      f"validation rows (seeded {cfg.validation_train_fraction:.0%} part; eval on the rest)")
 
 
-def _cap(examples: list[Example], cap: int | None, seed: int, task: str) -> list[Example]:
+def cap_examples(examples: list[Example], cap: int | None, seed: int, task: str) -> list[Example]:
     if cap is None or len(examples) <= cap:
         return examples
     keep = sorted(_seeded_order(len(examples), seed, task)[:cap])
@@ -121,8 +121,8 @@ def build_splits(cfg: DataConfig, tasks: list[str] | None = None) -> list[TaskSp
     splits = []
     for task in tasks or cfg.tasks:
         split = split_task(task, cfg)
-        split.train = _cap(split.train, cfg.train_per_task, cfg.seed, task)
-        split.eval = _cap(split.eval, cfg.eval_per_task, cfg.seed + 1, task)
+        split.train = cap_examples(split.train, cfg.train_per_task, cfg.seed, task)
+        split.eval = cap_examples(split.eval, cfg.eval_per_task, cfg.seed + 1, task)
         splits.append(split)
     return splits
 

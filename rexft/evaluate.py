@@ -26,7 +26,7 @@ import torch
 
 from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior, set_token_mask
 from rexft.config import RunConfig
-from rexft.data import PromptFormat, _cap, build_splits, encode_prompt, letter_token_ids
+from rexft.data import PromptFormat, cap_examples, build_splits, encode_prompt, letter_token_ids
 from rexft.errors import RexftError
 from rexft.modeling import load_model, load_tokenizer
 from rexft.tasks.common import LETTERS, Example
@@ -182,7 +182,7 @@ def eval_examples(cfg: RunConfig) -> tuple[list[Example], dict[str, str]]:
     tasks = cfg.eval.tasks or cfg.data.tasks
     examples, sources = [], {}
     for split in build_splits(cfg.data, tasks):
-        chosen = _cap(split.eval, cfg.eval.limit, cfg.data.seed + 2, split.task)
+        chosen = cap_examples(split.eval, cfg.eval.limit, cfg.data.seed + 2, split.task)
         examples += chosen
         sources[split.task] = "validation" if split.train_source in ("train", "none") else "validation rows held out from training"
     return examples, sources

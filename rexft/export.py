@@ -116,14 +116,6 @@ def static_factors(model, routes: dict[str, torch.Tensor]) -> dict[str, tuple[to
 
 
 # ---------------------------------------------------------------------------------------------- checks
-@torch.inference_mode()
-def max_logit_gap(reference, candidate, input_ids: torch.Tensor, priors=None) -> float:
-    set_prior(reference, priors)
-    want = reference(input_ids=input_ids).logits.float()
-    got = candidate(input_ids=input_ids.to(next(candidate.parameters()).device)).logits.float().to(want.device)
-    return float((want - got).abs().max())
-
-
 def probe_ids(tokenizer, cfg: RunConfig) -> torch.Tensor:
     text = "Question: Which option is correct?\nA. yes\nB. no\nAnswer:"
     return torch.tensor([tokenizer(text).input_ids[: cfg.data.max_length]])

@@ -16,6 +16,7 @@ import inspect
 import json
 import pkgutil
 import re
+import shutil
 from collections import Counter
 from dataclasses import asdict
 from functools import lru_cache
@@ -166,16 +167,11 @@ def save_adapter(model: nn.Module, directory: str | Path, state_dict: dict | Non
               "target_modules": sorted(adapter_layers(model)), "base_model": model_fingerprint(model),
               **(metadata or {})}
     tmp = directory.with_name(f".{directory.name}.tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     if directory.exists():
-        import shutil
-
         old = directory.with_name(f".{directory.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         directory.rename(old)
