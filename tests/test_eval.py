@@ -38,7 +38,7 @@ def test_batched_scores_equal_unbatched(examples, protocol):
     b = getattr(single, protocol)(examples)
     for x, y in zip(a, b):
         assert (x["task"], x["id"]) == (y["task"], y["id"])
-        assert x["scores"] == pytest.approx(y["scores"], abs=2e-4)
+        assert x["scores"] == pytest.approx(y["scores"], rel=1e-6, abs=2e-4)  # loglik sums reach ~1e3: float32 relative error
 
 
 class FavouriteToken(torch.nn.Module):
