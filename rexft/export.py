@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rexft.adapters import AdapterLinear, adapter_layers, load_adapter, read_adapter_config, set_prior, set_token_mask
+from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior, set_token_mask
 from rexft.config import RunConfig
 from rexft.data import PromptFormat, build_splits, encode_prompt
 from rexft.errors import RexftError
@@ -203,7 +203,7 @@ def _export_lora(cfg: RunConfig, tokenizer, tmp: Path) -> dict:
 def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) -> dict:
     from peft import PeftModel
 
-    from rexft.evaluate import Scorer, adapter_priors, results_table, summarize
+    from rexft.evaluate import Scorer, adapter_priors, summarize
     from rexft.prior import load_prior
 
     model = load_adapter(base_model_for_export(cfg, tokenizer), cfg.path / "adapter").eval()

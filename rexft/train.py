@@ -19,12 +19,11 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from rexft.adapters import (adapter_layers, aux_loss, format_parameter_report, inject_adapters, is_adapter_param,
+from rexft.adapters import (aux_loss, format_parameter_report, inject_adapters, is_adapter_param,
                             parameter_report, routing_stats, save_adapter, set_prior, set_token_mask)
 from rexft.config import RunConfig, TrainerConfig
 from rexft.data import (IGNORE_INDEX, PromptFormat, build_splits, collate, collate_packed, length_grouped_order, mixture,

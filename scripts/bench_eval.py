@@ -3,15 +3,17 @@
     python scripts/bench_eval.py [--model demo|tiny] [--per-task 8] [--batch-size 16] [--new-tokens 1]
 
 The peer is the reference implementation's way: for each example, ``generate()`` from the prompt with
-batch size 1, then read the letter. Both run on the same model, examples and device in one process;
-prints examples/s of each and the ratio, and checks both pick the same letters where greedy picks one.
+batch size 1, then read the letter. Two peers are timed: greedy with ``--new-tokens`` (default 1, the
+cheapest generate() can be: one forward over the prompt), and, with ``--llm-adapters``, the settings of
+LLM-Adapters' commonsense_evaluate.py that this literature's generation-style evaluations use (4 beams,
+32 new tokens). All run on the same model, examples and device in one process; prints examples/s of
+each and the ratios, and checks the greedy peer picks the same letters where it picks one.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,6 +30,7 @@ def main():
     parser.add_argument("--per-task", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=1, help="tokens generate() produces per example")
+    parser.add_argument("--llm-adapters", action="store_true", help="also time generate() with 4 beams, 32 new tokens")
     parser.add_argument("--data", default=None)
     args = parser.parse_args()
     overrides = [f"recipe={args.model}"] + ([f"data.local_dir={args.data}"] if args.data else [])
@@ -47,24 +50,33 @@ def main():
     prefix, letter_ids = letter_token_ids(tokenizer, fmt, 5)
     prompts = [encode_prompt(e, tokenizer, fmt, cfg.data.max_length, reserve=len(prefix) + 2)[0] + prefix for e in examples]
     agree = compared = 0
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for example, prompt, row in zip(examples, prompts, batched):
-            ids = torch.tensor([prompt], device=device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            token = int(out[0, len(prompt)])
-            if token in letter_ids[: len(example.options)]:
-                compared += 1
-                agree += LETTERS[letter_ids.index(token)] == row["predicted"]
-    generate_s = time.perf_counter() - start
+
+    def per_example_generate(**settings) -> float:
+        nonlocal agree, compared
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for example, prompt, row in zip(examples, prompts, batched):
+                ids = torch.tensor([prompt], device=device)
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, **settings)
+                token = int(out[0, len(prompt)])
+                if settings.get("num_beams", 1) == 1 and token in letter_ids[: len(example.options)]:
+                    compared += 1
+                    agree += LETTERS[letter_ids.index(token)] == row["predicted"]
+        return time.perf_counter() - start
+
+    peers = [(f"generate(), batch 1, greedy, {args.new_tokens} new token(s)", per_example_generate(max_new_tokens=args.new_tokens))]
+    if args.llm_adapters:
+        seconds = per_example_generate(max_new_tokens=32, num_beams=4)
+        peers.append(("generate(), batch 1, 4 beams, up to 32 new tokens (LLM-Adapters' settings)", seconds))
     n = len(examples)
     print(f"model {cfg.model.name_or_path} on {device}; {n} examples ({args.per_task} per task), protocol first_token")
-    print("| method | examples/s | seconds |")
-    print("|---|---|---|")
-    print(f"| rexft eval (batch {args.batch_size}, one forward per batch) | {n / batched_s:.1f} | {batched_s:.1f} |")
-    print(f"| generate(), batch 1, {args.new_tokens} new token(s) | {n / generate_s:.1f} | {generate_s:.1f} |")
-    print(f"speed-up: {generate_s / batched_s:.1f}x; same letter where greedy produced one: {agree}/{compared}")
+    print("| method | examples/s | seconds | rexft eval speed-up |")
+    print("|---|---|---|---|")
+    print(f"| rexft eval (batch {args.batch_size}, one forward per batch) | {n / batched_s:.1f} | {batched_s:.1f} | - |")
+    for name, seconds in peers:
+        print(f"| {name} | {n / seconds:.2f} | {seconds:.1f} | {seconds / batched_s:.1f}x |")
+    print(f"same letter where greedy produced one: {agree}/{compared}")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def report(results, params, wall, commands, args) -> str:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    lines = [f"# Quality study: SmolLM2-135M-Instruct on the 14-task mixture", "",
+    lines = ["# Quality study: SmolLM2-135M-Instruct on the 14-task mixture", "",
              f"Machine: {platform.machine()}, {platform.system()}, {os.cpu_count()} cores, {device}. "
              f"Budget: {args.per_task} training examples per task (fewer where a task has fewer), {args.epochs} epoch(s), "
              f"sequence length <= {args.max_length}, batch 8, lr {args.lr} (the same single value for every method: "

@@ -155,6 +155,44 @@ def test_gradients_with_checkpointing_equal_gradients_without(kind):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
 
 
+class NotALinear(torch.nn.Linear):
+    """A base that is not exactly nn.Linear: the adapter must not add its delta in place."""
+
+
+class DoubleOutput(torch.nn.Linear):
+    """A base whose output dtype differs from the adapter's (as a bf16 4-bit base under fp32 adapters)."""
+
+    def forward(self, x):
+        return super().forward(x).double()
+
+
+@pytest.mark.parametrize("kind", adapter_types())
+@pytest.mark.parametrize("base", ["linear", "other", "unfused"])
+def test_fused_up_projection_matches_the_stated_math(kind, base):
+    """y = base(x) + B z(x): the in-place addmm (nn.Linear base), the out-of-place addmm (any other base)
+    and the unfused fallback (dtype mismatch) give the same outputs and gradients."""
+    torch.manual_seed(0)
+    linear = {"linear": torch.nn.Linear, "other": NotALinear, "unfused": DoubleOutput}[base](16, 24)
+    layer = rexft.adapters.adapter_class(kind)(linear, cfg(kind))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    layer.prior = PRIOR
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    expected_x = x.detach().clone().requires_grad_(True)
+    expected = linear(expected_x).float() + torch.nn.functional.linear(layer.coefficients(expected_x), layer.rex_B)
+    expected.pow(2).sum().backward()
+    reference = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad()
+    out = layer(x)
+    assert out.dtype == (torch.float64 if base == "unfused" else torch.float32)
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(out.float(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, expected_x.grad, rtol=1e-5, atol=1e-5)
+    for name, grad in reference.items():
+        torch.testing.assert_close(dict(layer.named_parameters())[name].grad.float(), grad, rtol=1e-4, atol=1e-5)
+
+
 def test_prior_changes_trex_output_and_reaches_generate():
     model = randomize(rexft.inject_adapters(tiny_model(), cfg("trex")))
     assert not torch.allclose(logits(model, PRIOR), logits(model, torch.rand(2, K)))

@@ -1,6 +1,12 @@
 """What every adapter shares: it wraps a frozen linear layer and adds a low-rank, possibly routed, delta.
 
-    y = base(x) + delta(dropout(x))
+    y = base(x) + B z(dropout(x))          B = rex_B: (out, R),  z(x): (R,) per token
+
+Every adapter here is an up-projection B applied to R coefficients z(x) that the subclass computes
+(``coefficients``): LoRA's z is s A x; the mixtures' z holds each rank-one expert's routed coefficient.
+Scalars (LoRA scaling, T-REX's gate) are applied to z, never to the (out,)-sized delta, and the
+residual add is fused into the up-projection GEMM (``addmm``), so the adapter costs two thin matmuls
+and no full-width element-wise pass in either direction.
 
 ``base`` is the model's own module (nn.Linear, a bitsandbytes 4-bit linear, or a ZeRO-3 partitioned
 one), kept as is and never copied; shapes come from ``in_features``/``out_features``, never from the
@@ -51,7 +57,7 @@ def sparse_softmax(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
 
 
 class AdapterLinear(nn.Module):
-    """Base class: subclasses define their ``rex_*`` parameters and ``delta(x)``."""
+    """Base class: subclasses define their ``rex_*`` parameters (``rex_B`` among them) and ``coefficients(x)``."""
 
     is_mixture = False
 
@@ -66,17 +72,28 @@ class AdapterLinear(nn.Module):
         # Per-batch state (not parameters or buffers: never saved, set by set_prior/set_token_mask).
         self.prior: torch.Tensor | None = None  # (b, k) or (b, s, k)
         self.token_mask: torch.Tensor | None = None  # (b, s), 1 on real tokens
-        self.last_route_mean: torch.Tensor | None = None  # (E,) mean route over real tokens
+        self.last_route: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (route, token mask), detached
         self.aux_loss: torch.Tensor | None = None
         self.route_log: list[torch.Tensor] | None = None  # when a list: per-example mean routes are appended
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """z(x): (..., R), the coefficients of B's R columns."""
         raise NotImplementedError
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.coefficients(x), self.rex_B)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
-        delta = self.delta(self.dropout(x).to(self.dtype))
-        return out + delta.to(out.dtype)
+        z = self.coefficients(self.dropout(x).to(self.dtype))
+        fusable = torch.is_autocast_enabled(out.device.type) or z.dtype == out.dtype == self.rex_B.dtype
+        if not fusable:  # e.g. a bf16 4-bit base under a float32 adapter, without autocast
+            return out + F.linear(z, self.rex_B).to(out.dtype)
+        flat_out, flat_z = out.reshape(-1, self.out_features), z.reshape(-1, z.shape[-1])
+        if type(self.base) is nn.Linear and not torch.is_autocast_enabled(out.device.type):
+            # nn.Linear's backward never reads its output, so the delta may be added in place
+            return flat_out.addmm_(flat_z, self.rex_B.t()).view(*out.shape[:-1], self.out_features)
+        return torch.addmm(flat_out, flat_z, self.rex_B.t()).view(*out.shape[:-1], self.out_features)
 
     # ---- routing bookkeeping shared by mixtures
     def batch_prior(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -90,20 +107,28 @@ class AdapterLinear(nn.Module):
         return prior.unsqueeze(1) if prior.dim() == 2 else prior
 
     def observe(self, route: torch.Tensor, probs: torch.Tensor | None) -> None:
-        """Record routing statistics (detached) and the load-balancing loss of this forward."""
-        with torch.no_grad():
-            mask = self.token_mask
-            if mask is not None and mask.shape == route.shape[:2]:
-                weights = mask.to(route.dtype).unsqueeze(-1)  # (b, s, 1)
-            else:
-                weights = torch.ones_like(route[..., :1])
-            per_example = (route * weights).sum(1) / weights.sum(1).clamp_min(1)  # (b, E)
-            self.last_route_mean = per_example.mean(0)
-            if self.route_log is not None:
-                self.route_log.append(per_example.float().cpu())
+        """Keep this forward's routes for statistics (summarised only when asked: the training step
+        pays nothing for them) and compute the load-balancing loss."""
+        self.last_route = (route.detach(), self.token_mask)
+        if self.route_log is not None:
+            self.route_log.append(self.per_example_route().float().cpu())
         if self.aux_loss_weight > 0 and probs is not None:
             usage = probs.reshape(-1, probs.shape[-1]).mean(0)  # (E,) mean router probability
             self.aux_loss = self.aux_loss_weight * probs.shape[-1] * (usage * usage).sum()  # 1 at uniform
+
+    @torch.no_grad()
+    def per_example_route(self) -> torch.Tensor:
+        """(b, E): each example's mean route over its real tokens, from the last forward."""
+        route, mask = self.last_route
+        if mask is not None and mask.shape == route.shape[:2]:
+            weights = mask.to(route.dtype).unsqueeze(-1)  # (b, s, 1)
+            return (route * weights).sum(1) / weights.sum(1).clamp_min(1)
+        return route.mean(1)
+
+    @property
+    def last_route_mean(self) -> torch.Tensor | None:
+        """(E,): the mean route of the last forward, averaged over examples."""
+        return None if self.last_route is None else self.per_example_route().mean(0)
 
     def static_factors(self, mean_route: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) with delta(x) = B @ A @ x when the route is constant ``mean_route``."""
@@ -115,6 +140,6 @@ def fused_down(x: torch.Tensor, down: torch.Tensor, router: nn.Linear | None) ->
     if router is None:
         return F.linear(x, down), None
     weight = torch.cat([down, router.weight])  # (r + E, in)
-    bias = torch.cat([down.new_zeros(down.shape[0]), router.bias])
+    bias = F.pad(router.bias, (down.shape[0], 0))  # zeros for the r down rows
     h, logits = F.linear(x, weight, bias).split([down.shape[0], router.out_features], dim=-1)
     return h, logits

@@ -19,8 +19,8 @@ class LoRALinear(AdapterLinear):
         self.rex_A = nn.Parameter(kaiming_(torch.empty(cfg.r, self.in_features, dtype=self.dtype)))
         self.rex_B = nn.Parameter(torch.zeros(self.out_features, cfg.r, dtype=self.dtype))
 
-    def delta(self, x):
-        return self.scaling * F.linear(F.linear(x, self.rex_A), self.rex_B)  # (b, s, r) -> (b, s, out)
+    def coefficients(self, x):
+        return F.linear(x, self.rex_A) * self.scaling  # (b, s, r)
 
     def static_factors(self, mean_route=None):
         return self.rex_A.detach(), self.scaling * self.rex_B.detach()

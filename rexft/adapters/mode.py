@@ -9,7 +9,6 @@ With m = 1 every R_j = 1 and this is LoRA with B's columns as the up-projection.
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from rexft.adapters.base import AdapterLinear, fused_down, kaiming_, lora_scaling, sparse_softmax
 
@@ -25,12 +24,11 @@ class MoDELinear(AdapterLinear):
         self.rex_B = nn.Parameter(torch.zeros(self.out_features, cfg.r * cfg.num_experts, dtype=self.dtype))
         self.rex_router = nn.Linear(self.in_features, cfg.r * cfg.num_experts, dtype=self.dtype)
 
-    def delta(self, x):
+    def coefficients(self, x):
         h, logits = fused_down(x, self.rex_A, self.rex_router)  # (b, s, r), (b, s, r*m)
         route = sparse_softmax(logits.unflatten(-1, (self.r, self.m)), self.top_k)  # (b, s, r, m)
         self.observe(route.flatten(-2), route)
-        coef = (h.unsqueeze(-1) * route).flatten(-2)  # (b, s, r*m)
-        return self.scaling * F.linear(coef, self.rex_B)
+        return (h.unsqueeze(-1) * route).flatten(-2) * self.scaling  # (b, s, r*m)
 
     def static_factors(self, mean_route):
         atoms = self.rex_B.detach().unflatten(1, (self.r, self.m))  # (out, r, m)

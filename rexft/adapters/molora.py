@@ -10,7 +10,6 @@ With E = 1 this is LoRA.
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from rexft.adapters.base import AdapterLinear, fused_down, kaiming_, lora_scaling, sparse_softmax
 
@@ -26,12 +25,11 @@ class MoLoRALinear(AdapterLinear):
         self.rex_B = nn.Parameter(torch.zeros(self.out_features, cfg.num_experts * cfg.r, dtype=self.dtype))
         self.rex_router = nn.Linear(self.in_features, cfg.num_experts, dtype=self.dtype)
 
-    def delta(self, x):
+    def coefficients(self, x):
         h, logits = fused_down(x, self.rex_A, self.rex_router)  # (b, s, E*r), (b, s, E)
         gates = sparse_softmax(logits, self.top_k)  # (b, s, E)
         self.observe(gates, gates)
-        coef = (h.unflatten(-1, (self.num_experts, self.r)) * gates.unsqueeze(-1)).flatten(-2)  # (b, s, E*r)
-        return self.scaling * F.linear(coef, self.rex_B)
+        return (h.unflatten(-1, (self.num_experts, self.r)) * gates.unsqueeze(-1)).flatten(-2) * self.scaling  # (b, s, E*r)
 
     def static_factors(self, mean_route):
         gates = mean_route.to(self.rex_B).repeat_interleave(self.r)  # (E*r,)

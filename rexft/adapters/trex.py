@@ -19,7 +19,6 @@ routes by the prior alone. Expert count grows as r1*r2 while parameters grow as 
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from rexft.adapters.base import AdapterLinear, fused_down, kaiming_, sparse_softmax
 from rexft.errors import RexftError
@@ -63,10 +62,9 @@ class TRexLinear(AdapterLinear):
     def routing(self, logits: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """M flattened: (b, s, num_routes), and the router probabilities (for the balance loss)."""
         omega = self.omega
-        route, probs = 0.0, None
+        route, probs = None, None
         if self.use_router:
             probs = sparse_softmax(logits, self.top_k)  # (b, s, E)
-            route = probs * (omega * self.c_token)
         if self.use_prior:
             prior = self.batch_prior(x)  # (b, 1, k) or (b, s, k)
             if prior is None:
@@ -75,12 +73,15 @@ class TRexLinear(AdapterLinear):
             if prior.shape[-1] != self.prior_dim:
                 raise RexftError(f"trex adapter expects a prior of size {self.prior_dim} (adapter.prior_dim), got {prior.shape[-1]}")
             mapped = self.rex_prior_proj(prior) if self.rex_prior_proj is not None else prior  # (b, 1|s, E)
-            route = route + mapped * ((1 - omega) * self.c_task)
-        if not torch.is_tensor(route) or route.shape[1] != x.shape[1]:
-            route = torch.as_tensor(route).expand(*x.shape[:-1], self.num_routes)
+            route = mapped * ((1 - omega) * self.c_task)
+        if probs is not None:
+            token_weight = omega * self.c_token
+            route = probs * token_weight if route is None else torch.addcmul(route, probs, token_weight)
+        if route.shape[1] != x.shape[1]:  # prior only: the same route for every token
+            route = route.expand(*x.shape[:-1], self.num_routes)
         return route, probs
 
-    def delta(self, x):
+    def coefficients(self, x):
         h, logits = fused_down(x, self.rex_A, self.rex_router)  # (b, s, r1), (b, s, E) or None
         route, probs = self.routing(logits, x)  # (b, s, E)
         self.observe(route, probs)
@@ -89,7 +90,7 @@ class TRexLinear(AdapterLinear):
             z = (h.unsqueeze(-1) * route.unflatten(-1, (self.r1, self.r2))).sum(-2)  # (b, s, r1, r2) -> (b, s, r2)
         else:
             z = h * route  # (b, s, r): diagonal M
-        return self.gate * F.linear(z, self.rex_B)
+        return z * self.gate  # the gate scales z (r2 wide), not the (out,)-wide delta
 
     def static_factors(self, mean_route):
         """With constant M: delta(x) = gate * B M^T A x, so A' = A and B' = gate * B M^T (rank r1)."""
