@@ -84,16 +84,22 @@ class AdapterLinear(nn.Module):
         return F.linear(self.coefficients(x), self.rex_B)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        z = self.coefficients(self.dropout(x).to(self.dtype))  # (..., R)
+        flat_z, up = z.reshape(-1, z.shape[-1]), self.rex_B.t()
+        if self._adds_in_place(x, z, args, kwargs):
+            # nn.Linear's backward never reads its output, so B z is accumulated into it by the GEMM. The
+            # base runs on the 2-D view of x: an in-place op on a reshaped *output* would make autograd
+            # copy the full-width gradient (CopySlices) in the backward.
+            out = self.base(x.reshape(-1, self.in_features))
+            return out.addmm_(flat_z, up).view(*x.shape[:-1], self.out_features)
         out = self.base(x, *args, **kwargs)
-        z = self.coefficients(self.dropout(x).to(self.dtype))
-        fusable = torch.is_autocast_enabled(out.device.type) or z.dtype == out.dtype == self.rex_B.dtype
-        if not fusable:  # e.g. a bf16 4-bit base under a float32 adapter, without autocast
-            return out + F.linear(z, self.rex_B).to(out.dtype)
-        flat_out, flat_z = out.reshape(-1, self.out_features), z.reshape(-1, z.shape[-1])
-        if type(self.base) is nn.Linear and not torch.is_autocast_enabled(out.device.type):
-            # nn.Linear's backward never reads its output, so the delta may be added in place
-            return flat_out.addmm_(flat_z, self.rex_B.t()).view(*out.shape[:-1], self.out_features)
-        return torch.addmm(flat_out, flat_z, self.rex_B.t()).view(*out.shape[:-1], self.out_features)
+        if torch.is_autocast_enabled(out.device.type) or z.dtype == out.dtype == up.dtype:
+            return torch.addmm(out.reshape(-1, self.out_features), flat_z, up).view(*out.shape[:-1], self.out_features)
+        return out + F.linear(z, self.rex_B).to(out.dtype)  # e.g. a bf16 4-bit base under float32 adapters
+
+    def _adds_in_place(self, x, z, args, kwargs) -> bool:
+        return (type(self.base) is nn.Linear and not args and not kwargs and not torch.is_autocast_enabled(x.device.type)
+                and x.dtype == self.base.weight.dtype == z.dtype == self.rex_B.dtype)
 
     # ---- routing bookkeeping shared by mixtures
     def batch_prior(self, x: torch.Tensor) -> torch.Tensor | None:
