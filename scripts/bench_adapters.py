@@ -49,10 +49,11 @@ def measure(method: str, args) -> dict:
     if "peft_r" in spec:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=spec["peft_r"], lora_alpha=2 * spec["peft_r"], lora_dropout=0.0,
+        model = get_peft_model(model, LoraConfig(r=spec["peft_r"], lora_alpha=2 * spec["peft_r"], lora_dropout=args.dropout,
                                                  target_modules=TARGETS))
     else:
-        rexft.inject_adapters(model, {**spec, "dropout": 0.0})
+        rexft.inject_adapters(model, {**spec, "dropout": args.dropout})
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
@@ -91,13 +92,14 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dropout", type=float, default=0.0, help="adapter dropout, the same for every method")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args)))
         return
-    passthrough = [f"--{k}={getattr(args, k)}" for k in ("hidden", "layers", "vocab", "seq", "batch", "steps")]
+    passthrough = [f"--{k}={getattr(args, k)}" for k in ("hidden", "layers", "vocab", "seq", "batch", "steps", "dropout")]
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
     for round_index in range(args.rounds):
         for method in args.methods:
@@ -110,7 +112,7 @@ def main():
         ms = statistics.median(r["ms_per_step"] for r in results)
         summary[method] = {"ms": ms, "tok_s": tokens / ms * 1000, "peak": max(r["peak_mib"] for r in results),
                            "trainable": results[0]["trainable"], "device": results[0]["device"]}
-    print(f"\nLLaMA hidden={args.hidden} layers={args.layers} vocab={args.vocab}, batch {args.batch} x seq {args.seq}, "
+    print(f"\nLLaMA hidden={args.hidden} layers={args.layers} vocab={args.vocab}, batch {args.batch} x seq {args.seq}, dropout {args.dropout}, "
           f"median of {args.rounds} rounds x {args.steps} steps, device {summary[args.methods[0]]['device']}\n")
     print("| method | trainable | ms/step | tokens/s | peak MiB | peer | throughput vs peer | memory vs peer |")
     print("|---|---|---|---|---|---|---|---|")
