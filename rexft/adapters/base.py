@@ -5,8 +5,8 @@
 Every adapter here is an up-projection B applied to R coefficients z(x) that the subclass computes
 (``coefficients``): LoRA's z is s A x; the mixtures' z holds each rank-one expert's routed coefficient.
 Scalars (LoRA scaling, T-REX's gate) are applied to z, never to the (out,)-sized delta, and the
-residual add is fused into the up-projection GEMM (``addmm``), so the adapter costs two thin matmuls
-and no full-width element-wise pass in either direction.
+residual add is fused into the up-projection GEMM (``addmm``), so beyond its dropout the adapter costs
+two thin matmuls and no full-width element-wise pass in either direction.
 
 ``base`` is the model's own module (nn.Linear, a bitsandbytes 4-bit linear, or a ZeRO-3 partitioned
 one), kept as is and never copied; shapes come from ``in_features``/``out_features``, never from the
