@@ -49,26 +49,27 @@ def main():
 
     prefix, letter_ids = letter_token_ids(tokenizer, fmt, 5)
     prompts = [encode_prompt(e, tokenizer, fmt, cfg.data.max_length, reserve=len(prefix) + 2)[0] + prefix for e in examples]
-    agree = compared = 0
 
-    def per_example_generate(**settings) -> float:
-        nonlocal agree, compared
+    def per_example_generate(**settings) -> tuple[float, list[int]]:
+        """Seconds for all examples, and each one's first generated token."""
+        first_tokens = []
         start = time.perf_counter()
         with torch.inference_mode():
-            for example, prompt, row in zip(examples, prompts, batched):
+            for prompt in prompts:
                 ids = torch.tensor([prompt], device=device)
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, **settings)
-                token = int(out[0, len(prompt)])
-                if settings.get("num_beams", 1) == 1 and token in letter_ids[: len(example.options)]:
-                    compared += 1
-                    agree += LETTERS[letter_ids.index(token)] == row["predicted"]
-        return time.perf_counter() - start
+                first_tokens.append(int(out[0, len(prompt)]))
+        return time.perf_counter() - start, first_tokens
 
-    peers = [(f"generate(), batch 1, greedy, {args.new_tokens} new token(s)", per_example_generate(max_new_tokens=args.new_tokens))]
+    greedy_s, greedy_tokens = per_example_generate(max_new_tokens=args.new_tokens)
+    peers = [(f"generate(), batch 1, greedy, {args.new_tokens} new token(s)", greedy_s)]
     if args.llm_adapters:
-        seconds = per_example_generate(max_new_tokens=32, num_beams=4)
-        peers.append(("generate(), batch 1, 4 beams, up to 32 new tokens (LLM-Adapters' settings)", seconds))
+        peers.append(("generate(), batch 1, 4 beams, up to 32 new tokens (LLM-Adapters' settings)",
+                      per_example_generate(max_new_tokens=32, num_beams=4)[0]))
+    letters = [(LETTERS[letter_ids.index(t)], row["predicted"]) for e, t, row in zip(examples, greedy_tokens, batched)
+               if t in letter_ids[: len(e.options)]]
+    agree, compared = sum(a == b for a, b in letters), len(letters)
     n = len(examples)
     print(f"model {cfg.model.name_or_path} on {device}; {n} examples ({args.per_task} per task), protocol first_token")
     print("| method | examples/s | seconds | rexft eval speed-up |")

@@ -80,9 +80,6 @@ class AdapterLinear(nn.Module):
         """z(x): (..., R), the coefficients of B's R columns."""
         raise NotImplementedError
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.coefficients(x), self.rex_B)
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         z = self.coefficients(self.dropout(x).to(self.dtype))  # (..., R)
         flat_z, up = z.reshape(-1, z.shape[-1]), self.rex_B.t()
