@@ -50,12 +50,29 @@ def _schema_keys(node) -> list[str]:
     return [f.name for f in fields(node)] if is_dataclass(node) else []
 
 
+def _child(node, part: str):
+    """The schema node below ``part``: a dataclass field's value, or a fresh value of a dict's value type
+    (``data.sources.<name>`` is a TaskSpec whatever the name)."""
+    import typing
+
+    value = getattr(node, part)
+    if isinstance(value, dict):
+        hint = typing.get_type_hints(type(node))[part]
+        args = typing.get_args(hint)
+        return {"__any__": args[1]() if len(args) == 2 and is_dataclass(args[1]) else None}
+    return value
+
+
 def _check_override(override: str) -> None:
     """Name the culprit of a bad override before Hydra sees it."""
     if "=" not in override:
         raise ConfigError(f"argument '{override}' is not of the form key=value")
     key, value = override.split("=", 1)
     key = key.lstrip("+~")
+    if key == "recipe" and value.endswith((".yaml", ".yml")):
+        if not Path(value).is_file():
+            raise ConfigError(f"recipe file {value} does not exist")
+        return
     if key in ("recipe",) + GROUPS:
         valid = options(key)
         if value not in valid:
@@ -63,6 +80,11 @@ def _check_override(override: str) -> None:
         return
     node, path = RunConfig(), []
     for part in key.split("."):
+        if isinstance(node, dict):  # a dict-valued key: any name, then the value type's keys
+            node, path = node["__any__"], path + [part]
+            if node is None:
+                return
+            continue
         valid = _schema_keys(node)
         if part not in valid:
             where = ".".join(path) or "the root config"
@@ -72,7 +94,7 @@ def _check_override(override: str) -> None:
                 + (f" (did you mean '{'.'.join(path + hint)}'?)" if hint else "")
                 + f"; valid keys of {where}: {', '.join(valid)}"
             )
-        node, path = getattr(node, part), path + [part]
+        node, path = _child(node, part), path + [part]
 
 
 def compose(overrides: list[str]):
@@ -90,8 +112,23 @@ def compose(overrides: list[str]):
     # The dataclass schema is the base of configs/rexft.yaml's defaults list: every documented key
     # exists (with its default) whatever group option is chosen, and Hydra type-checks while composing.
     ConfigStore.instance().store(name="rexft_schema", node=RunConfig)
-    hydra_overrides = [f"hydra.searchpath=[file://{root}]"]
-    hydra_overrides += [("recipes=" + o.split("=", 1)[1]) if o.startswith("recipe=") else o for o in overrides]
+    search, hydra_overrides = [f"file://{root}"], []
+    for override in overrides:
+        if not override.startswith("recipe="):
+            hydra_overrides.append(override)
+            continue
+        recipe = override.split("=", 1)[1]
+        if recipe.endswith((".yaml", ".yml")):  # a user's own recipe file: served from a folder of its own
+            import shutil
+            import tempfile
+
+            folder = Path(tempfile.mkdtemp(prefix="rexft-recipe-"))
+            (folder / "recipes").mkdir()
+            shutil.copy(recipe, folder / "recipes" / f"{Path(recipe).stem}.yaml")
+            search.append(f"file://{folder}")
+            recipe = Path(recipe).stem
+        hydra_overrides.append(f"recipes={recipe}")
+    hydra_overrides.insert(0, f"hydra.searchpath=[{','.join(search)}]")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(root / "configs"), version_base=None):
@@ -118,6 +155,7 @@ def compose(overrides: list[str]):
 
 def _validate(cfg: RunConfig) -> None:
     from rexft.adapters import adapter_types
+    from rexft.formats import FIELDS
     from rexft.tasks import task_names
 
     checks = [
@@ -135,12 +173,35 @@ def _validate(cfg: RunConfig) -> None:
     for key, value, valid in checks:
         if value not in valid:
             raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(valid)}")
-    for task in cfg.data.tasks + list(cfg.eval.tasks or []):
-        if task not in task_names():
-            raise ConfigError(f"unknown task '{task}'; valid tasks: {', '.join(task_names())}")
+    from rexft.formats import FORMATS
+
+    for name, spec in cfg.data.sources.items():
+        if spec.format not in FORMATS:
+            raise ConfigError(f"config key 'data.sources.{name}.format': '{spec.format}' is not one of {', '.join(FORMATS)}")
+        if spec.path is None and spec.hub is None:
+            raise ConfigError(f"data.sources.{name} names no source: give a local `path` or a `hub` dataset id")
+        if name in task_names():
+            raise ConfigError(f"data.sources.{name} has the name of a built-in task; rename the source")
+        unknown = sorted(set(spec.columns) - set(FIELDS[spec.format][0] + FIELDS[spec.format][1]))
+        if unknown:
+            raise ConfigError(f"config key 'data.sources.{name}.columns': unknown field(s) {unknown} for format "
+                              f"{spec.format}; its fields: {', '.join(FIELDS[spec.format][0] + FIELDS[spec.format][1])}")
+    known = task_names() + sorted(cfg.data.sources)
+    for key, entries in (("data.tasks", cfg.data.tasks), ("eval.unseen_tasks", cfg.eval.unseen_tasks)):
+        seen = set()
+        for task in entries:
+            if task not in known:
+                hint = difflib.get_close_matches(task, known, n=1)
+                raise ConfigError(f"{key}: unknown task '{task}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                                  + f"; built-in tasks: {', '.join(task_names())}; data.sources: "
+                                  + (", ".join(sorted(cfg.data.sources)) or "none declared"))
+            if task in seen:
+                raise ConfigError(f"{key} names '{task}' twice")
+            seen.add(task)
+    # eval.tasks may also name single tasks of a source's task column: checked once the data is read.
     for task in cfg.eval.tasks or []:
-        if task not in cfg.data.tasks:
-            raise ConfigError(f"eval.tasks names '{task}', which is not in data.tasks")
+        if task in task_names() and task not in cfg.data.tasks:
+            raise ConfigError(f"eval.tasks names '{task}', which is not in data.tasks (eval.unseen_tasks evaluates tasks never trained on)")
 
 
 def usage(command: str | None = None) -> str:

@@ -39,10 +39,46 @@ class ModelConfig:
 
 
 @dataclass
+class TaskSpec:
+    """A user's task (or a family of tasks) declared in config, no code: a format, a source, a column map.
+
+    Declared under ``data.sources.<name>`` (a file under configs/data/, a recipe, or the command line) and
+    selected by listing ``<name>`` in ``data.tasks``, beside built-in task names. The README's "Your own
+    data" section has a complete example for each format.
+    """
+
+    format: str = "instruction"  # instruction (prompt -> response) | chat (messages) | choice (multiple choice)
+    # Source: a local file (.jsonl .json .csv .parquet) or a folder of split files, and/or a hub dataset.
+    # With both, `path` is read when data.local_dir is set (offline) and `hub` when data.local_dir=null.
+    path: Optional[str] = None  # relative paths are tried in the working directory, then under data.local_dir
+    hub: Optional[str] = None  # Hugging Face dataset id, read with datasets.load_dataset
+    subset: Optional[str] = None  # hub config name
+    train_split: Optional[str] = "train"  # split name (hub) or file name in `path` (a folder); null: eval only
+    validation_split: Optional[str] = "validation"  # absent or null: a seeded `holdout` share of train is held out
+    holdout: float = 0.1  # share of each task's train records held out for evaluation when there is no validation split
+    # Column map: format field -> the records' column (defaults: the field's own name). Fields per format:
+    #   instruction: instruction, input (optional), output (a string, or a list of references), system (optional)
+    #   chat: messages (OpenAI {role, content} or ShareGPT {from, value} turns), system (optional)
+    #   choice: question, options (a list column, or a list of columns), answer (index, letter or option text),
+    #           context (optional passage, trimmed first when too long)
+    columns: dict[str, Any] = field(default_factory=dict)
+    task_column: Optional[str] = None  # one task per distinct value of this column (null: one task named like the source)
+    include: Optional[list[str]] = None  # with task_column: keep only these tasks
+    exclude: list[str] = field(default_factory=list)  # with task_column: drop these tasks
+    template: str = "{instruction}\n\n{input}"  # instruction: the user prompt; {input} is trimmed first when too long
+    template_no_input: str = "{instruction}"  # instruction: the prompt of a record whose input is empty
+    system: Optional[str] = None  # a system text for every example (a `system` column wins)
+    train_per_task: Optional[int] = None  # caps for these tasks (null: data.train_per_task / data.eval_per_task)
+    eval_per_task: Optional[int] = None
+
+
+@dataclass
 class DataConfig:
-    tasks: list[str] = field(default_factory=list)  # task names = module names under rexft/tasks/
+    tasks: list[str] = field(default_factory=list)  # built-in task names (rexft/tasks/*.py) and names of data.sources
+    sources: dict[str, TaskSpec] = field(default_factory=dict)  # the user's tasks, declared in config (TaskSpec)
     local_dir: Optional[str] = None  # folder of <task>/<split>.jsonl; null reads the Hugging Face hub
-    max_length: int = 2048  # tokens; passages are trimmed first, options and answer never
+    max_length: int = 2048  # tokens; passages are trimmed first; an example whose answer or target cannot fit is dropped
+    max_dropped_fraction: float = 0.1  # stop if more than this share of the training examples cannot fit max_length
     train_per_task: Optional[int] = None  # cap on training examples per task (null: all)
     eval_per_task: Optional[int] = None  # cap on evaluation examples per task (null: all)
     mixture: str = "proportional"  # proportional | temperature (sampling prob ~ n_task ** (1/T))
@@ -124,9 +160,18 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: Optional[list[str]] = None  # subset of data.tasks (null: all)
+    tasks: Optional[list[str]] = None  # subset of data.tasks, by source or task name (null: all)
+    unseen_tasks: list[str] = field(default_factory=list)  # built-ins or data.sources evaluated but never trained on
     limit: Optional[int] = None  # examples per task
-    protocol: str = "first_token"  # first_token | loglik
+    protocol: str = "first_token"  # choice tasks: first_token | loglik (generative tasks always use generate)
+    # generate protocol (generative tasks): greedy unless do_sample; rows stop at EOS, a stop string or max_new_tokens
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)  # stop strings (the text is cut before the first one)
+    do_sample: bool = False
+    temperature: float = 1.0  # with do_sample
+    top_p: float = 1.0  # with do_sample
+    num_beams: int = 1
+    bootstrap: int = 1000  # bootstrap resamples for the 95% intervals of ROUGE-L / exact match
     restricted: bool = True  # first_token: argmax over option letters (false: greedy over the vocabulary)
     batch_size: int = 16
     model: Optional[str] = None  # evaluate this merged export instead of base (+ run_dir adapter)

@@ -1,12 +1,16 @@
-"""Data stage: raw records -> multiple-choice examples -> training mixture and eval sets -> token ids.
+"""Data stage: raw records -> examples -> training mixture and eval sets -> token ids.
 
-    records (hub or <local_dir>/<task>/<split>.jsonl)
-      -> Example(task, row, prompt, options, answer)          one loader per task (rexft/tasks/)
-      -> train / eval split per task (tasks without a train split: disjoint halves of validation)
+    records: built-in tasks (hub or <local_dir>/<task>/<split>.jsonl, one loader each under rexft/tasks/)
+             and the user's sources (data.sources: local files or hub datasets, see rexft/sources.py)
+      -> Example: choice (prompt, options, gold letter) or generative (prompt or messages, target text)
+      -> train / eval split per task (no train split: disjoint parts of validation; no validation split:
+         a held-out part of train)
       -> mixture (caps, proportional or temperature sampling; seeded)
-      -> token ids with the chat template (or plain template), loss on the answer tokens only
+      -> token ids with the chat template (or plain template), loss on the answer / target tokens only;
+         context (a passage, an input, old turns) is trimmed to fit data.max_length, and an example that
+         still does not fit is dropped and counted, never cut into
 
-``rexft data`` writes run_dir/data/{train,validation}.jsonl and stats.json and prints a table.
+``rexft data`` writes run_dir/data/{train,validation}.jsonl, stats.json and stats.md and prints the table.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import os
 import random
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -84,7 +88,9 @@ class TaskSplit:
     task: str
     train: list[Example]
     eval: list[Example]
-    train_source: str  # "train" | "validation (first part of a seeded shuffle)" | "none"
+    train_source: str  # "train" | "validation (first part of a seeded shuffle)" | "train (held-out part ...)" | "none"
+    source: str = ""  # the data.tasks entry it came from: a built-in task or a data.sources name
+    kind: str = "choice"  # choice | generate (what its examples are)
 
 
 def _seeded_order(n: int, seed: int, task: str) -> list[int]:
@@ -99,14 +105,34 @@ def split_task(task: str, cfg: DataConfig) -> TaskSplit:
         raise RexftError(f"{task}: no validation split (data.local_dir={cfg.local_dir})")
     train = load_examples(task, "train", cfg.local_dir)
     if train is not None:
-        return TaskSplit(task, train, validation, "train")
+        return TaskSplit(task, train, validation, "train", task)
     if cfg.no_train_split == "skip":
-        return TaskSplit(task, [], validation, "none")
+        return TaskSplit(task, [], validation, "none", task)
     order = _seeded_order(len(validation), cfg.seed, task)
     cut = int(len(order) * cfg.validation_train_fraction)
     train_rows, eval_rows = sorted(order[:cut]), sorted(order[cut:])
     return TaskSplit(task, [validation[i] for i in train_rows], [validation[i] for i in eval_rows],
-                     f"validation rows (seeded {cfg.validation_train_fraction:.0%} part; eval on the rest)")
+                     f"validation rows (seeded {cfg.validation_train_fraction:.0%} part; eval on the rest)", task)
+
+
+def source_splits(name: str, cfg: DataConfig) -> list[TaskSplit]:
+    """The tasks of one user source; where it has no validation split, a seeded share of train is held out."""
+    from rexft.sources import load_source
+
+    spec = cfg.sources[name]
+    splits = []
+    for found in load_source(name, spec, cfg):
+        train, evaluation, origin = found.train or [], found.eval, "train" if found.train is not None else "none"
+        if evaluation is None:
+            order = _seeded_order(len(train), cfg.seed, found.task)
+            cut = len(order) - max(1, round(len(order) * spec.holdout)) if len(order) > 1 else len(order)
+            evaluation = [train[i] for i in sorted(order[cut:])]
+            train = [train[i] for i in sorted(order[:cut])]
+            origin = f"train rows (seeded {1 - spec.holdout:.0%} part; eval on the held-out rest)"
+        examples = train or evaluation
+        kind = examples[0].kind if examples else ("choice" if spec.format == "choice" else "generate")
+        splits.append(TaskSplit(found.task, train, evaluation, origin, name, kind))
+    return splits
 
 
 def cap_examples(examples: list[Example], cap: int | None, seed: int, task: str) -> list[Example]:
@@ -116,15 +142,40 @@ def cap_examples(examples: list[Example], cap: int | None, seed: int, task: str)
     return [examples[i] for i in keep]
 
 
-def build_splits(cfg: DataConfig, tasks: list[str] | None = None) -> list[TaskSplit]:
-    """Per task: capped train and eval examples. Deterministic from data.seed."""
-    splits = []
-    for task in tasks or cfg.tasks:
-        split = split_task(task, cfg)
-        split.train = cap_examples(split.train, cfg.train_per_task, cfg.seed, task)
-        split.eval = cap_examples(split.eval, cfg.eval_per_task, cfg.seed + 1, task)
-        splits.append(split)
+def build_splits(cfg: DataConfig, entries: list[str] | None = None) -> list[TaskSplit]:
+    """Per task: capped train and eval examples, for the data.tasks entries (built-ins and sources; a source
+    with a task column expands into many tasks). Deterministic from data.seed."""
+    splits, origin = [], {}
+    for entry in entries if entries is not None else cfg.tasks:
+        if entry in cfg.sources:
+            spec = cfg.sources[entry]
+            found = source_splits(entry, cfg)
+            caps = (spec.train_per_task if spec.train_per_task is not None else cfg.train_per_task,
+                    spec.eval_per_task if spec.eval_per_task is not None else cfg.eval_per_task)
+        else:
+            split = split_task(entry, cfg)
+            split.kind = "choice"
+            found, caps = [split], (cfg.train_per_task, cfg.eval_per_task)
+        for split in found:
+            if split.task in origin:
+                raise RexftError(f"two tasks are named '{split.task}' (from {origin[split.task]} and {entry}); "
+                                 "rename one (a source's task column values are task names)")
+            origin[split.task] = entry
+            split.train = cap_examples(split.train, caps[0], cfg.seed, split.task)
+            split.eval = cap_examples(split.eval, caps[1], cfg.seed + 1, split.task)
+            splits.append(split)
     return splits
+
+
+def select_splits(splits: list[TaskSplit], names: list[str] | None) -> list[TaskSplit]:
+    """The splits named by task or by source (a source selects all of its tasks); None selects all."""
+    if names is None:
+        return splits
+    known = {s.task for s in splits} | {s.source for s in splits}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise RexftError(f"eval.tasks names {unknown[:5]}, which are neither tasks nor sources of data.tasks")
+    return [s for s in splits if s.task in names or s.source in names]
 
 
 def mixture(splits: list[TaskSplit], cfg: DataConfig) -> list[Example]:
@@ -164,14 +215,25 @@ class PromptFormat:
     def for_model(cls, tokenizer, cfg: ModelConfig) -> "PromptFormat":
         return cls(bool(cfg.use_chat_template and getattr(tokenizer, "chat_template", None)), cfg.plain_template)
 
-    def render(self, tokenizer, prompt: str) -> str:
-        if self.chat:
-            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                 add_generation_prompt=True, tokenize=False)
-        return self.plain_template.format(prompt=prompt)
+    @staticmethod
+    def messages(example: Example) -> list[dict]:
+        """The turns the model answers: a chat example's own, else [system], user prompt."""
+        if example.messages is not None:
+            return example.messages
+        system = [{"role": "system", "content": example.system}] if example.system else []
+        return system + [{"role": "user", "content": example.prompt}]
 
-    def answer_text(self, letter: str) -> str:
-        return letter if self.chat else f" {letter}"
+    def render(self, tokenizer, messages: list[dict], generation_prompt: bool = True) -> str:
+        if self.chat:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+        if len(messages) == 1:
+            return self.plain_template.format(prompt=messages[0]["content"])
+        turns = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+        return self.plain_template.format(prompt=turns) if generation_prompt else turns
+
+    def answer_text(self, text: str) -> str:
+        """The target as it follows the prompt (a letter for choice tasks)."""
+        return text if self.chat else f" {text}"
 
     def fingerprint(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -191,46 +253,100 @@ def letter_token_ids(tokenizer, fmt: PromptFormat, n: int) -> tuple[list[int], l
     return encoded[0][:prefix], ids
 
 
-def encode_prompt(example: Example, tokenizer, fmt: PromptFormat, max_length: int, reserve: int = 0) -> tuple[list[int], bool]:
-    """Prompt token ids, at most ``max_length - reserve`` long. The passage is trimmed first; if that is
-    not enough, tokens are dropped from the start of the prompt, never from the options at its end."""
+def _tokens(tokenizer, fmt: PromptFormat, messages: list[dict], generation_prompt: bool = True) -> list[int]:
+    # chat templates carry their own special tokens
+    return tokenizer(fmt.render(tokenizer, messages, generation_prompt), add_special_tokens=not fmt.chat).input_ids
+
+
+def _without_context_tail(example: Example, context_ids: list[int], keep: int, tokenizer) -> Example:
+    """The example with only the first ``keep`` tokens of its context (marked " ..."), or none of it."""
+    start, end = example.context_start, example.context_start + example.context_chars
+    kept = tokenizer.decode(context_ids[:keep]).rstrip() + " ...\n" if keep > 0 else ""
+    return replace(example, prompt=example.prompt[:start] + kept + example.prompt[end:], context_chars=len(kept))
+
+
+def encode_prompt(example: Example, tokenizer, fmt: PromptFormat, max_length: int, reserve: int = 0) -> tuple[list[int] | None, bool]:
+    """(prompt token ids of at most ``max_length - reserve``, truncated?). Only context is given up: the
+    passage / input (trimmed from its end), or a conversation's oldest turns. None when the rest (question,
+    options, the last user turn) cannot fit even so: the example is dropped, never cut into."""
     budget = max_length - reserve
-    prompt = example.prompt
-    add_special = not fmt.chat  # chat templates carry their own special tokens
-    ids = tokenizer(fmt.render(tokenizer, prompt), add_special_tokens=add_special).input_ids
-    truncated = len(ids) > budget
-    for _ in range(3):
-        if len(ids) <= budget or example.context_chars == 0:
-            break
-        context, rest = prompt[: example.context_chars], prompt[example.context_chars:]
-        context_ids = tokenizer(context, add_special_tokens=False).input_ids
-        keep = max(0, len(context_ids) - (len(ids) - budget) - 4)
-        prompt = (tokenizer.decode(context_ids[:keep]).rstrip() + " ...\n" if keep else "") + rest
-        example = Example(example.task, example.row, prompt, example.options, example.answer, 0 if not keep else len(prompt) - len(rest))
-        ids = tokenizer(fmt.render(tokenizer, prompt), add_special_tokens=add_special).input_ids
-    if len(ids) > budget:
-        head = 1 if add_special and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else 0
-        ids = ids[:head] + ids[len(ids) - budget + head:]
-    return ids, truncated
+    ids = _tokens(tokenizer, fmt, fmt.messages(example))
+    if len(ids) <= budget:
+        return ids, False
+    if example.messages is not None:  # chat: drop the oldest turns (after a system turn) until it fits
+        messages = example.messages
+        head = 1 if messages[0]["role"] == "system" else 0
+        while len(ids) > budget and len(messages) > head + 1:
+            drop = head + 1
+            while drop < len(messages) - 1 and messages[drop]["role"] != "user":
+                drop += 1  # keep the conversation starting with a user turn
+            messages = messages[:head] + messages[drop:]
+            ids = _tokens(tokenizer, fmt, messages)
+        return (ids, True) if len(ids) <= budget else (None, True)
+    if example.context_chars:  # cut the context's tail; re-tokenizing can shift a token or two, so retry
+        start = example.context_start
+        context_ids = tokenizer(example.prompt[start:start + example.context_chars], add_special_tokens=False).input_ids
+        cut = len(ids) - budget + 4
+        while len(ids) > budget and cut <= len(context_ids) + 4:
+            trimmed = _without_context_tail(example, context_ids, len(context_ids) - cut, tokenizer)
+            ids = _tokens(tokenizer, fmt, fmt.messages(trimmed))
+            cut += max(1, len(ids) - budget)
+    return (ids, True) if len(ids) <= budget else (None, True)
 
 
-def encode_example(example: Example, tokenizer, fmt: PromptFormat, max_length: int) -> dict:
-    """input_ids = prompt + answer letter + eos; labels = -100 on the prompt (loss on the answer only)."""
+def assistant_spans(tokenizer, fmt: PromptFormat, messages: list[dict], ids: list[int]) -> list[tuple[int, int]]:
+    """Token spans of the earlier assistant turns inside a chat prompt's ids (they are trained on too).
+    A template that does not render prefixes consistently gets no span (loss on the last turn only)."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i == 0:
+            continue
+        before = _tokens(tokenizer, fmt, messages[:i])
+        through = _tokens(tokenizer, fmt, messages[: i + 1], generation_prompt=False)
+        if len(through) > len(before) and through[: len(before)] == before and ids[: len(through)] == through:
+            spans.append((len(before), len(through)))
+    return spans
+
+
+def encode_example(example: Example, tokenizer, fmt: PromptFormat, max_length: int) -> dict | None:
+    """input_ids = prompt + answer (the gold letter, or the target text) + eos; labels = -100 on the prompt
+    (loss on the answer only; a chat example's earlier assistant turns are labelled too). None when the
+    example cannot fit ``max_length`` without cutting into its question, options or target."""
     answer = tokenizer(fmt.answer_text(example.answer), add_special_tokens=False).input_ids
     if tokenizer.eos_token_id is not None:
         answer = answer + [tokenizer.eos_token_id]
+    if len(answer) >= max_length:
+        return None
     prompt, truncated = encode_prompt(example, tokenizer, fmt, max_length, reserve=len(answer))
+    if prompt is None:
+        return None
+    labels = [IGNORE_INDEX] * len(prompt)
+    if example.messages is not None and sum(m["role"] == "assistant" for m in example.messages):
+        kept = _kept_messages(example.messages, tokenizer, fmt, prompt)
+        for start, end in assistant_spans(tokenizer, fmt, kept, prompt):
+            labels[start:end] = prompt[start:end]
     return {
         "input_ids": prompt + answer,
-        "labels": [IGNORE_INDEX] * len(prompt) + answer,
+        "labels": labels + answer,
         "prompt_length": len(prompt),
         "truncated": truncated,
     }
 
 
+def _kept_messages(messages: list[dict], tokenizer, fmt: PromptFormat, prompt: list[int]) -> list[dict]:
+    """The turns that survived truncation: the longest suffix (after a system turn) rendering to ``prompt``."""
+    head = 1 if messages[0]["role"] == "system" else 0
+    for start in range(head, len(messages)):
+        kept = messages[:head] + messages[start:]
+        if _tokens(tokenizer, fmt, kept) == prompt:
+            return kept
+    return messages
+
+
 def tokenize_examples(examples: list[Example], tokenizer, fmt: PromptFormat, max_length: int,
-                      cache_dir: Path | None = None, desc: str = "tokenize") -> list[dict]:
-    """Encode with an on-disk cache keyed by (examples, tokenizer, template, max_length)."""
+                      cache_dir: Path | None = None, desc: str = "tokenize") -> list[dict | None]:
+    """Encode with an on-disk cache keyed by (examples, tokenizer, template, max_length). Aligned with
+    ``examples``: None where an example cannot fit (see :func:`dropped_by_task`)."""
     from tqdm.auto import tqdm
 
     key = hashlib.sha256()
@@ -248,6 +364,37 @@ def tokenize_examples(examples: list[Example], tokenizer, fmt: PromptFormat, max
         torch.save(encoded, tmp)
         tmp.replace(path)
     return encoded
+
+
+def dropped_by_task(examples: list[Example], encoded: list[dict | None]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for example, row in zip(examples, encoded):
+        if row is None:
+            counts[example.task] = counts.get(example.task, 0) + 1
+    return counts
+
+
+def check_dropped(examples: list[Example], encoded: list[dict | None], cfg: DataConfig) -> dict[str, int]:
+    """Dropped training examples per task; one clear error when a task loses all of its examples or the
+    mixture loses more than data.max_dropped_fraction."""
+    dropped = dropped_by_task(examples, encoded)
+    totals: dict[str, int] = {}
+    for example in examples:
+        totals[example.task] = totals.get(example.task, 0) + 1
+    emptied = [t for t, n in dropped.items() if n == totals[t]]
+    if emptied:
+        raise RexftError(f"every training example of task {emptied[0]} ({totals[emptied[0]]}) is longer than "
+                         f"data.max_length={cfg.max_length} tokens even without its passage; raise data.max_length")
+    share = sum(dropped.values()) / max(1, len(examples))
+    if share > cfg.max_dropped_fraction:
+        worst = sorted(dropped, key=lambda t: -dropped[t])[:3]
+        raise RexftError(f"{sum(dropped.values())} of {len(examples)} training examples ({share:.0%}, most in "
+                         f"{', '.join(worst)}) do not fit data.max_length={cfg.max_length} tokens; raise data.max_length "
+                         f"(or data.max_dropped_fraction={cfg.max_dropped_fraction})")
+    if dropped:
+        log.warning("dropped %d training examples that do not fit data.max_length=%d: %s", sum(dropped.values()),
+                    cfg.max_length, ", ".join(f"{t} {n}" for t, n in sorted(dropped.items())))
+    return dropped
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -360,36 +507,54 @@ def percentile(values: list[int], q: float) -> int:
 def prepare_data(cfg: RunConfig) -> Path:
     """``rexft data``: write data/{train,validation}.jsonl, data/stats.json and print the table."""
     from rexft.modeling import load_tokenizer
-    from rexft.rundir import write_json, write_jsonl
+    from rexft.rundir import atomic_write_text, write_json, write_jsonl
 
     splits = build_splits(cfg.data)
     train = mixture(splits, cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     fmt = PromptFormat.for_model(tokenizer, cfg.model)
+    encoded_train = tokenize_examples(train, tokenizer, fmt, cfg.data.max_length, desc="tokenize train")
+    check_dropped(train, encoded_train, cfg.data)
+    train_by_task: dict[str, list[dict | None]] = {}
+    for example, row in zip(train, encoded_train):
+        train_by_task.setdefault(example.task, []).append(row)
     out = cfg.path / "data"
-    stats = {"train_examples": len(train), "max_length": cfg.data.max_length, "template": "chat" if fmt.chat else "plain", "tasks": {}}
+    stats = {"train_examples": sum(r is not None for r in encoded_train), "max_length": cfg.data.max_length,
+             "template": "chat" if fmt.chat else "plain", "tasks": {}}
     for split in splits:
-        task_train = [e for e in train if e.task == split.task]
-        encoded = [encode_example(e, tokenizer, fmt, cfg.data.max_length) for e in task_train + split.eval]
-        lengths = [len(r["input_ids"]) for r in encoded]
+        rows = train_by_task.get(split.task, [])
+        rows += tokenize_examples(split.eval, tokenizer, fmt, cfg.data.max_length, desc=f"tokenize {split.task}")
+        lengths = [len(r["input_ids"]) for r in rows if r is not None]
         stats["tasks"][split.task] = {
-            "train": len(task_train), "eval": len(split.eval), "train_source": split.train_source,
+            "source": split.source, "kind": split.kind,
+            "train": sum(r is not None for r in train_by_task.get(split.task, [])), "eval": len(split.eval),
+            "train_source": split.train_source,
             "tokens_p50": percentile(lengths, 50), "tokens_p90": percentile(lengths, 90),
             "tokens_p99": percentile(lengths, 99), "tokens_max": max(lengths, default=0),
-            "truncated": sum(r["truncated"] for r in encoded),
+            "truncated": sum(r["truncated"] for r in rows if r is not None),
+            "dropped": sum(r is None for r in rows),
         }
     # Everything is computed before anything is written, so a bad record leaves no half-written data/.
-    write_jsonl(out / "train.jsonl", [e.to_dict() for e in train])
+    write_jsonl(out / "train.jsonl", [e.to_dict() for e, r in zip(train, encoded_train) if r is not None])
     write_jsonl(out / "validation.jsonl", [e.to_dict() for s in splits for e in s.eval])
     write_json(out / "stats.json", stats)
-    print(stats_table(stats))
+    table = stats_table(stats)
+    atomic_write_text(out / "stats.md", table + "\n")
+    print(table)
     return out
 
 
 def stats_table(stats: dict) -> str:
-    header = "| task | train | eval | train from | p50 | p90 | p99 | max | truncated |"
-    lines = [header, "|" + "---|" * 9]
+    """One row per task (every task: the file is the record), and totals per kind of task."""
+    header = "| task | kind | train | eval | train from | p50 | p90 | p99 | max | truncated | dropped |"
+    lines = [header, "|" + "---|" * 11]
     for task, s in stats["tasks"].items():
-        lines.append(f"| {task} | {s['train']} | {s['eval']} | {s['train_source'].split(' (')[0]} | {s['tokens_p50']} | "
-                     f"{s['tokens_p90']} | {s['tokens_p99']} | {s['tokens_max']} | {s['truncated']} |")
+        lines.append(f"| {task} | {s['kind']} | {s['train']} | {s['eval']} | {s['train_source'].split(' (')[0]} | "
+                     f"{s['tokens_p50']} | {s['tokens_p90']} | {s['tokens_p99']} | {s['tokens_max']} | {s['truncated']} | "
+                     f"{s['dropped']} |")
+    for kind in sorted({s["kind"] for s in stats["tasks"].values()}):
+        rows = [s for s in stats["tasks"].values() if s["kind"] == kind]
+        lines.append(f"| **{len(rows)} {kind} tasks** | {kind} | {sum(s['train'] for s in rows)} | {sum(s['eval'] for s in rows)} "
+                     f"| | | | | {max(s['tokens_max'] for s in rows)} | {sum(s['truncated'] for s in rows)} | "
+                     f"{sum(s['dropped'] for s in rows)} |")
     return "\n".join(lines)

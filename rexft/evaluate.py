@@ -1,14 +1,20 @@
-"""Eval stage: accuracy on the validation sets, one forward per batch (no generate() loop).
+"""Eval stage: every task scored with its own protocol, held-in and unseen tasks reported apart.
 
-Protocols
-    first_token  the T-REX study's: the next-token distribution after the prompt, argmax over the option
-                 letters' tokens (``eval.restricted=true``) or over the whole vocabulary (false; a
-                 non-letter prediction counts as wrong). Also reports the gold letter's NLL.
-    loglik       lm-evaluation-harness style: sum of log p(option text | prompt) per option; accuracy
-                 raw and length-normalised (per byte of the option text).
+Protocols (one ``rexft eval`` over a mixed mixture uses each task's own)
+    first_token  choice tasks, the T-REX study's: the next-token distribution after the prompt, argmax
+                 over the option letters' tokens (``eval.restricted=true``) or over the whole vocabulary
+                 (false; a non-letter prediction counts as wrong). Also reports the gold letter's NLL.
+    loglik       choice tasks, lm-evaluation-harness style (``eval.protocol=loglik``): sum of
+                 log p(option text | prompt) per option; accuracy raw and length-normalised (per byte).
+    generate     generative tasks: transformers' generate() (greedy unless eval.do_sample), batched over
+                 length-sorted, left-padded prompts with the KV cache, each row's prior set for the whole
+                 generation; a row stops at EOS, a stop string (eval.stop) or eval.max_new_tokens. Scored by
+                 ROUGE-L and exact match (rexft/metrics.py), plus the target NLL: mean nats per target token
+                 (the target text and EOS) under teacher forcing, one batched forward.
 
 Batches are length-sorted and left-padded with explicit position ids, so each row computes exactly what
-it would alone, and only the last positions' logits are materialised.
+it would alone, and only the positions a score needs get logits. Unseen tasks (``eval.unseen_tasks``,
+never trained on) get their priors from the trained centroids, as training examples did.
 
 ``rexft eval`` writes run_dir/eval/: results.json, predictions.jsonl, results.md, and for mixture
 adapters routing.png (mean routing weight per task x expert at one layer).
@@ -26,12 +32,16 @@ import torch
 
 from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior, set_token_mask
 from rexft.config import RunConfig
-from rexft.data import PromptFormat, cap_examples, build_splits, encode_prompt, letter_token_ids
+from rexft.config import EvalConfig
+from rexft.data import (PromptFormat, build_splits, cap_examples, encode_example, encode_prompt, letter_token_ids,
+                        select_splits)
 from rexft.errors import RexftError
+from rexft.metrics import bootstrap_ci, exact_match, rouge_l, wilson
 from rexft.modeling import load_model, load_tokenizer
 from rexft.tasks.common import LETTERS, Example
 
 log = logging.getLogger(__name__)
+MAX_ROWS = 40  # tasks shown in a heatmap or bar chart before it summarises
 
 
 # --------------------------------------------------------------------------------------------- batching
@@ -55,6 +65,11 @@ def last_logprobs(model, batch: dict[str, torch.Tensor], keep: int) -> torch.Ten
     return logits[:, -keep:].float().log_softmax(-1)
 
 
+def dropped(example: Example) -> dict:
+    """The record of an example whose prompt cannot fit data.max_length without cutting into it."""
+    return {"task": example.task, "id": example.row, "dropped": True}
+
+
 @dataclass
 class Scorer:
     """Scores examples with one model; ``priors`` (n, k) is aligned with the examples scored."""
@@ -71,15 +86,22 @@ class Scorer:
     def device(self):
         return next(self.model.parameters()).device
 
-    def _batches(self, lengths: list[int]):
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _batches(self, lengths: dict[int, int]):
+        """Batches of example indices, longest first (``lengths``: index -> tokens)."""
+        order = sorted(lengths, key=lambda i: -lengths[i])
         for start in range(0, len(order), self.batch_size):
             yield order[start:start + self.batch_size]
 
-    def _forward(self, sequences: list[list[int]], rows: list[int], keep: int) -> torch.Tensor:
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        batch = {k: v.to(self.device) for k, v in left_pad(sequences, pad_id).items()}
+    def _set_prior(self, rows: list[int]) -> None:
         set_prior(self.model, None if self.priors is None else self.priors[rows].to(self.device))
+
+    def _forward(self, sequences: list[list[int]], rows: list[int], keep: int) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in left_pad(sequences, self.pad_id).items()}
+        self._set_prior(rows)
         set_token_mask(self.model, batch["attention_mask"])
         return last_logprobs(self.model, batch, keep)
 
@@ -89,10 +111,14 @@ class Scorer:
 
         max_options = max(len(e.options) for e in examples)
         prefix, letter_ids = letter_token_ids(self.tokenizer, self.fmt, max_options)
-        prompts = [encode_prompt(e, self.tokenizer, self.fmt, self.max_length, reserve=len(prefix) + 2)[0] + prefix
-                   for e in examples]
-        results: list[dict | None] = [None] * len(examples)
-        for index in tqdm(list(self._batches([len(p) for p in prompts])), desc="eval", disable=not self.progress, leave=False):
+        prompts = {}
+        for i, e in enumerate(examples):
+            ids = encode_prompt(e, self.tokenizer, self.fmt, self.max_length, reserve=len(prefix) + 2)[0]
+            if ids is not None:
+                prompts[i] = ids + prefix
+        results: list[dict] = [dropped(e) for e in examples]
+        batches = list(self._batches({i: len(p) for i, p in prompts.items()}))
+        for index in tqdm(batches, desc="eval", disable=not self.progress, leave=False):
             logprobs = self._forward([prompts[i] for i in index], index, 1)[:, -1]  # (b, V)
             if on_batch:
                 on_batch(index)
@@ -119,9 +145,11 @@ class Scorer:
             options = [self.tokenizer(self.fmt.answer_text(text), add_special_tokens=False).input_ids for text in example.options]
             longest = max(len(o) for o in options)
             context = encode_prompt(example, self.tokenizer, self.fmt, self.max_length, reserve=longest)[0]
-            pairs += [(i, j, context, option) for j, option in enumerate(options)]
+            if context is not None:
+                pairs += [(i, j, context, option) for j, option in enumerate(options)]
         sums = [[0.0] * len(e.options) for e in examples]
-        for index in tqdm(list(self._batches([len(p[2]) + len(p[3]) for p in pairs])), desc="eval", disable=not self.progress, leave=False):
+        batches = list(self._batches({k: len(p[2]) + len(p[3]) for k, p in enumerate(pairs)}))
+        for index in tqdm(batches, desc="eval", disable=not self.progress, leave=False):
             chunk = [pairs[k] for k in index]
             keep = max(len(p[3]) for p in chunk) + 1
             logprobs = self._forward([p[2] + p[3] for p in chunk], [p[0] for p in chunk], keep)
@@ -132,8 +160,12 @@ class Scorer:
                 # positions -n-1 .. -2 predict the option's tokens
                 predicted = logprobs[row, keep - n - 1: keep - 1]  # (n, V)
                 sums[i][j] = float(predicted.gather(-1, torch.tensor(option, device=predicted.device)[:, None]).sum())
+        scored = {p[0] for p in pairs}
         results = []
-        for example, scores in zip(examples, sums):
+        for i, (example, scores) in enumerate(zip(examples, sums)):
+            if i not in scored:
+                results.append(dropped(example))
+                continue
             normed = [s / max(1, len(o.encode())) for s, o in zip(scores, example.options)]
             results.append({"task": example.task, "id": example.row, "gold": example.answer,
                             "predicted": LETTERS[max(range(len(scores)), key=scores.__getitem__)],
@@ -142,50 +174,180 @@ class Scorer:
                             "nll": round(-scores[example.answer_index] / max(1, len(example.options[example.answer_index].encode())), 5)})
         return results
 
+    @torch.inference_mode()
+    def target_nll(self, examples: list[Example]) -> list[float | None]:
+        """Mean nats per target token (the target text and EOS, as trained) under teacher forcing; None
+        for an example that cannot fit data.max_length."""
+        encoded = {i: r for i, r in enumerate(encode_example(e, self.tokenizer, self.fmt, self.max_length) for e in examples)
+                   if r is not None}
+        out: list[float | None] = [None] * len(examples)
+        for index in self._batches({i: len(r["input_ids"]) for i, r in encoded.items()}):
+            rows = [encoded[i] for i in index]
+            targets = [r["input_ids"][r["prompt_length"]:] for r in rows]
+            keep = max(len(t) for t in targets) + 1
+            logprobs = self._forward([r["input_ids"] for r in rows], index, keep)  # (b, keep, V)
+            for row, (i, target) in enumerate(zip(index, targets)):
+                n = len(target)
+                predicted = logprobs[row, keep - n - 1: keep - 1]  # positions predicting the target tokens
+                picked = predicted.gather(-1, torch.tensor(target, device=predicted.device)[:, None])
+                out[i] = round(-float(picked.sum()) / n, 5)
+        return out
+
+    @torch.inference_mode()
+    def generate(self, examples: list[Example], settings: EvalConfig, on_batch=None) -> list[dict]:
+        """Batched decoding with generate(); each row scored by ROUGE-L and exact match against its references."""
+        from tqdm.auto import tqdm
+        from transformers import GenerationConfig
+
+        prompts = {i: ids for i, ids in ((i, encode_prompt(e, self.tokenizer, self.fmt, self.max_length)[0])
+                                         for i, e in enumerate(examples)) if ids is not None}
+        eos = self.tokenizer.eos_token_id
+        config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                                  num_beams=settings.num_beams, eos_token_id=eos, pad_token_id=self.pad_id)
+        if settings.do_sample:
+            config.temperature, config.top_p = settings.temperature, settings.top_p
+        else:  # the model's own generation_config may carry sampling defaults: greedy means none of them
+            config.temperature, config.top_p, config.top_k = None, None, None
+        if settings.stop:
+            config.stop_strings = list(settings.stop)
+        texts: dict[int, str] = {}
+        batches = list(self._batches({i: len(p) for i, p in prompts.items()}))
+        for index in tqdm(batches, desc="generate", disable=not self.progress, leave=False):
+            batch = left_pad([prompts[i] for i in index], self.pad_id)
+            self._set_prior(index)  # stays set for every decoding step (beams repeat it)
+            set_token_mask(self.model, None)
+            output = self.model.generate(input_ids=batch["input_ids"].to(self.device),
+                                         attention_mask=batch["attention_mask"].to(self.device),
+                                         generation_config=config, tokenizer=self.tokenizer if settings.stop else None)
+            if on_batch:
+                on_batch(index)
+            width = batch["input_ids"].shape[1]
+            for row, i in enumerate(index):
+                texts[i] = self.decode(output[row, width:].tolist(), settings.stop)
+        results = []
+        for i, example in enumerate(examples):
+            if i not in texts:
+                results.append(dropped(example))
+                continue
+            references = example.references or [example.answer]
+            results.append({"task": example.task, "id": example.row, "prediction": texts[i], "references": references,
+                            "rouge_l": round(rouge_l(texts[i], references), 5),
+                            "exact_match": exact_match(texts[i], references)})
+        return results
+
+    def decode(self, tokens: list[int], stop: list[str]) -> str:
+        """New tokens up to the first EOS, as text cut before the first stop string."""
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos in tokens:
+            tokens = tokens[: tokens.index(eos)]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for marker in stop:
+            text = text.split(marker, 1)[0]
+        return text.strip()
+
 
 # ----------------------------------------------------------------------------------------------- metrics
-def wilson(correct: int, n: int, z: float = 1.96) -> list[float]:
-    if n == 0:
-        return [0.0, 0.0]
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(centre - half, 4), round(centre + half, 4)]
-
-
-def summarize(predictions: list[dict], tasks: list[str]) -> dict:
+def summarize(predictions: list[dict], tasks: list[str], unseen: set[str] = frozenset(), resamples: int = 1000) -> dict:
+    """Per task: accuracy (choice) or ROUGE-L / exact match / target NLL (generative), with 95% intervals;
+    macro means over held-in tasks, and over unseen tasks apart. Dropped examples are counted, not scored."""
+    by_task: dict[str, list[dict]] = {t: [] for t in tasks}
+    for p in predictions:
+        by_task[p["task"]].append(p)
     out = {"tasks": {}}
     for task in tasks:
-        rows = [p for p in predictions if p["task"] == task]
-        correct = sum(p["predicted"] == p["gold"] for p in rows)
-        entry = {"accuracy": round(correct / len(rows), 4) if rows else None, "n": len(rows), "ci95": wilson(correct, len(rows)),
-                 "nll": round(sum(p["nll"] for p in rows) / len(rows), 4) if rows else None}
-        if rows and "predicted_norm" in rows[0]:
-            entry["accuracy_norm"] = round(sum(p["predicted_norm"] == p["gold"] for p in rows) / len(rows), 4)
+        rows = [p for p in by_task[task] if not p.get("dropped")]
+        entry: dict = {"n": len(rows), "dropped": len(by_task[task]) - len(rows), "unseen": task in unseen}
+        if rows and "rouge_l" in rows[0]:
+            entry["kind"] = "generate"
+            for metric in ("rouge_l", "exact_match"):
+                values = [p[metric] for p in rows]
+                entry[metric] = round(sum(values) / len(values), 4)
+                entry[f"{metric}_ci95"] = bootstrap_ci([values], resamples)
+            nlls = [p["target_nll"] for p in rows if p.get("target_nll") is not None]
+            entry["target_nll"] = round(sum(nlls) / len(nlls), 4) if nlls else None
+        elif rows:
+            correct = sum(p["predicted"] == p["gold"] for p in rows)
+            entry.update({"kind": "choice", "accuracy": round(correct / len(rows), 4), "ci95": wilson(correct, len(rows)),
+                          "nll": round(sum(p["nll"] for p in rows) / len(rows), 4)})
+            if "predicted_norm" in rows[0]:
+                entry["accuracy_norm"] = round(sum(p["predicted_norm"] == p["gold"] for p in rows) / len(rows), 4)
         out["tasks"][task] = entry
-    scored = [t for t in out["tasks"].values() if t["n"]]
-    out["mean_accuracy"] = round(sum(t["accuracy"] for t in scored) / len(scored), 4) if scored else None
-    out["mean_nll"] = round(sum(t["nll"] for t in scored) / len(scored), 4) if scored else None
+    for group, held in (("", False), ("unseen_", True)):
+        scored = {t: e for t, e in out["tasks"].items() if e["n"] and e["unseen"] == held}
+        choice = [e for e in scored.values() if e["kind"] == "choice"]
+        generative = {t: e for t, e in scored.items() if e["kind"] == "generate"}
+        if choice or not held:
+            out[f"{group}mean_accuracy"] = round(sum(e["accuracy"] for e in choice) / len(choice), 4) if choice else None
+            out[f"{group}mean_nll"] = round(sum(e["nll"] for e in choice) / len(choice), 4) if choice else None
+        if generative:
+            for metric in ("rouge_l", "exact_match"):
+                out[f"{group}mean_{metric}"] = round(sum(e[metric] for e in generative.values()) / len(generative), 4)
+                groups = [[p[metric] for p in by_task[t] if not p.get("dropped")] for t in generative]
+                out[f"{group}mean_{metric}_ci95"] = bootstrap_ci(groups, resamples)
+            nlls = [e["target_nll"] for e in generative.values() if e["target_nll"] is not None]
+            out[f"{group}mean_target_nll"] = round(sum(nlls) / len(nlls), 4) if nlls else None
     return out
 
 
+def _ci(pair: list[float]) -> str:
+    return f"{pair[0]:.3f}-{pair[1]:.3f}"
+
+
 def results_table(results: dict) -> str:
-    lines = ["| task | n | accuracy | 95% CI | answer NLL |", "|---|---|---|---|---|"]
-    for task, r in results["tasks"].items():
-        lines.append(f"| {task} | {r['n']} | {r['accuracy']:.3f} | {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f} | {r['nll']:.3f} |")
-    lines.append(f"| **mean** | {sum(r['n'] for r in results['tasks'].values())} | **{results['mean_accuracy']:.3f}** | | {results['mean_nll']:.3f} |")
-    return "\n".join(lines)
+    """Markdown: choice tasks (accuracy) and generative tasks (ROUGE-L, EM, target NLL), held-in first,
+    then unseen tasks, each block sorted by task name with its macro mean."""
+    blocks = []
+    for held, title in ((False, "held-in"), (True, "unseen")):
+        tasks = {t: e for t, e in sorted(results["tasks"].items()) if e["unseen"] == held and e["n"]}
+        prefix = "unseen_" if held else ""
+        choice = {t: e for t, e in tasks.items() if e["kind"] == "choice"}
+        generative = {t: e for t, e in tasks.items() if e["kind"] == "generate"}
+        if choice:
+            lines = [f"| {title} choice task | n | accuracy | 95% CI | answer NLL |", "|---|---|---|---|---|"]
+            lines += [f"| {t} | {e['n']} | {e['accuracy']:.3f} | {_ci(e['ci95'])} | {e['nll']:.3f} |" for t, e in choice.items()]
+            lines.append(f"| **mean ({len(choice)} tasks)** | {sum(e['n'] for e in choice.values())} | "
+                         f"**{results[prefix + 'mean_accuracy']:.3f}** | | {results[prefix + 'mean_nll']:.3f} |")
+            blocks.append("\n".join(lines))
+        if generative:
+            lines = [f"| {title} generative task | n | ROUGE-L | 95% CI | exact match | 95% CI | target NLL |",
+                     "|---|---|---|---|---|---|---|"]
+            lines += [f"| {t} | {e['n']} | {e['rouge_l']:.3f} | {_ci(e['rouge_l_ci95'])} | {e['exact_match']:.3f} | "
+                      f"{_ci(e['exact_match_ci95'])} | {e['target_nll']:.3f} |" for t, e in generative.items()]
+            lines.append(f"| **mean ({len(generative)} tasks)** | {sum(e['n'] for e in generative.values())} | "
+                         f"**{results[prefix + 'mean_rouge_l']:.3f}** | {_ci(results[prefix + 'mean_rouge_l_ci95'])} | "
+                         f"**{results[prefix + 'mean_exact_match']:.3f}** | {_ci(results[prefix + 'mean_exact_match_ci95'])} | "
+                         f"{results[prefix + 'mean_target_nll']:.3f} |")
+            blocks.append("\n".join(lines))
+    dropped = sum(e["dropped"] for e in results["tasks"].values())
+    if dropped:
+        blocks.append(f"({dropped} examples did not fit data.max_length and were not scored; see results.json)")
+    return "\n\n".join(blocks)
+
+
+def summary_lines(results: dict) -> str:
+    """The macro means alone: what the console shows when there are too many tasks for a table."""
+    keys = [k for k in results if k.startswith(("mean_", "unseen_mean_")) and not k.endswith("_ci95") and results[k] is not None]
+    return "\n".join(f"{k}: {results[k]:.4f}" for k in keys)
 
 
 # -------------------------------------------------------------------------------------------------- stage
-def eval_examples(cfg: RunConfig) -> tuple[list[Example], dict[str, str]]:
-    tasks = cfg.eval.tasks or cfg.data.tasks
+def eval_examples(cfg: RunConfig) -> tuple[list[Example], dict[str, str], set[str]]:
+    """Held-in examples (eval.tasks or all of data.tasks) and unseen-task examples (eval.unseen_tasks):
+    (examples, eval source per task, unseen task names)."""
+    held = select_splits(build_splits(cfg.data), cfg.eval.tasks)
+    unseen = build_splits(cfg.data, cfg.eval.unseen_tasks) if cfg.eval.unseen_tasks else []
+    trained = {s.task for s in held}
+    clash = [s.task for s in unseen if s.task in trained]
+    if clash:
+        raise RexftError(f"eval.unseen_tasks holds task '{clash[0]}', which data.tasks trains on")
     examples, sources = [], {}
-    for split in build_splits(cfg.data, tasks):
+    for split in held + unseen:
         chosen = cap_examples(split.eval, cfg.eval.limit, cfg.data.seed + 2, split.task)
         examples += chosen
-        sources[split.task] = "validation" if split.train_source in ("train", "none") else "validation rows held out from training"
-    return examples, sources
+        sources[split.task] = ("validation" if split.train_source in ("train", "none") else
+                               "validation rows held out from training" if split.train_source.startswith("validation")
+                               else "train rows held out from training")
+    return examples, sources, {s.task for s in unseen}
 
 
 def load_eval_model(cfg: RunConfig):
@@ -228,6 +390,32 @@ def adapter_priors(adapter_dir: Path, adapter_config: dict, prompts: list[str], 
     return priors_from(prompts, load_file(str(centroids_path))["centroids"], meta, cfg.prior)
 
 
+def score_examples(scorer: Scorer, examples: list[Example], cfg: EvalConfig, on_batch=None) -> list[dict]:
+    """Each example with its task's protocol; predictions in the order of ``examples``."""
+    choice = [i for i, e in enumerate(examples) if e.kind == "choice"]
+    generative = [i for i, e in enumerate(examples) if e.kind == "generate"]
+    predictions: list[dict | None] = [None] * len(examples)
+    priors = scorer.priors
+    for index, run in ((choice, "choice"), (generative, "generate")):
+        if not index:
+            continue
+        scorer.priors = None if priors is None else priors[index]
+        subset = [examples[i] for i in index]
+        relay = (lambda rows, index=index: on_batch([index[r] for r in rows])) if on_batch else None
+        if run == "choice":
+            scored = (scorer.first_token(subset, cfg.restricted, relay) if cfg.protocol == "first_token"
+                      else scorer.loglik(subset, relay))
+        else:
+            scored = scorer.generate(subset, cfg, relay)
+            for row, nll in zip(scored, scorer.target_nll(subset)):
+                if not row.get("dropped"):
+                    row["target_nll"] = nll
+        for i, row in zip(index, scored):
+            predictions[i] = row
+    scorer.priors = priors
+    return predictions
+
+
 def evaluate(cfg: RunConfig) -> Path:
     """``rexft eval``: returns run_dir/eval (or run_dir/<eval.output>)."""
     from accelerate import PartialState
@@ -236,8 +424,8 @@ def evaluate(cfg: RunConfig) -> Path:
     from rexft.rundir import atomic_write_text, write_json, write_jsonl
 
     state = PartialState(cpu=not torch.cuda.is_available())
+    examples, sources, unseen = eval_examples(cfg)
     model, tokenizer, adapter_config, description = load_eval_model(cfg)
-    examples, sources = eval_examples(cfg)
     priors = None
     if adapter_config is not None:
         priors = adapter_priors(cfg.path / "adapter", adapter_config, [e.prompt for e in examples], cfg)
@@ -251,28 +439,29 @@ def evaluate(cfg: RunConfig) -> Path:
     scorer = Scorer(model, tokenizer, PromptFormat.for_model(tokenizer, cfg.model), cfg.data.max_length,
                     cfg.eval.batch_size, priors, progress=state.is_main_process)
     on_batch = (lambda index: order.extend(index)) if layer is not None else None
-    if cfg.eval.protocol == "first_token":
-        predictions = scorer.first_token(mine, cfg.eval.restricted, on_batch)
-    else:
-        predictions = scorer.loglik(mine, on_batch)
+    predictions = score_examples(scorer, mine, cfg.eval, on_batch)
     predictions = gather_object(predictions) if state.num_processes > 1 else predictions
     if not state.is_main_process:
         return cfg.path / cfg.eval.output
     tasks = list(dict.fromkeys(e.task for e in examples))
-    results = summarize(predictions, tasks)
+    results = summarize(predictions, tasks, unseen, cfg.eval.bootstrap)
     results.update({"protocol": cfg.eval.protocol, "restricted": cfg.eval.restricted, "model": description,
-                    "eval_source": sources})
+                    "eval_source": sources, "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "stop": cfg.eval.stop,
+                                                           "do_sample": cfg.eval.do_sample, "num_beams": cfg.eval.num_beams}})
     out = cfg.path / cfg.eval.output
     write_json(out / "results.json", results)
     write_jsonl(out / "predictions.jsonl", predictions)
     table = results_table(results)
-    atomic_write_text(out / "results.md", f"{description}, protocol {cfg.eval.protocol}\n\n{table}\n")
+    protocols = sorted({"generate" if e.kind == "generate" else cfg.eval.protocol for e in examples})
+    atomic_write_text(out / "results.md", f"{description}, protocols {', '.join(protocols)}\n\n{table}\n")
     if layer is not None and state.num_processes == 1:
         routing_heatmap(layer, order, mine, tasks, out / "routing.png")
-    print(f"\n{description} — protocol {cfg.eval.protocol}\n{table}")
-    held = [t for t, s in sources.items() if s != "validation"]
+    shown = table if len(tasks) <= 30 else f"{summary_lines(results)}\n({len(tasks)} tasks: the per-task table is in {out / 'results.md'})"
+    print(f"\n{description} — protocols {', '.join(protocols)}\n{shown}")
+    held = sorted(t for t, s in sources.items() if s != "validation")
     if held:
-        print(f"(no train split for {', '.join(held)}: evaluated on validation rows held out from training)")
+        listed = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "")
+        print(f"(evaluated on rows held out from training for {listed}: the tasks have no separate split)")
     return out
 
 
@@ -298,15 +487,29 @@ def routing_heatmap(layer, order: list[int], examples: list[Example], tasks: lis
     by_task = {t: [] for t in tasks}
     for route, index in zip(routes, order):
         by_task[examples[index].task].append(route)
-    matrix = [torch.stack(by_task[t]).mean(0).tolist() for t in tasks if by_task[t]]
-    heatmap(matrix, [t for t in tasks if by_task[t]], [str(e) for e in range(routes.shape[1])],
-            f"mean routing weight at {name}", path, "task", "expert")
+    shown = [t for t in tasks if by_task[t]]
+    means = {t: torch.stack(by_task[t]).mean(0) for t in shown}
+    title = f"mean routing weight at {name}"
+    if len(shown) > MAX_ROWS:  # keep it legible: the tasks whose routing departs most from the average
+        overall = torch.stack(list(means.values())).mean(0)
+        shown = sorted(shown, key=lambda t: -float((means[t] - overall).abs().sum()))[:MAX_ROWS]
+        title += f"\n{MAX_ROWS} of {len(means)} tasks: those routed most unlike the mean"
+    shown.sort(key=lambda t: (int(means[t].argmax()), t))  # grouped by their favourite expert
+    heatmap([means[t].tolist() for t in shown], shown, [str(e) for e in range(routes.shape[1])], title, path, "task", "expert")
 
 
 # ------------------------------------------------------------------------------------------------ compare
+def headline(entry: dict) -> tuple[str, float | None]:
+    """The metric a task is compared by: accuracy (choice) or ROUGE-L (generative)."""
+    if entry.get("kind") == "generate":
+        return "ROUGE-L", entry.get("rouge_l")
+    return "accuracy", entry.get("accuracy")
+
+
 def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
-    """``rexft eval compare DIR...``: side-by-side accuracy table, and compare.{md,png} written to the
-    runs' common parent folder (or ``out``)."""
+    """``rexft eval compare DIR...``: side-by-side table (accuracy for choice tasks; ROUGE-L, EM and target
+    NLL for generative ones; held-in and unseen means apart), and compare.{md,png} written to the runs'
+    common parent folder (or ``out``). Past 40 tasks the chart plots each run's per-task scores sorted."""
     import os
 
     import matplotlib
@@ -323,21 +526,40 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
             raise SystemExit(f"rexft: error: no eval results at {directory} (run rexft eval first)")
         runs[str(directory)] = json.loads(path.read_text())
     out = Path(out) if out is not None else Path(os.path.commonpath([str(d.resolve()) for d in run_dirs]))
-    tasks = list(dict.fromkeys(t for r in runs.values() for t in r["tasks"]))
-    lines = ["| task | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
-    for task in tasks:
-        cells = [f"{r['tasks'][task]['accuracy']:.3f}" if task in r["tasks"] else "-" for r in runs.values()]
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    lines.append("| **mean** | " + " | ".join(f"**{r['mean_accuracy']:.3f}**" for r in runs.values()) + " |")
+    tasks = sorted(dict.fromkeys(t for r in runs.values() for t in r["tasks"]))
+
+    def cell(r: dict, task: str) -> str:
+        entry = r["tasks"].get(task)
+        if not entry or not entry.get("n"):
+            return "-"
+        if entry.get("kind") == "generate":
+            return f"{entry['rouge_l']:.3f} / {entry['exact_match']:.3f} / {entry['target_nll']:.3f}"
+        return f"{entry['accuracy']:.3f}"
+
+    lines = ["| task (accuracy, or ROUGE-L / EM / target NLL) | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    lines += [f"| {task}{' (unseen)' if any(r['tasks'].get(task, {}).get('unseen') for r in runs.values()) else ''} | "
+              + " | ".join(cell(r, task) for r in runs.values()) + " |" for task in tasks]
+    means = [k for k in ("mean_accuracy", "mean_rouge_l", "mean_exact_match", "mean_target_nll", "unseen_mean_accuracy",
+                         "unseen_mean_rouge_l", "unseen_mean_exact_match", "unseen_mean_target_nll")
+             if any(r.get(k) is not None for r in runs.values())]
+    lines += [f"| **{k}** | " + " | ".join(f"**{r[k]:.3f}**" if r.get(k) is not None else "-" for r in runs.values()) + " |"
+              for k in means]
     table = "\n".join(lines)
-    print(table)
-    fig, ax = plt.subplots(figsize=(max(8, len(tasks) * 0.8), 4))
-    width = 0.8 / len(runs)
-    for k, (name, r) in enumerate(runs.items()):
-        values = [r["tasks"].get(t, {}).get("accuracy") or 0 for t in tasks] + [r["mean_accuracy"]]
-        ax.bar([i + k * width for i in range(len(tasks) + 1)], values, width, label=Path(name).name or name)
-    ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(tasks) + 1)], tasks + ["mean"], rotation=45, ha="right")
-    ax.set_ylabel("accuracy")
+    print(table if len(tasks) <= 30 else "\n".join(lines[:2] + lines[-len(means):]) + f"\n({len(tasks)} tasks: see compare.md)")
+    fig, ax = plt.subplots(figsize=(max(8, min(len(tasks), MAX_ROWS) * 0.8), 4.5))
+    if len(tasks) <= MAX_ROWS:
+        width = 0.8 / len(runs)
+        for k, (name, r) in enumerate(runs.items()):
+            values = [headline(r["tasks"].get(t, {}))[1] or 0 for t in tasks]
+            ax.bar([i + k * width for i in range(len(tasks))], values, width, label=Path(name).name or name)
+        ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(tasks))], tasks, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("accuracy (choice) / ROUGE-L (generative)")
+    else:
+        for name, r in runs.items():
+            values = sorted(headline(e)[1] or 0 for e in r["tasks"].values() if e.get("n"))
+            ax.plot(range(len(values)), values, marker=".", linestyle="-", label=Path(name).name or name)
+        ax.set_xlabel(f"tasks, each run sorted by its own score ({len(tasks)} tasks)")
+        ax.set_ylabel("accuracy (choice) / ROUGE-L (generative)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "compare.png", dpi=110)

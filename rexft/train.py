@@ -26,7 +26,7 @@ import torch
 from rexft.adapters import (aux_loss, format_parameter_report, inject_adapters, is_adapter_param,
                             parameter_report, routing_stats, save_adapter, set_prior, set_token_mask)
 from rexft.config import RunConfig, TrainerConfig
-from rexft.data import (IGNORE_INDEX, PromptFormat, build_splits, collate, collate_packed, length_grouped_order, mixture,
+from rexft.data import (IGNORE_INDEX, PromptFormat, build_splits, check_dropped, collate, collate_packed, length_grouped_order, mixture,
                          pack_rows, tokenize_examples)
 from rexft.errors import RexftError
 from rexft.modeling import load_model, load_tokenizer
@@ -126,12 +126,13 @@ def training_rows(cfg: RunConfig, tokenizer) -> tuple[list[dict], dict | None]:
     if not examples:
         raise RexftError("the training mixture is empty (data.tasks, data.train_per_task, data.no_train_split)")
     fmt = PromptFormat.for_model(tokenizer, cfg.model)
-    rows = tokenize_examples(examples, tokenizer, fmt, cfg.data.max_length, cfg.path / "data" / "cache")
+    encoded = tokenize_examples(examples, tokenizer, fmt, cfg.data.max_length, cfg.path / "data" / "cache")
+    check_dropped(examples, encoded, cfg.data)
     prior_meta = None
-    if uses_prior(cfg):
+    if uses_prior(cfg):  # priors of the whole mixture (the texts cluster-prior embedded: a cache hit)
         priors, prior_meta = priors_for([e.prompt for e in examples], cfg, cfg.adapter.prior_dim)
-        rows = [{**row, "prior": prior} for row, prior in zip(rows, priors)]
-    return rows, prior_meta
+        encoded = [None if row is None else {**row, "prior": prior} for row, prior in zip(encoded, priors)]
+    return [row for row in encoded if row is not None], prior_meta
 
 
 def step_schedule(n_rows: int, cfg: TrainerConfig, num_processes: int) -> tuple[int, int]:

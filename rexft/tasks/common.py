@@ -1,4 +1,4 @@
-"""What every task loader shares: the multiple-choice example, schema checks and the prompt layout.
+"""What every task loader shares: the example type, schema checks and the multiple-choice prompt layout.
 
 A task module under rexft/tasks/ defines
     HUB = (path, name)                  the dataset on the Hugging Face hub
@@ -13,6 +13,7 @@ A = yes / true / entailment, B = no / false / not entailment.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 from rexft.errors import RexftError
 
@@ -21,12 +22,27 @@ LETTERS = "ABCDEFGHIJ"
 
 @dataclass
 class Example:
+    """One example of any task. A choice example has options and a gold letter; a generative example has
+    a target text (and maybe more references). Stages ask ``kind`` rather than look at task names.
+
+    The prompt is the user text the model answers; for chat examples it is the conversation before the
+    target turn written out as text (what the sentence embedder sees), and ``messages`` holds the turns.
+    """
+
     task: str
     row: int  # 0-based position of the record in its split (file line / hub row)
-    prompt: str  # context + question + lettered options (no answer)
-    options: list[str]  # option texts in letter order
-    answer: str  # gold letter
-    context_chars: int = 0  # prompt[:context_chars] is a passage that may be trimmed to fit max_length
+    prompt: str  # choice: context + question + lettered options; generative: the prompt (no target)
+    options: list[str]  # choice: option texts in letter order; generative: []
+    answer: str  # choice: gold letter; generative: the target text the loss is on
+    context_chars: int = 0  # prompt[context_start:context_start + context_chars] may be trimmed to fit max_length
+    context_start: int = 0
+    references: Optional[list[str]] = None  # generative: every acceptable output (answer is the first)
+    messages: Optional[list[dict]] = None  # chat: the turns before the target turn ({role, content}, system first)
+    system: Optional[str] = None  # instruction: a system text for the chat template
+
+    @property
+    def kind(self) -> str:
+        return "choice" if self.options else "generate"
 
     @property
     def answer_index(self) -> int:
