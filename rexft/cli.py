@@ -51,16 +51,40 @@ def _schema_keys(node) -> list[str]:
 
 
 def _child(node, part: str):
-    """The schema node below ``part``: a dataclass field's value, or a fresh value of a dict's value type
-    (``data.sources.<name>`` is a TaskSpec whatever the name)."""
-    import typing
+    """The schema node below ``part``: a dataclass field's value, or for a dict of specs (``data.sources``)
+    a marker meaning "any name, then the spec's keys"."""
+    from rexft.config import DataConfig, TaskSpec
 
     value = getattr(node, part)
-    if isinstance(value, dict):
-        hint = typing.get_type_hints(type(node))[part]
-        args = typing.get_args(hint)
-        return {"__any__": args[1]() if len(args) == 2 and is_dataclass(args[1]) else None}
+    if isinstance(node, DataConfig) and part == "sources":
+        return {"__any__": TaskSpec()}
     return value
+
+
+def _task_specs(sources: dict) -> dict:
+    """data.sources entries as TaskSpec objects; unknown keys and wrong types name the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rexft.config import TaskSpec
+
+    specs = {}
+    for name, raw in sources.items():
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config key 'data.sources.{name}': a task spec is a mapping (format, path/hub, columns, ...)")
+        valid = _schema_keys(TaskSpec())
+        for key in raw:
+            if key not in valid:
+                hint = difflib.get_close_matches(key, valid, n=1)
+                raise ConfigError(f"unknown config key 'data.sources.{name}.{key}'"
+                                  + (f" (did you mean 'data.sources.{name}.{hint[0]}'?)" if hint else "")
+                                  + f"; valid keys of a task spec: {', '.join(valid)}")
+        try:
+            specs[name] = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskSpec), raw))
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None)
+            raise ConfigError(f"config key 'data.sources.{name}.{key}': {str(err).strip().splitlines()[0]}") from None
+    return specs
 
 
 def _check_override(override: str) -> None:
@@ -149,6 +173,7 @@ def compose(overrides: list[str]):
         key = getattr(err, "full_key", None)
         message = str(err).strip().splitlines()[0]
         raise ConfigError(f"config key '{key}': {message}" if key else message) from None
+    typed.data.sources = _task_specs(typed.data.sources)
     _validate(typed)
     return typed, merged
 
@@ -165,7 +190,7 @@ def _validate(cfg: RunConfig) -> None:
         ("data.no_train_split", cfg.data.no_train_split, ["split_validation", "skip"]),
         ("trainer.scheduler", cfg.trainer.scheduler, ["cosine", "linear", "constant"]),
         ("trainer.mixed_precision", cfg.trainer.mixed_precision, ["auto", "no", "bf16", "fp16"]),
-        ("trainer.optimizer", cfg.trainer.optimizer, ["adamw", "adamw_8bit", "paged_adamw_8bit"]),
+        ("trainer.optimizer", cfg.trainer.optimizer, ["adamw", "adafactor", "adamw_8bit", "paged_adamw_8bit"]),
         ("eval.protocol", cfg.eval.protocol, ["first_token", "loglik"]),
         ("export.mode", cfg.export.mode, ["auto", "merged", "per_task", "per_cluster", "adapter"]),
         ("prior.backend", cfg.prior.backend, ["auto", "torch", "faiss"]),

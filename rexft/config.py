@@ -65,6 +65,7 @@ class TaskSpec:
     task_column: Optional[str] = None  # one task per distinct value of this column (null: one task named like the source)
     include: Optional[list[str]] = None  # with task_column: keep only these tasks
     exclude: list[str] = field(default_factory=list)  # with task_column: drop these tasks
+    max_tasks: Optional[int] = None  # with task_column: keep the first N tasks in file order (after include / exclude)
     template: str = "{instruction}\n\n{input}"  # instruction: the user prompt; {input} is trimmed first when too long
     template_no_input: str = "{instruction}"  # instruction: the prompt of a record whose input is empty
     system: Optional[str] = None  # a system text for every example (a `system` column wins)
@@ -75,7 +76,9 @@ class TaskSpec:
 @dataclass
 class DataConfig:
     tasks: list[str] = field(default_factory=list)  # built-in task names (rexft/tasks/*.py) and names of data.sources
-    sources: dict[str, TaskSpec] = field(default_factory=dict)  # the user's tasks, declared in config (TaskSpec)
+    # The user's tasks declared in config: name -> TaskSpec. An open dict for Hydra (so `+data.sources.x.path=...`
+    # works); the CLI checks each entry against TaskSpec and hands the stages TaskSpec objects.
+    sources: dict[str, Any] = field(default_factory=dict)
     local_dir: Optional[str] = None  # folder of <task>/<split>.jsonl; null reads the Hugging Face hub
     max_length: int = 2048  # tokens; passages are trimmed first; an example whose answer or target cannot fit is dropped
     max_dropped_fraction: float = 0.1  # stop if more than this share of the training examples cannot fit max_length
@@ -145,7 +148,7 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16 (auto: bf16 on a bf16 GPU, else no)
     gradient_checkpointing: bool = False
-    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes 8-bit optimizer states)
+    optimizer: str = "adamw"  # adamw | adafactor (transformers', fixed lr) | adamw_8bit | paged_adamw_8bit (bitsandbytes 8-bit states)
     seed: int = 0
     deepspeed: Optional[str] = None  # path of a DeepSpeed JSON config, relative paths from configs/
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
@@ -186,8 +189,9 @@ class ExportConfig:
     dtype: str = "auto"  # auto (the base model's) | float32 | bfloat16 | float16
     overwrite: bool = False
     merged_models: bool = False  # per_task/per_cluster: also write a merged full model per task
-    fidelity: bool = True  # per_task: eval static vs dynamic on each task
-    fidelity_limit: Optional[int] = 64  # examples per task for the fidelity table
+    fidelity: bool = True  # per_task / per_cluster: eval each static export vs the dynamic adapter on its examples
+    fidelity_limit: Optional[int] = 64  # evaluation examples per task for the fidelity table
+    route_examples: int = 64  # training examples per task / cluster whose routes are averaged into its export
     max_shard_size: str = "2GB"
 
 

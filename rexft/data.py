@@ -521,13 +521,17 @@ def prepare_data(cfg: RunConfig) -> Path:
     out = cfg.path / "data"
     stats = {"train_examples": sum(r is not None for r in encoded_train), "max_length": cfg.data.max_length,
              "template": "chat" if fmt.chat else "plain", "tasks": {}}
+    evaluation = [e for split in splits for e in split.eval]
+    eval_by_task: dict[str, list[dict | None]] = {}
+    for example, row in zip(evaluation, tokenize_examples(evaluation, tokenizer, fmt, cfg.data.max_length, desc="tokenize eval")):
+        eval_by_task.setdefault(example.task, []).append(row)
     for split in splits:
-        rows = train_by_task.get(split.task, [])
-        rows += tokenize_examples(split.eval, tokenizer, fmt, cfg.data.max_length, desc=f"tokenize {split.task}")
+        task_train = train_by_task.get(split.task, [])
+        rows = task_train + eval_by_task.get(split.task, [])
         lengths = [len(r["input_ids"]) for r in rows if r is not None]
         stats["tasks"][split.task] = {
             "source": split.source, "kind": split.kind,
-            "train": sum(r is not None for r in train_by_task.get(split.task, [])), "eval": len(split.eval),
+            "train": sum(r is not None for r in task_train), "eval": len(split.eval),
             "train_source": split.train_source,
             "tokens_p50": percentile(lengths, 50), "tokens_p90": percentile(lengths, 90),
             "tokens_p99": percentile(lengths, 99), "tokens_max": max(lengths, default=0),
@@ -536,7 +540,7 @@ def prepare_data(cfg: RunConfig) -> Path:
         }
     # Everything is computed before anything is written, so a bad record leaves no half-written data/.
     write_jsonl(out / "train.jsonl", [e.to_dict() for e, r in zip(train, encoded_train) if r is not None])
-    write_jsonl(out / "validation.jsonl", [e.to_dict() for s in splits for e in s.eval])
+    write_jsonl(out / "validation.jsonl", [e.to_dict() for e in evaluation])
     write_json(out / "stats.json", stats)
     table = stats_table(stats)
     atomic_write_text(out / "stats.md", table + "\n")

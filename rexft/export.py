@@ -5,8 +5,13 @@
     mixtures  per_task/<task>/ (or per_cluster/<c>/): the routing averaged over the task's (cluster's)
               training examples is fixed, so each layer's delta is a static low-rank B' A' (see
               AdapterLinear.static_factors) written as a PEFT LoRA adapter; merged/<task>/ on request;
-              fidelity.md: accuracy of each static export vs the dynamic adapter on that task
+              fidelity.md: each static export vs the dynamic adapter on its evaluation examples
+              (accuracy for choice tasks, ROUGE-L for generative ones)
               adapter/  the dynamic adapter as is, with LOADING.md
+
+Per-task export scales with the number of tasks: the base model is loaded once, every prompt is embedded
+once, per-example routes come from one batched pass, and the fidelity check re-points one PEFT model at
+each written adapter rather than loading a model per task.
 
 Everything is written to a temporary folder, reloaded and checked, then renamed to run_dir/export, so a
 failed export leaves nothing half-written and never replaces an existing export unless
@@ -84,31 +89,46 @@ def write_peft_adapter(directory: Path, factors: dict[str, tuple[torch.Tensor, t
 
 
 @torch.inference_mode()
-def mean_routes(model, tokenizer, fmt: PromptFormat, prompts: list[list[int]], priors: torch.Tensor | None,
-                batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Per mixture layer: the route averaged over the real tokens of these prompts."""
+def example_routes(model, tokenizer, prompts: list[list[int]], priors: torch.Tensor | None,
+                   batch_size: int = 16) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per mixture layer: each prompt's route averaged over its tokens (n, E); and each prompt's token count (n,).
+    One batched pass over length-sorted prompts."""
     from rexft.evaluate import left_pad
 
     layers = {n: m for n, m in adapter_layers(model).items() if m.is_mixture}
-    sums = {n: 0.0 for n in layers}
-    weights = 0
+    routes = {n: [None] * len(prompts) for n in layers}
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in left_pad(chunk, pad_id).items()}
-        set_prior(model, None if priors is None else priors[start:start + batch_size].to(device))
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in index], pad_id).items()}
+        set_prior(model, None if priors is None else priors[index].to(device))
         set_token_mask(model, batch["attention_mask"])
         for layer in layers.values():
             layer.route_log = []
         model(**batch, use_cache=False, logits_to_keep=1)
-        tokens = batch["attention_mask"].sum(1).float().cpu()  # (b,)
         for name, layer in layers.items():
-            per_example = torch.cat(layer.route_log)  # (b, E)
-            sums[name] = sums[name] + (per_example * tokens[:, None]).sum(0)
+            for i, route in zip(index, torch.cat(layer.route_log)):  # (b, E)
+                routes[name][i] = route
             layer.route_log = None
-        weights += float(tokens.sum())
-    return {name: total / weights for name, total in sums.items()}
+    tokens = torch.tensor([float(len(p)) for p in prompts])
+    return {n: torch.stack(r) for n, r in routes.items() if prompts}, tokens
+
+
+def mean_routes(routes: dict[str, torch.Tensor], tokens: torch.Tensor, index: list[int]) -> dict[str, torch.Tensor]:
+    """The route of a group of prompts: their per-prompt routes weighted by their token counts."""
+    weights = tokens[index]
+    return {name: (per_prompt[index] * weights[:, None]).sum(0) / weights.sum() for name, per_prompt in routes.items()}
+
+
+def remove_adapters(model: torch.nn.Module) -> torch.nn.Module:
+    """Put every wrapped base linear back, untouched: the plain base model again (no weights change)."""
+    for name, layer in list(adapter_layers(model).items()):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base)
+    del model.rexft_adapter_config
+    return model
 
 
 def static_factors(model, routes: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -202,58 +222,110 @@ def _export_lora(cfg: RunConfig, tokenizer, tmp: Path) -> dict:
 
 def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) -> dict:
     from peft import PeftModel
+    from tqdm.auto import tqdm
 
-    from rexft.evaluate import Scorer, adapter_priors, summarize
-    from rexft.prior import load_prior
+    from rexft.data import cap_examples
+    from rexft.evaluate import adapter_priors
+    from rexft.prior import load_prior, priors_from
 
-    model = load_adapter(base_model_for_export(cfg, tokenizer), cfg.path / "adapter").eval()
+    adapter_dir = cfg.path / "adapter"
+    model = load_adapter(base_model_for_export(cfg, tokenizer), adapter_dir).eval()
     dtype = export_dtype(cfg, model)
     fmt = PromptFormat.for_model(tokenizer, cfg.model)
     splits = build_splits(cfg.data)
     train = [e for s in splits for e in s.train] or [e for s in splits for e in s.eval]
-    priors = adapter_priors(cfg.path / "adapter", spec, [e.prompt for e in train], cfg)
+    checked = [e for s in splits for e in cap_examples(s.eval, cfg.export.fidelity_limit, cfg.data.seed + 2, s.task)]
+    if not cfg.export.fidelity:
+        checked = []
+    texts = [e.prompt for e in train + checked]
+    priors = adapter_priors(adapter_dir, spec, texts, cfg)  # one embedding pass for every prompt
     if by == "per_task":
-        groups = {s.task: [i for i, e in enumerate(train) if e.task == s.task] for s in splits}
+        keys = [e.task for e in train + checked]
     else:
-        if priors is None:
+        if priors is not None:
+            similarity = priors
+        else:  # an adapter without a prior: clusters of the run's prior/
             centroids, meta = load_prior(cfg.path)
-            from rexft.prior import priors_from
-
-            priors_for_groups = priors_from([e.prompt for e in train], centroids, meta, cfg.prior)
-        else:
-            priors_for_groups = priors
-        assign = priors_for_groups.argmax(1)
-        groups = {f"cluster{c:02d}": (assign == c).nonzero().flatten().tolist() for c in range(priors_for_groups.shape[1])}
-    groups = {name: index for name, index in groups.items() if index}
+            similarity = priors_from(texts, centroids, meta, cfg.prior)
+        keys = [f"cluster{int(c):02d}" for c in similarity.argmax(1)]
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys[: len(train)]):
+        groups.setdefault(key, []).append(i)
+    route_index = {name: index[: cfg.export.route_examples] for name, index in groups.items()}
+    used = sorted({i for index in route_index.values() for i in index})
+    prompts = {i: encode_prompt(train[i], tokenizer, fmt, cfg.data.max_length)[0] for i in used}
+    route_index = {name: [i for i in index if prompts[i] is not None] for name, index in route_index.items()}
+    kept = [i for i in used if prompts[i] is not None]
+    position = {i: p for p, i in enumerate(kept)}
+    routes, tokens = example_routes(model, tokenizer, [prompts[i] for i in kept],
+                                    None if priors is None else priors[kept], cfg.eval.batch_size)
     folder = tmp / by
     written = {}
-    for name, index in groups.items():
-        index = index[:256]  # enough tokens for a stable mean route
-        prompts = [encode_prompt(train[i], tokenizer, fmt, cfg.data.max_length)[0] for i in index]
-        routes = mean_routes(model, tokenizer, fmt, prompts, None if priors is None else priors[index], cfg.eval.batch_size)
-        write_peft_adapter(folder / name, static_factors(model, routes), cfg.model.name_or_path, dtype)
+    for name, index in tqdm(sorted(route_index.items()), desc=f"export {by}", leave=False):
+        if not index:
+            continue
+        group_routes = mean_routes(routes, tokens, [position[i] for i in index])
+        write_peft_adapter(folder / name, static_factors(model, group_routes), cfg.model.name_or_path, dtype)
         written[name] = len(index)
-        if cfg.export.merged_models:
-            static = PeftModel.from_pretrained(base_model_for_export(cfg, tokenizer), str(folder / name)).merge_and_unload()
-            static.to(dtype).save_pretrained(tmp / "merged" / name, max_shard_size=cfg.export.max_shard_size)
-            tokenizer.save_pretrained(tmp / "merged" / name)
-    result = {by: written, "dtype": str(dtype).replace("torch.", "")}
-    if by == "per_task" and cfg.export.fidelity:
-        rows = []
-        for split in splits:
-            if split.task not in written:
-                continue
-            examples = split.eval[: cfg.export.fidelity_limit]
-            eval_priors = adapter_priors(cfg.path / "adapter", spec, [e.prompt for e in examples], cfg)
-            dynamic = Scorer(model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size, eval_priors, progress=False)
-            static_model = PeftModel.from_pretrained(base_model_for_export(cfg, tokenizer), str(folder / split.task)).eval()
-            static = Scorer(static_model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size, None, progress=False)
-            d = summarize(dynamic.first_token(examples), [split.task])["tasks"][split.task]
-            s = summarize(static.first_token(examples), [split.task])["tasks"][split.task]
-            rows.append((split.task, d, s))
-        lines = ["| task | n | dynamic accuracy | static (per-task LoRA) accuracy | difference |", "|---|---|---|---|---|"]
-        lines += [f"| {t} | {d['n']} | {d['accuracy']:.3f} | {s['accuracy']:.3f} | {s['accuracy'] - d['accuracy']:+.3f} |" for t, d, s in rows]
-        (folder / "fidelity.md").write_text("Static per-task export vs the dynamic adapter (protocol first_token)\n\n" + "\n".join(lines) + "\n")
-        print("\n".join(lines))
-        result["fidelity"] = {t: {"dynamic": d["accuracy"], "static": s["accuracy"], "n": d["n"]} for t, d, s in rows}
+    result = {by: written, "dtype": str(dtype).replace("torch.", ""), "route_examples": cfg.export.route_examples}
+    if checked:
+        result["fidelity"] = _fidelity(cfg, model, tokenizer, fmt, folder, written, checked,
+                                       keys[len(train):], None if priors is None else priors[len(train):], by)
+    for name in written if cfg.export.merged_models else []:  # opt-in: a full model per group
+        merged = PeftModel.from_pretrained(base_model_for_export(cfg, tokenizer), str(folder / name)).merge_and_unload()
+        merged.to(dtype).save_pretrained(tmp / "merged" / name, max_shard_size=cfg.export.max_shard_size)
+        tokenizer.save_pretrained(tmp / "merged" / name)
     return result
+
+
+def _fidelity(cfg: RunConfig, model, tokenizer, fmt: PromptFormat, folder: Path, written: dict[str, int],
+              examples: list, keys: list[str], priors, by: str) -> dict:
+    """Each static export vs the dynamic adapter on its evaluation examples (those of its task, or those
+    whose prior puts them in its cluster): accuracy for choice examples, ROUGE-L for generative ones."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from rexft.evaluate import Scorer, headline, score_examples, summarize
+
+    index = [i for i, key in enumerate(keys) if key in written]
+    examples, keys = [examples[i] for i in index], [keys[i] for i in index]
+    priors = None if priors is None else priors[index]
+    dynamic = score_examples(Scorer(model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size, priors, False),
+                             examples, cfg.eval)
+    static_model = PeftModel.from_pretrained(remove_adapters(model), str(folder / next(iter(written)))).eval()
+    static: list[dict | None] = [None] * len(examples)
+    scorer = Scorer(static_model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size, None, False)
+    for name in written:
+        members = [i for i, key in enumerate(keys) if key == name]
+        if not members:
+            continue
+        set_peft_model_state_dict(static_model, load_file(str(folder / name / "adapter_model.safetensors")))
+        for i, row in zip(members, score_examples(scorer, [examples[i] for i in members], cfg.eval)):
+            static[i] = row
+    rows, table = {}, []
+    for name in written:
+        members = [i for i, key in enumerate(keys) if key == name]
+        for kind in ("choice", "generate"):
+            chosen = [i for i in members if examples[i].kind == kind]
+            if not chosen:
+                continue
+            for p in [dynamic[i] for i in chosen] + [static[i] for i in chosen]:
+                p["task"] = name  # summarise per group (a cluster mixes tasks)
+            d = summarize([dynamic[i] for i in chosen], [name], resamples=0)["tasks"][name]
+            s = summarize([static[i] for i in chosen], [name], resamples=0)["tasks"][name]
+            if not d["n"]:
+                continue
+            metric, dynamic_value = headline(d)
+            static_value = headline(s)[1]
+            rows[f"{name}:{kind}" if len(members) != len(chosen) else name] = {
+                "metric": metric, "n": d["n"], "dynamic": dynamic_value, "static": static_value}
+            table.append(f"| {name} | {d['n']} | {metric} | {dynamic_value:.3f} | {static_value:.3f} | "
+                         f"{static_value - dynamic_value:+.3f} |")
+    header = [f"| {by.replace('per_', '')} | n | metric | dynamic adapter | static export | difference |",
+              "|---|---|---|---|---|---|"]
+    gaps = [abs(r["static"] - r["dynamic"]) for r in rows.values()]
+    summary = (f"Static {by} exports vs the dynamic adapter, {len(rows)} rows; mean |difference| "
+               f"{sum(gaps) / max(1, len(gaps)):.3f}, largest {max(gaps, default=0):.3f}")
+    (folder / "fidelity.md").write_text(summary + "\n\n" + "\n".join(header + table) + "\n")
+    print(summary if len(table) > 30 else "\n".join([summary, ""] + header + table))
+    return rows

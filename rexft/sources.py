@@ -147,6 +147,7 @@ def load_source(name: str, spec: TaskSpec, data: DataConfig) -> list[SourceTask]
         if unknown:
             raise RexftError(f"data.sources.{name}.include names tasks not in column '{spec.task_column}': {unknown[:5]}")
         tasks = [t for t in tasks if (spec.include is None or t in spec.include) and t not in spec.exclude]
+        tasks = tasks[: spec.max_tasks] if spec.max_tasks is not None else tasks
         if not tasks:
             raise RexftError(f"data.sources.{name}: include/exclude leave no task")
     out = []

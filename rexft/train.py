@@ -160,6 +160,11 @@ def epoch_order(rows: list[dict], cfg: TrainerConfig, epoch: int, global_batch: 
 def make_optimizer(params, cfg: TrainerConfig):
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":  # transformers' Adafactor at a fixed lr (MoDE's setup), not its relative step
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay, relative_step=False,
+                         scale_parameter=False, warmup_init=False)
     import bitsandbytes as bnb  # 8-bit states; CUDA or bitsandbytes' CPU backend
 
     cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
