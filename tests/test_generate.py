@@ -1,0 +1,171 @@
+"""The generate protocol: batched decoding == one example at a time, stop rules, the prior at every step,
+ROUGE-L / exact match, target NLL, and mixed / unseen-task eval through the CLI."""
+
+import json
+
+import pytest
+import torch
+
+import rexft
+from conftest import randomize_adapters, run_cli, tiny_model
+from rexft.config import AdapterConfig, EvalConfig, ModelConfig
+from rexft.data import PromptFormat, encode_example
+from rexft.evaluate import Scorer, summarize
+from rexft.metrics import bootstrap_ci, exact_match, normalize_answer, rouge_l
+from rexft.modeling import byte_tokenizer
+from rexft.tasks.common import Example
+
+TOK = byte_tokenizer()
+FMT = PromptFormat.for_model(TOK, ModelConfig(use_chat_template=False))
+PROMPTS = ["Translate: cat", "Say something long about the weather in spring and autumn.", "2+2=", "Name a colour",
+           "Write the alphabet backwards, please, all of it.", "Hi", "Reverse: abc", "Once upon a time"]
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)  # the priors the tests draw
+
+
+def examples() -> list[Example]:
+    return [Example("gen", i, prompt, [], "reference text", references=["reference text", "other text"])
+            for i, prompt in enumerate(PROMPTS)]
+
+
+def trex_model(eos_like: int | None = None):
+    """A tiny LLaMA with a randomised T-REX adapter; with ``eos_like``, EOS takes the logit of that token
+    (times 1.001), so rows whose greedy path reaches it stop early and the others run to max_new_tokens."""
+    model = randomize_adapters(rexft.inject_adapters(tiny_model(), AdapterConfig(type="trex", prior_dim=8, dropout=0)), scale=0.3)
+    if eos_like is not None:
+        with torch.no_grad():
+            model.lm_head.weight[TOK.eos_token_id] = model.lm_head.weight[eos_like] * 1.001
+    return model.eval()
+
+
+def greedy(model, priors, batch_size, **settings):
+    cfg = EvalConfig(max_new_tokens=12, **settings)
+    return Scorer(model, TOK, FMT, 512, batch_size=batch_size, priors=priors, progress=False).generate(examples(), cfg)
+
+
+def test_batched_generation_equals_one_example_at_a_time():
+    priors = torch.rand(len(PROMPTS), 8)
+    model = trex_model()
+    free = greedy(model, priors, 1)
+    # a token some rows generate mid-way: made EOS's twin, it stops those rows early
+    counts = {}
+    for i, example in enumerate(examples()):
+        ids = torch.tensor([encode_example(example, TOK, FMT, 512)["input_ids"][:-len(" reference text") - 1]])
+        rexft.set_prior(model, priors[i:i + 1])
+        new = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        for token in set(new[3:9]) - {TOK.eos_token_id}:
+            counts[token] = counts.get(token, 0) + 1
+    token = max((t for t in counts if counts[t] < len(PROMPTS)), key=counts.get)
+    stopping = trex_model(eos_like=token)
+    single = greedy(stopping, priors, 1)
+    batched = greedy(stopping, priors, 8)
+    assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
+    assert all(f["prediction"].startswith(s["prediction"]) for s, f in zip(single, free))
+    assert any(len(s["prediction"]) < len(f["prediction"]) for s, f in zip(single, free))  # stopped at EOS
+    assert any(s["prediction"] == f["prediction"] for s, f in zip(single, free))  # ran to max_new_tokens
+    assert all(set(r) >= {"prediction", "references", "rouge_l", "exact_match"} for r in batched)
+
+
+def test_stop_strings_cut_the_text_and_match_per_example():
+    priors = torch.rand(len(PROMPTS), 8)
+    model = trex_model()
+    free = greedy(model, priors, 8)
+    marker = next(r["prediction"][3:5] for r in free if len(r["prediction"].strip()) > 6)
+    single = greedy(model, priors, 1, stop=[marker])
+    batched = greedy(model, priors, 8, stop=[marker])
+    assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
+    for stopped, full in zip(batched, free):
+        assert marker not in stopped["prediction"]
+        assert full["prediction"].startswith(stopped["prediction"])
+    assert any(len(s["prediction"]) < len(f["prediction"]) for s, f in zip(batched, free))
+
+
+def test_the_prior_is_set_at_every_decoding_step():
+    model = trex_model()
+    layer = next(m for m in rexft.adapters.adapter_layers(model).values() if m.is_mixture)
+    seen = []
+    layer.register_forward_pre_hook(lambda module, args: seen.append(module.prior is not None and module.prior.shape[0]))
+    priors = torch.rand(len(PROMPTS), 8)
+    greedy(model, priors, 8, num_beams=2)
+    assert len(seen) >= 12 and all(seen)  # prefill + every new token saw the prior
+    # and it matters at every step: other priors change the generated texts
+    a = greedy(model, priors, 8)
+    b = greedy(model, torch.rand(len(PROMPTS), 8) * 5, 8)
+    assert [r["prediction"] for r in a] != [r["prediction"] for r in b]
+
+
+def test_rouge_l_and_exact_match_on_hand_checkable_strings():
+    # LCS("the cat sat", "the cat sat down") = 3 tokens: P = 3/3, R = 3/4, F = 2PR/(P+R) = 6/7
+    assert rouge_l("the cat sat", ["the cat sat down"]) == pytest.approx(6 / 7)
+    assert rouge_l("The Cats sitting", ["the cat sits"]) == pytest.approx(1.0)  # lower-cased, stemmed: the cat sit
+    assert rouge_l("the cats are sitting", ["the cat sits"]) == pytest.approx(6 / 7)  # P = 3/4, R = 1
+    assert rouge_l("dog", ["a cat", "the dog"]) == pytest.approx(2 / 3)  # max over references: P=1, R=1/2
+    assert rouge_l("", ["anything"]) == 0.0
+    assert normalize_answer("  The Answer: is A!  ") == "answer is"
+    assert exact_match("the answer", ["Answer."]) == 1.0
+    assert exact_match("no", ["yes", "No!"]) == 1.0 and exact_match("nope", ["no"]) == 0.0
+
+
+def test_intervals_bracket_the_mean_and_macro_averages():
+    task_a, task_b = [1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5]
+    low, high = bootstrap_ci([task_a])
+    assert low <= 0.75 <= high and 0 <= low < high <= 1
+    low, high = bootstrap_ci([task_a, task_b])
+    assert low <= (0.75 + 1 / 6) / 2 <= high
+    assert bootstrap_ci([[0.5] * 10]) == [0.5, 0.5]
+
+
+def test_target_nll_equals_a_hand_computation():
+    model = trex_model()
+    priors = torch.rand(3, 8)
+    chosen = examples()[:3]
+    scorer = Scorer(model, TOK, FMT, 512, batch_size=3, priors=priors, progress=False)
+    nlls = scorer.target_nll(chosen)
+    for example, prior, nll in zip(chosen, priors, nlls):
+        row = encode_example(example, TOK, FMT, 512)
+        rexft.set_prior(model, prior[None])
+        with torch.no_grad():
+            logprobs = model(input_ids=torch.tensor([row["input_ids"]])).logits[0].log_softmax(-1)
+        target = row["input_ids"][row["prompt_length"]:]  # " reference text" + EOS
+        picked = [logprobs[row["prompt_length"] - 1 + j, t] for j, t in enumerate(target)]
+        assert nll == pytest.approx(-float(sum(picked)) / len(target), abs=1e-4)
+
+
+def test_summary_reports_generative_and_unseen_tasks_apart():
+    rows = [{"task": "a", "id": i, "rouge_l": r, "exact_match": e, "target_nll": 1.0} for i, (r, e) in enumerate([(1, 1), (0.5, 0)])]
+    rows += [{"task": "b", "id": 0, "rouge_l": 0.2, "exact_match": 0.0, "target_nll": 3.0}, {"task": "b", "id": 1, "dropped": True}]
+    rows += [{"task": "c", "id": 0, "gold": "A", "predicted": "A", "nll": 0.1}]
+    results = summarize(rows, ["a", "b", "c"], unseen={"b"})
+    assert results["tasks"]["a"]["rouge_l"] == 0.75 and results["tasks"]["a"]["exact_match"] == 0.5
+    assert results["tasks"]["b"]["unseen"] and results["tasks"]["b"]["dropped"] == 1 and results["tasks"]["b"]["n"] == 1
+    assert results["mean_rouge_l"] == 0.75 and results["unseen_mean_rouge_l"] == 0.2 and results["mean_accuracy"] == 1.0
+    assert results["mean_target_nll"] == 1.0 and results["unseen_mean_target_nll"] == 3.0
+
+
+@pytest.mark.slow
+def test_mixed_and_unseen_eval_through_the_cli(tmp_path, data_dir):
+    """Train the smoke model on choice tasks + 4 SNI tasks; eval scores each task with its own protocol and
+    the unseen SNI test tasks apart, with priors from the trained centroids; compare reads both kinds."""
+    common = ["recipe=smoke", f"run_dir={tmp_path}", f"data.local_dir={data_dir}", "data.tasks=[copa,rte,sni]",
+              "data.max_length=1024", "data.train_per_task=8", "data.eval_per_task=3", "eval.max_new_tokens=6",
+              "+data.sources.sni={format: instruction, path: sni, task_column: task_name, max_tasks: 4, "
+              "columns: {instruction: definition, input: inputs, output: targets}}",
+              "+data.sources.sni_test={format: instruction, path: sni, task_column: task_name, max_tasks: 2, "
+              "train_split: null, validation_split: test, columns: {instruction: definition, input: inputs, output: targets}}",
+              "eval.unseen_tasks=[sni_test]", "trainer.epochs=1"]
+    run_cli("train", *common)  # computes the prior it needs first
+    result = run_cli("eval", *common)
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    kinds = {t: (e["kind"], e["unseen"]) for t, e in results["tasks"].items()}
+    assert kinds["copa"] == ("choice", False) and kinds["rte"] == ("choice", False)
+    assert sum(k == ("generate", False) for k in kinds.values()) == 4 and sum(k == ("generate", True) for k in kinds.values()) == 2
+    assert all(0 <= results[k] <= 1 for k in ("mean_accuracy", "mean_rouge_l", "unseen_mean_rouge_l", "unseen_mean_exact_match"))
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    generated = [p for p in predictions if "prediction" in p]
+    assert len(generated) == 4 * 3 + 2 * 3 and all(p["references"] and "target_nll" in p for p in generated)
+    assert "unseen generative task" in (tmp_path / "eval" / "results.md").read_text() and "ROUGE-L" in result.stdout
+    compare = run_cli("eval", "compare", str(tmp_path / "eval"), str(tmp_path / "eval"))
+    assert "unseen_mean_rouge_l" in compare.stdout and (tmp_path / "compare.png").is_file()
