@@ -192,32 +192,39 @@ def _check_cross_keys(cfg: RunConfig) -> None:
     """Keys that are each in range but contradict one another; every message names both and the way out."""
     from rexft.modeling import TINY
 
-    a = cfg.adapter
-    experts = expert_count(a)
-    if a.top_k is not None and experts is None:
-        raise ConfigError(f"config key 'adapter.top_k': {a.top_k}, but adapter.type={a.type} has no experts to route; "
-                          "set adapter.top_k=null or choose a mixture adapter (molora, hydralora, mode, trex)")
-    if a.top_k is not None and a.top_k > experts:
-        count = {"trex": "adapter.r1 * adapter.r2" if a.mode == "rank1_flex" else "adapter.r (adapter.mode=rank1)",
-                 "mode": "adapter.num_experts atoms per rank position"}.get(a.type, "adapter.num_experts")
-        raise ConfigError(f"config key 'adapter.top_k': {a.top_k} is more than the {experts} experts of adapter.type={a.type} "
-                          f"({count}); set adapter.top_k <= {experts} (null: dense routing) or add experts")
-    if a.type == "trex" and not (a.use_router or a.use_prior):
+    adapter = cfg.adapter
+    experts = expert_count(adapter)
+    if adapter.top_k is not None and experts is None:
+        raise ConfigError(f"config key 'adapter.top_k': {adapter.top_k}, but adapter.type={adapter.type} has no "
+                          "experts to route; set adapter.top_k=null or choose a mixture adapter (molora, hydralora, "
+                          "mode, trex)")
+    if adapter.top_k is not None and adapter.top_k > experts:
+        if adapter.type == "trex":
+            count = "adapter.r1 * adapter.r2" if adapter.mode == "rank1_flex" else "adapter.r (adapter.mode=rank1)"
+        else:
+            count = "adapter.num_experts" + (" atoms per rank position" if adapter.type == "mode" else "")
+        raise ConfigError(f"config key 'adapter.top_k': {adapter.top_k} is more than the {experts} experts of "
+                          f"adapter.type={adapter.type} ({count}); set adapter.top_k <= {experts} (null: dense "
+                          "routing) or add experts")
+    if adapter.type == "trex" and not (adapter.use_router or adapter.use_prior):
         why = "prior=none (prior.enabled=false) turns adapter.use_prior off" if prior_ablation(cfg) else \
             "adapter.use_prior=false"
         raise ConfigError(f"config keys 'adapter.use_router' and 'adapter.use_prior': trex needs one of them, but "
-                          f"adapter.use_router=false and {why}; set adapter.use_router=true or use a prior (prior=minilm)")
-    if a.type == "trex" and a.use_prior and a.prior_dim != cfg.prior.k:
-        raise ConfigError(f"config keys 'adapter.prior_dim' ({a.prior_dim}) and 'prior.k' ({cfg.prior.k}) differ: the "
-                          f"adapter reads a prior of prior.k cluster similarities; set adapter.prior_dim={cfg.prior.k} "
-                          "or leave it out (adapter=trex sets it to prior.k)")
-    if cfg.export.mode == "merged" and a.type != "lora":
-        raise ConfigError(f"config key 'export.mode': merged needs adapter.type=lora, but adapter.type={a.type} routes "
-                          "per token and has no single merged weight; use export.mode=per_task, per_cluster or adapter")
+                          f"adapter.use_router=false and {why}; set adapter.use_router=true or use a prior "
+                          "(prior=minilm)")
+    if adapter.type == "trex" and adapter.use_prior and adapter.prior_dim != cfg.prior.k:
+        raise ConfigError(f"config keys 'adapter.prior_dim' ({adapter.prior_dim}) and 'prior.k' ({cfg.prior.k}) "
+                          "differ: the adapter reads a prior of prior.k cluster similarities; set "
+                          f"adapter.prior_dim={cfg.prior.k} or leave it out (adapter=trex sets it to prior.k)")
+    if cfg.export.mode == "merged" and adapter.type != "lora":
+        raise ConfigError(f"config key 'export.mode': merged needs adapter.type=lora, but adapter.type={adapter.type} "
+                          "routes per token and has no single merged weight; use export.mode=per_task, per_cluster "
+                          "or adapter")
     tiny = cfg.model.tiny
     if cfg.model.name_or_path == TINY and tiny.hidden_size % tiny.num_attention_heads:
-        raise ConfigError(f"config keys 'model.tiny.hidden_size' ({tiny.hidden_size}) and 'model.tiny.num_attention_heads' "
-                          f"({tiny.num_attention_heads}): hidden_size must be a multiple of num_attention_heads")
+        raise ConfigError(f"config keys 'model.tiny.hidden_size' ({tiny.hidden_size}) and "
+                          f"'model.tiny.num_attention_heads' ({tiny.num_attention_heads}): hidden_size must be a "
+                          "multiple of num_attention_heads")
     if cfg.model.name_or_path == TINY and tiny.num_attention_heads % tiny.num_key_value_heads:
         raise ConfigError(f"config keys 'model.tiny.num_attention_heads' ({tiny.num_attention_heads}) and "
                           f"'model.tiny.num_key_value_heads' ({tiny.num_key_value_heads}): num_attention_heads must be "
