@@ -37,7 +37,7 @@ class Range:
         return (self.ge, self.gt, self.le, self.lt, self.min_items) == (None,) * 5
 
     def check(self, value: Any) -> bool:
-        if any(value is a or (a is not None and value == a) for a in self.allow):
+        if value in self.allow:
             return True
         if value is None:  # only a sentinel when allowed
             return self.unbounded
@@ -50,8 +50,8 @@ class Range:
         if self.min_items is not None:
             bound = "non-empty" if self.min_items == 1 else f"at least {self.min_items} items"
         else:
-            low = (f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None)
-            high = (f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None)
+            low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
+            high = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
             if low and high:
                 bound = f"in {low}, {high}"
             elif low:
@@ -87,8 +87,10 @@ def unbounded(default: Any = MISSING, *, default_factory: Any = MISSING):
 
 def needs_range(annotation: Any) -> bool:
     """Numbers (bool excepted) and lists, Optional or not, must declare a range."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] if typing.get_origin(annotation) is typing.Union else []
-    kind = args[0] if len(args) == 1 else annotation
+    kind = annotation
+    if typing.get_origin(annotation) is typing.Union:  # Optional[X] is Union[X, None]
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        kind = args[0] if len(args) == 1 else annotation
     return kind in (int, float) or typing.get_origin(kind) is list
 
 
@@ -153,7 +155,8 @@ class DataConfig:
     eval_per_task: Optional[int] = bounded(None, ge=1, allow=(None,))  # cap on evaluation examples per task (null: all)
     mixture: str = "proportional"  # proportional | temperature (sampling prob ~ n_task ** (1/T))
     temperature: float = bounded(1.0, gt=0)  # T for mixture=temperature
-    mixture_size: Optional[int] = bounded(None, ge=1, allow=(None,))  # examples drawn for mixture=temperature (null: sum of caps)
+    # examples drawn for mixture=temperature (null: the sum of the caps)
+    mixture_size: Optional[int] = bounded(None, ge=1, allow=(None,))
     # Tasks with no train split: train on the first `validation_train_fraction` of a seeded shuffle
     # of the validation split and evaluate on the disjoint rest ("split_validation"), or leave the
     # task out of training ("skip"). Open interval: 0 would train on nothing, 1 evaluate on nothing.
@@ -227,7 +230,8 @@ class TrainerConfig:
     routing_stats_every: int = bounded(50, ge=0)  # steps between routing statistics in metrics.jsonl (0: off)
     report_to: list[str] = unbounded(default_factory=list)  # tensorboard | wandb ([]: neither)
     group_by_length: bool = True  # batches of similar length (less padding)
-    stop_after_steps: int = bounded(-1, ge=1, allow=(-1,))  # testing aid: exit after this many steps without the final save (-1: off)
+    # testing aid: exit after this many steps without the final save (-1: off)
+    stop_after_steps: int = bounded(-1, ge=1, allow=(-1,))
 
 
 @dataclass
@@ -252,7 +256,7 @@ class ExportConfig:
     overwrite: bool = False
     merged_models: bool = False  # per_task/per_cluster: also write a merged full model per task
     fidelity: bool = True  # per_task: eval static vs dynamic on each task
-    fidelity_limit: Optional[int] = bounded(64, ge=1, allow=(None,))  # examples per task for the fidelity table (null: all)
+    fidelity_limit: Optional[int] = bounded(64, ge=1, allow=(None,))  # fidelity-table examples per task (null: all)
     max_shard_size: str = "2GB"
 
 
