@@ -1,9 +1,10 @@
 """Command line: ``rexft <command> [recipe=NAME] [group=option] [key=value ...]``.
 
 Every command composes the same Hydra config (configs/rexft.yaml + groups + recipes/NAME.yaml +
-command-line overrides), validates it against :class:`rexft.config.RunConfig`, writes the resolved
-YAML into the run directory and calls one stage function with the typed config. This is the only
-module that touches Hydra/OmegaConf.
+command-line overrides), validates it against :class:`rexft.config.RunConfig` (keys, types, choices,
+the range each field declares, and the rules between keys) before any model or data is loaded or
+anything is written, then writes the resolved YAML into the run directory and calls one stage function
+with the typed config. This is the only module that touches Hydra/OmegaConf.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Callable
 
-from rexft.config import RunConfig
+from rexft.config import RunConfig, expert_count, range_violations, schema_fields
+
+log = logging.getLogger(__name__)
 
 GROUPS = ("model", "data", "adapter", "prior", "trainer")
 
@@ -84,6 +87,8 @@ def _task_specs(sources: dict) -> dict:
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None)
             raise ConfigError(f"config key 'data.sources.{name}.{key}': {str(err).strip().splitlines()[0]}") from None
+        for key, value, valid in range_violations(specs[name]):
+            raise ConfigError(f"config key 'data.sources.{name}.{key}': {value!r} is out of range (must be {valid})")
     return specs
 
 
@@ -139,7 +144,8 @@ def compose(overrides: list[str]):
     search, hydra_overrides = [f"file://{root}"], []
     for override in overrides:
         if not override.startswith("recipe="):
-            hydra_overrides.append(override)
+            # a task spec's key may be absent from its YAML: add or override it (the CLI checks spec keys itself)
+            hydra_overrides.append(f"++{override}" if override.startswith("data.sources.") else override)
             continue
         recipe = override.split("=", 1)[1]
         if recipe.endswith((".yaml", ".yml")):  # a user's own recipe file: served from a folder of its own
@@ -167,6 +173,7 @@ def compose(overrides: list[str]):
         OmegaConf.set_struct(composed, False)
         schema = OmegaConf.structured(RunConfig)
         merged = OmegaConf.merge(schema, composed)
+        derived = _interpolated_keys(merged)
         OmegaConf.resolve(merged)
         typed: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
@@ -174,16 +181,53 @@ def compose(overrides: list[str]):
         message = str(err).strip().splitlines()[0]
         raise ConfigError(f"config key '{key}': {message}" if key else message) from None
     typed.data.sources = _task_specs(typed.data.sources)
-    _validate(typed)
+    if prior_ablation(typed):
+        # prior=none with trex means the "intuition" ablation: train without the prior rather than fail
+        # for want of one. Set in the resolved YAML too, so config.yaml and the adapter record it.
+        typed.adapter.use_prior = False
+        merged.adapter.use_prior = False
+    _validate(typed, derived)
     return typed, merged
 
 
-def _validate(cfg: RunConfig) -> None:
+def _interpolated_keys(config) -> set[str]:
+    """Keys whose value is copied from another (``adapter.prior_dim: ${prior.k}``): an out-of-range
+    value there is reported at the key it came from."""
+    from omegaconf import OmegaConf
+
+    derived = set()
+    for key, _, _ in schema_fields(RunConfig):
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(config, parent) if parent else config
+        if node is not None and OmegaConf.is_interpolation(node, leaf):
+            derived.add(key)
+    return derived
+
+
+def prior_ablation(cfg: RunConfig) -> bool:
+    """A trex adapter with no cluster prior to read (prior=none): it runs with ``use_prior=false``."""
+    return cfg.adapter.type == "trex" and not cfg.prior.enabled
+
+
+def _validate(cfg: RunConfig, derived: set[str] = frozenset()) -> None:
+    """Choices, then each key's declared range, then the rules between keys: the first failure is one line."""
+    _check_choices(cfg)
+    violations = sorted(range_violations(cfg), key=lambda violation: violation[0] in derived)
+    if violations:
+        key, value, valid = violations[0]
+        raise ConfigError(f"config key '{key}': {value!r} is out of range (must be {valid})")
+    _check_cross_keys(cfg)
+
+
+def _check_choices(cfg: RunConfig) -> None:
     from rexft.adapters import adapter_types
     from rexft.formats import FIELDS
     from rexft.tasks import task_names
 
+    dtypes = ["float32", "bfloat16", "float16"]
     checks = [
+        ("model.dtype", cfg.model.dtype, ["auto"] + dtypes),
+        ("model.quantization", cfg.model.quantization, [None, "nf4"]),
         ("adapter.type", cfg.adapter.type, adapter_types()),
         ("adapter.mode", cfg.adapter.mode, ["rank1", "rank1_flex"]),
         ("data.mixture", cfg.data.mixture, ["proportional", "temperature"]),
@@ -194,10 +238,14 @@ def _validate(cfg: RunConfig) -> None:
         ("eval.protocol", cfg.eval.protocol, ["first_token", "loglik"]),
         ("export.mode", cfg.export.mode, ["auto", "merged", "per_task", "per_cluster", "adapter"]),
         ("prior.backend", cfg.prior.backend, ["auto", "torch", "faiss"]),
+        ("adapter.dtype", cfg.adapter.dtype, dtypes),
+        ("export.dtype", cfg.export.dtype, ["auto"] + dtypes),
     ]
+    checks += [("trainer.report_to", item, ["tensorboard", "wandb"]) for item in cfg.trainer.report_to]
     for key, value, valid in checks:
         if value not in valid:
-            raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(valid)}")
+            names = ["null" if v is None else v for v in valid]
+            raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(names)}")
     from rexft.formats import FORMATS
 
     for name, spec in cfg.data.sources.items():
@@ -229,6 +277,49 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"eval.tasks names '{task}', which is not in data.tasks (eval.unseen_tasks evaluates tasks never trained on)")
 
 
+def _check_cross_keys(cfg: RunConfig) -> None:
+    """Keys that are each in range but contradict one another; every message names both and the way out."""
+    from rexft.modeling import TINY
+
+    adapter = cfg.adapter
+    experts = expert_count(adapter)
+    if adapter.top_k is not None and experts is None:
+        raise ConfigError(f"config key 'adapter.top_k': {adapter.top_k}, but adapter.type={adapter.type} has no "
+                          "experts to route; set adapter.top_k=null or choose a mixture adapter (molora, hydralora, "
+                          "mode, trex)")
+    if adapter.top_k is not None and adapter.top_k > experts:
+        if adapter.type == "trex":
+            count = "adapter.r1 * adapter.r2" if adapter.mode == "rank1_flex" else "adapter.r (adapter.mode=rank1)"
+        else:
+            count = "adapter.num_experts" + (" atoms per rank position" if adapter.type == "mode" else "")
+        raise ConfigError(f"config key 'adapter.top_k': {adapter.top_k} is more than the {experts} experts of "
+                          f"adapter.type={adapter.type} ({count}); set adapter.top_k <= {experts} (null: dense "
+                          "routing) or add experts")
+    if adapter.type == "trex" and not (adapter.use_router or adapter.use_prior):
+        why = "prior=none (prior.enabled=false) turns adapter.use_prior off" if prior_ablation(cfg) else \
+            "adapter.use_prior=false"
+        raise ConfigError(f"config keys 'adapter.use_router' and 'adapter.use_prior': trex needs one of them, but "
+                          f"adapter.use_router=false and {why}; set adapter.use_router=true or use a prior "
+                          "(prior=minilm)")
+    if adapter.type == "trex" and adapter.use_prior and adapter.prior_dim != cfg.prior.k:
+        raise ConfigError(f"config keys 'adapter.prior_dim' ({adapter.prior_dim}) and 'prior.k' ({cfg.prior.k}) "
+                          "differ: the adapter reads a prior of prior.k cluster similarities; set "
+                          f"adapter.prior_dim={cfg.prior.k} or leave it out (adapter=trex sets it to prior.k)")
+    if cfg.export.mode == "merged" and adapter.type != "lora":
+        raise ConfigError(f"config key 'export.mode': merged needs adapter.type=lora, but adapter.type={adapter.type} "
+                          "routes per token and has no single merged weight; use export.mode=per_task, per_cluster "
+                          "or adapter")
+    tiny = cfg.model.tiny
+    if cfg.model.name_or_path == TINY and tiny.hidden_size % tiny.num_attention_heads:
+        raise ConfigError(f"config keys 'model.tiny.hidden_size' ({tiny.hidden_size}) and "
+                          f"'model.tiny.num_attention_heads' ({tiny.num_attention_heads}): hidden_size must be a "
+                          "multiple of num_attention_heads")
+    if cfg.model.name_or_path == TINY and tiny.num_attention_heads % tiny.num_key_value_heads:
+        raise ConfigError(f"config keys 'model.tiny.num_attention_heads' ({tiny.num_attention_heads}) and "
+                          f"'model.tiny.num_key_value_heads' ({tiny.num_key_value_heads}): num_attention_heads must be "
+                          "a multiple of num_key_value_heads")
+
+
 def usage(command: str | None = None) -> str:
     lines = []
     if command is None:
@@ -243,6 +334,7 @@ def usage(command: str | None = None) -> str:
     lines += ["", f"recipes:  {', '.join(options('recipe'))}"]
     lines += [f"{group + ':':<9} {', '.join(options(group))}" for group in GROUPS]
     lines += ["", "Keys are those of configs/rexft.yaml and its groups, e.g. trainer.lr=1e-4 data.local_dir=PATH.",
+              "Every key, type, choice and range is checked before any work starts (an error is one line, exit 2).",
               "--print-config prints the composed config and exits. Precedence: group < recipe < command line."]
     return "\n".join(lines)
 
@@ -289,13 +381,31 @@ def main(argv: list[str] | None = None) -> int:
     from rexft.rundir import save_resolved_config
     from rexft.errors import RexftError
 
-    save_resolved_config(cfg, OmegaConf.to_yaml(resolved), command)
+    if command == "train" and prior_ablation(cfg):
+        log.info("prior=none: the trex adapter trains without a cluster prior (adapter.use_prior=false, "
+                 "the 'intuition' ablation)")
+    yaml_text = OmegaConf.to_yaml(resolved)
     try:
-        _stage(command)(cfg)
+        for stage in _stages(command, cfg):
+            save_resolved_config(cfg, yaml_text, stage)
+            _stage(stage)(cfg)
     except RexftError as err:
         print(f"rexft: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _stages(command: str, cfg: RunConfig) -> list[str]:
+    """The command, preceded by cluster-prior when train needs a prior the run directory lacks
+    (what it computes is cached in prior/, exactly as `rexft cluster-prior` would)."""
+    if command == "train":
+        from rexft.prior import prior_dir
+        from rexft.train import uses_prior
+
+        if uses_prior(cfg) and not (prior_dir(cfg) / "meta.json").is_file():
+            log.info("no prior at %s: running cluster-prior first", prior_dir(cfg))
+            return ["cluster-prior", "train"]
+    return [command]
 
 
 if __name__ == "__main__":

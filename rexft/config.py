@@ -1,28 +1,136 @@
 """Typed configuration: the schema every composed Hydra config is validated against.
 
 Only the CLI touches Hydra/OmegaConf. It composes configs/ + recipes/ + command-line overrides, merges
-the result into :class:`RunConfig` (unknown keys and wrong types fail there, naming the key) and hands
-plain dataclasses to the stages. Field comments are the documentation of each key.
+the result into :class:`RunConfig` (unknown keys and wrong types fail there, naming the key), checks
+every value against the range its field declares here (:func:`range_violations`) and hands plain
+dataclasses to the stages. Field comments are the documentation of each key.
+
+Every numeric and list field states its valid range with :func:`bounded` (or says it has none with
+:func:`unbounded`); tests/test_config_checks.py fails for a field that does neither, so a key added
+later cannot skip the check. Rules between keys (top_k against the expert count, ...) live in the CLI.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+import typing
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 
+# ------------------------------------------------------------------------------------------------ ranges
+@dataclass(frozen=True)
+class Range:
+    """The values a config key accepts: numeric bounds, a minimum list length, and sentinels that are
+    valid as they are (``allow``: -1 for "off", None for "no cap"). No bound at all: any value."""
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+    min_items: Optional[int] = None
+    allow: tuple = ()
+
+    @property
+    def unbounded(self) -> bool:
+        return (self.ge, self.gt, self.le, self.lt, self.min_items) == (None,) * 5
+
+    def check(self, value: Any) -> bool:
+        if value in self.allow:
+            return True
+        if value is None:  # only a sentinel when allowed
+            return self.unbounded
+        if self.min_items is not None:
+            return len(value) >= self.min_items
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self) -> str:
+        if self.min_items is not None:
+            bound = "non-empty" if self.min_items == 1 else f"at least {self.min_items} items"
+        else:
+            low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
+            high = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
+            if low and high:
+                bound = f"in {low}, {high}"
+            elif low:
+                bound = (">= " if low[0] == "[" else "> ") + low[1:]
+            elif high:
+                bound = ("<= " if high[-1] == "]" else "< ") + high[:-1]
+            else:
+                bound = "any value"
+        sentinels = ["null" if a is None else _num(a) for a in self.allow]
+        return " or ".join(sentinels + [bound])
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def bounded(default: Any = MISSING, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None, min_items: int | None = None, default_factory: Any = MISSING, allow: tuple = ()):
+    """A dataclass field whose valid values are stated beside its documentation:
+    ``lr: float = bounded(5e-5, gt=0)``, ``top_k: Optional[int] = bounded(None, ge=1, allow=(None,))``,
+    ``tasks: list[str] = bounded(default_factory=list, min_items=1)``. The CLI rejects anything else
+    with one line naming the key, the value and the range, before any work starts."""
+    rng = Range(ge=ge, gt=gt, le=le, lt=lt, min_items=min_items, allow=tuple(allow))
+    if rng.unbounded:
+        raise ValueError("bounded() without a bound: use unbounded() to say a key takes any value")
+    return field(default=default, default_factory=default_factory, metadata={"range": rng})
+
+
+def unbounded(default: Any = MISSING, *, default_factory: Any = MISSING):
+    """A numeric or list field that deliberately takes any value (the schema test tells it from a forgotten range)."""
+    return field(default=default, default_factory=default_factory, metadata={"range": Range()})
+
+
+def needs_range(annotation: Any) -> bool:
+    """Numbers (bool excepted) and lists, Optional or not, must declare a range."""
+    kind = annotation
+    if typing.get_origin(annotation) is typing.Union:  # Optional[X] is Union[X, None]
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        kind = args[0] if len(args) == 1 else annotation
+    return kind in (int, float) or typing.get_origin(kind) is list
+
+
+def schema_fields(cls: type = None, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, type) of every leaf key of the schema, nested dataclasses walked."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from schema_fields(kind, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, kind
+
+
+def range_violations(cfg: "RunConfig") -> list[tuple[str, Any, Range]]:
+    """(key, value, range) of every value outside the range its field declares, in schema order."""
+    found = []
+    for key, f, _ in schema_fields(type(cfg)):
+        rng = f.metadata.get("range")
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if rng is not None and not rng.check(value):
+            found.append((key, value, rng))
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ schema
 @dataclass
 class TinyModelConfig:
     """Shape of the random LLaMA built in-process when ``model.name_or_path=tiny-random-llama``."""
 
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 1024
-    seed: int = 0  # weights are drawn from this seed, so every process builds the same model
+    hidden_size: int = bounded(64, ge=1)  # a multiple of num_attention_heads
+    intermediate_size: int = bounded(128, ge=1)
+    num_hidden_layers: int = bounded(2, ge=1)
+    num_attention_heads: int = bounded(4, ge=1)  # a multiple of num_key_value_heads
+    num_key_value_heads: int = bounded(2, ge=1)
+    max_position_embeddings: int = bounded(1024, ge=1)
+    seed: int = bounded(0, ge=0)  # weights are drawn from this seed, so every process builds the same model
 
 
 @dataclass
@@ -55,7 +163,7 @@ class TaskSpec:
     subset: Optional[str] = None  # hub config name
     train_split: Optional[str] = "train"  # split name (hub) or file name in `path` (a folder); null: eval only
     validation_split: Optional[str] = "validation"  # absent or null: a seeded `holdout` share of train is held out
-    holdout: float = 0.1  # share of each task's train records held out for evaluation when there is no validation split
+    holdout: float = bounded(0.1, gt=0, lt=1)  # share of each task's train records held out for evaluation when there is no validation split
     # Column map: format field -> the records' column (defaults: the field's own name). Fields per format:
     #   instruction: instruction, input (optional), output (a string, or a list of references), system (optional)
     #   chat: messages (OpenAI {role, content} or ShareGPT {from, value} turns), system (optional)
@@ -63,123 +171,129 @@ class TaskSpec:
     #           context (optional passage, trimmed first when too long)
     columns: dict[str, Any] = field(default_factory=dict)
     task_column: Optional[str] = None  # one task per distinct value of this column (null: one task named like the source)
-    include: Optional[list[str]] = None  # with task_column: keep only these tasks
-    exclude: list[str] = field(default_factory=list)  # with task_column: drop these tasks
-    max_tasks: Optional[int] = None  # with task_column: keep the first N tasks in file order (after include / exclude)
+    include: Optional[list[str]] = bounded(None, min_items=1, allow=(None,))  # with task_column: keep only these tasks
+    exclude: list[str] = unbounded(default_factory=list)  # with task_column: drop these tasks
+    max_tasks: Optional[int] = bounded(None, ge=1, allow=(None,))  # with task_column: keep the first N tasks in file order (after include / exclude)
     template: str = "{instruction}\n\n{input}"  # instruction: the user prompt; {input} is trimmed first when too long
     template_no_input: str = "{instruction}"  # instruction: the prompt of a record whose input is empty
     system: Optional[str] = None  # a system text for every example (a `system` column wins)
-    train_per_task: Optional[int] = None  # caps for these tasks (null: data.train_per_task / data.eval_per_task)
-    eval_per_task: Optional[int] = None
+    train_per_task: Optional[int] = bounded(None, ge=1, allow=(None,))  # caps for these tasks (null: data.train_per_task / data.eval_per_task)
+    eval_per_task: Optional[int] = bounded(None, ge=1, allow=(None,))
 
 
 @dataclass
 class DataConfig:
-    tasks: list[str] = field(default_factory=list)  # built-in task names (rexft/tasks/*.py) and names of data.sources
+    tasks: list[str] = bounded(default_factory=list, min_items=1)  # built-in task names (rexft/tasks/*.py) and names of data.sources
     # The user's tasks declared in config: name -> TaskSpec. An open dict for Hydra (so `+data.sources.x.path=...`
-    # works); the CLI checks each entry against TaskSpec and hands the stages TaskSpec objects.
+    # works); the CLI checks each entry against TaskSpec (keys, types and ranges) and hands the stages TaskSpec objects.
     sources: dict[str, Any] = field(default_factory=dict)
     local_dir: Optional[str] = None  # folder of <task>/<split>.jsonl; null reads the Hugging Face hub
-    max_length: int = 2048  # tokens; passages are trimmed first; an example whose answer or target cannot fit is dropped
-    max_dropped_fraction: float = 0.1  # stop if more than this share of the training examples cannot fit max_length
-    train_per_task: Optional[int] = None  # cap on training examples per task (null: all)
-    eval_per_task: Optional[int] = None  # cap on evaluation examples per task (null: all)
+    max_length: int = bounded(2048, ge=1)  # tokens; context is trimmed first; an example whose answer or target cannot fit is dropped
+    max_dropped_fraction: float = bounded(0.1, ge=0, le=1)  # stop if more than this share of the training examples cannot fit max_length
+    train_per_task: Optional[int] = bounded(None, ge=1, allow=(None,))  # cap on training examples per task (null: all)
+    eval_per_task: Optional[int] = bounded(None, ge=1, allow=(None,))  # cap on evaluation examples per task (null: all)
     mixture: str = "proportional"  # proportional | temperature (sampling prob ~ n_task ** (1/T))
-    temperature: float = 1.0  # T for mixture=temperature
-    mixture_size: Optional[int] = None  # examples drawn for mixture=temperature (null: sum of caps)
+    temperature: float = bounded(1.0, gt=0)  # T for mixture=temperature
+    # examples drawn for mixture=temperature (null: the sum of the caps)
+    mixture_size: Optional[int] = bounded(None, ge=1, allow=(None,))
     # Tasks with no train split: train on the first `validation_train_fraction` of a seeded shuffle
     # of the validation split and evaluate on the disjoint rest ("split_validation"), or leave the
-    # task out of training ("skip").
+    # task out of training ("skip"). Open interval: 0 would train on nothing, 1 evaluate on nothing.
     no_train_split: str = "split_validation"
-    validation_train_fraction: float = 0.5
+    validation_train_fraction: float = bounded(0.5, gt=0, lt=1)
     packing: bool = False  # training only: several examples per row of max_length tokens (batch_size counts rows)
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
 
 
 @dataclass
 class AdapterConfig:
     type: str = "trex"  # lora | molora | hydralora | trex | mode (a module under rexft/adapters/)
-    target_modules: list[str] = field(default_factory=lambda: [".*"])  # regexes on module names
-    exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])  # regexes; win over targets
-    r: int = 8  # rank (lora, molora, hydralora, mode)
-    alpha: float = 16.0  # scaling = alpha / r (alpha / sqrt(r) with rslora)
+    target_modules: list[str] = bounded(default_factory=lambda: [".*"], min_items=1)  # regexes on module names
+    exclude_modules: list[str] = unbounded(default_factory=lambda: ["lm_head"])  # regexes; win over targets ([]: none)
+    r: int = bounded(8, ge=1)  # rank (lora, molora, hydralora, mode)
+    alpha: float = bounded(16.0, gt=0)  # scaling = alpha / r (alpha / sqrt(r) with rslora)
     rslora: bool = False
-    dropout: float = 0.0  # dropout on the adapter's input
-    num_experts: int = 4  # molora: LoRA experts; hydralora: B heads; mode: up-vector atoms per rank (m)
-    top_k: Optional[int] = None  # sparse routing: keep the top-k experts per token (null: dense)
+    dropout: float = bounded(0.0, ge=0, lt=1)  # dropout on the adapter's input
+    num_experts: int = bounded(4, ge=1)  # molora: LoRA experts; hydralora: B heads; mode: up-vector atoms per rank (m)
+    # Sparse routing: keep the top-k experts per token (null: dense). At most the adapter's expert count
+    # (see expert_count), checked by the CLI.
+    top_k: Optional[int] = bounded(None, ge=1, allow=(None,))
     # trex
     mode: str = "rank1_flex"  # rank1 (r1 = r2 = r, diagonal routing) | rank1_flex (full r1 x r2)
-    r1: int = 4  # down vectors
-    r2: int = 8  # up vectors
-    c_token: float = 32.0  # weight of the token router in M
-    c_task: float = 4.0  # weight of the semantic prior in M
-    s: float = 100.0  # sharpness of omega = sigmoid(s * w_omega) and gate = sigmoid(s * w_gate)
-    use_prior: bool = True  # false: the "intuition" ablation
+    r1: int = bounded(4, ge=1)  # down vectors
+    r2: int = bounded(8, ge=1)  # up vectors
+    c_token: float = bounded(32.0, ge=0)  # weight of the token router in M
+    c_task: float = bounded(4.0, ge=0)  # weight of the semantic prior in M
+    s: float = bounded(100.0, gt=0)  # sharpness of omega = sigmoid(s * w_omega) and gate = sigmoid(s * w_gate)
+    use_prior: bool = True  # false: the "intuition" ablation (prior=none implies it)
     use_router: bool = True  # false: prior-only routing
-    prior_dim: int = 32  # k, the number of cluster centroids the prior has
-    aux_loss_weight: float = 0.0  # load-balancing loss weight (mixtures)
+    prior_dim: int = bounded(32, ge=1)  # k, the number of cluster centroids the prior has (= prior.k)
+    aux_loss_weight: float = bounded(0.0, ge=0)  # load-balancing loss weight (mixtures)
     dtype: str = "float32"  # adapter parameter dtype
 
 
 @dataclass
 class PriorConfig:
-    enabled: bool = True  # compute and use cluster priors (trex with use_prior)
+    enabled: bool = True  # compute and use cluster priors (trex with use_prior); false (prior=none): no prior
     embedder: str = "all-MiniLM-L6-v2"  # encoder id or path; the PyPI-shipped copy is found offline
-    k: int = 32  # k-means clusters
-    batch_size: int = 64
-    max_length: int = 256  # embedder tokens per prompt
-    kmeans_iters: int = 100
-    kmeans_restarts: int = 3
-    kmeans_tol: float = 1e-4
+    k: int = bounded(32, ge=2)  # k-means clusters (one cluster would give every example the same prior)
+    batch_size: int = bounded(64, ge=1)
+    max_length: int = bounded(256, ge=1)  # embedder tokens per prompt
+    kmeans_iters: int = bounded(100, ge=1)
+    kmeans_restarts: int = bounded(3, ge=1)
+    kmeans_tol: float = bounded(1e-4, ge=0)
     backend: str = "auto"  # auto | torch | faiss
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
 
 
 @dataclass
 class TrainerConfig:
-    epochs: float = 1.0
-    max_steps: int = -1  # optimizer steps; > 0 overrides epochs
-    lr: float = 5e-5
-    weight_decay: float = 0.0
+    epochs: float = bounded(1.0, ge=0)  # fractions allowed; at least one optimizer step is taken
+    max_steps: int = bounded(-1, ge=1, allow=(-1,))  # optimizer steps; overrides epochs (-1: off)
+    lr: float = bounded(5e-5, gt=0)
+    weight_decay: float = bounded(0.0, ge=0)
     scheduler: str = "cosine"  # cosine | linear | constant
-    warmup_steps: int = 0
-    batch_size: int = 4  # per device
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
+    warmup_steps: int = bounded(0, ge=0)
+    batch_size: int = bounded(4, ge=1)  # per device
+    grad_accum: int = bounded(1, ge=1)
+    max_grad_norm: float = bounded(1.0, ge=0)  # gradient clipping (0: off)
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16 (auto: bf16 on a bf16 GPU, else no)
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"  # adamw | adafactor (transformers', fixed lr) | adamw_8bit | paged_adamw_8bit (bitsandbytes 8-bit states)
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     deepspeed: Optional[str] = None  # path of a DeepSpeed JSON config, relative paths from configs/
-    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
-    keep_last: int = 2  # checkpoints kept
+    save_every: int = bounded(0, ge=0)  # optimizer steps between checkpoints (0: only at the end)
+    keep_last: int = bounded(2, ge=0)  # checkpoints kept (0: all)
     resume: bool = False  # continue from the newest checkpoint in run_dir/checkpoints
-    log_every: int = 1
-    routing_stats_every: int = 50  # steps between routing statistics in metrics.jsonl (0: off)
-    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb
+    log_every: int = bounded(1, ge=1)
+    routing_stats_every: int = bounded(50, ge=0)  # steps between routing statistics in metrics.jsonl (0: off)
+    report_to: list[str] = unbounded(default_factory=list)  # tensorboard | wandb ([]: neither)
     group_by_length: bool = True  # batches of similar length (less padding)
-    stop_after_steps: int = -1  # testing aid: exit after this many steps without the final save
+    # testing aid: exit after this many steps without the final save (-1: off)
+    stop_after_steps: int = bounded(-1, ge=1, allow=(-1,))
 
 
 @dataclass
 class EvalConfig:
-    tasks: Optional[list[str]] = None  # subset of data.tasks, by source or task name (null: all)
-    unseen_tasks: list[str] = field(default_factory=list)  # built-ins or data.sources evaluated but never trained on
-    limit: Optional[int] = None  # examples per task
+    tasks: Optional[list[str]] = bounded(None, min_items=1, allow=(None,))  # subset of data.tasks, by source or task name (null: all)
+    unseen_tasks: list[str] = unbounded(default_factory=list)  # built-ins or data.sources evaluated but never trained on ([]: none)
+    limit: Optional[int] = bounded(None, ge=1, allow=(None,))  # examples per task (null: all)
     protocol: str = "first_token"  # choice tasks: first_token | loglik (generative tasks always use generate)
     # generate protocol (generative tasks): greedy unless do_sample; rows stop at EOS, a stop string or max_new_tokens
-    max_new_tokens: int = 64
-    stop: list[str] = field(default_factory=list)  # stop strings (the text is cut before the first one)
+    max_new_tokens: int = bounded(64, ge=1)
+    stop: list[str] = unbounded(default_factory=list)  # stop strings (the text is cut before the first one; []: none)
     do_sample: bool = False
-    temperature: float = 1.0  # with do_sample
-    top_p: float = 1.0  # with do_sample
-    num_beams: int = 1
-    bootstrap: int = 1000  # bootstrap resamples for the 95% intervals of ROUGE-L / exact match
+    temperature: float = bounded(1.0, gt=0)  # with do_sample
+    top_p: float = bounded(1.0, gt=0, le=1)  # with do_sample
+    num_beams: int = bounded(1, ge=1)
+    bootstrap: int = bounded(1000, ge=0)  # bootstrap resamples for the 95% intervals of ROUGE-L / exact match (0: none)
     restricted: bool = True  # first_token: argmax over option letters (false: greedy over the vocabulary)
-    batch_size: int = 16
+    batch_size: int = bounded(16, ge=1)
     model: Optional[str] = None  # evaluate this merged export instead of base (+ run_dir adapter)
     use_adapter: bool = True  # false: evaluate the base model
-    routing_layer: int = -1  # layer index for the routing heatmap (-1: last)
+    # Block index for the routing heatmap, Python-style (-1: the last); an index past the end also
+    # means the last block, so any integer is valid.
+    routing_layer: int = unbounded(-1)
     output: str = "eval"  # sub-folder of run_dir for results
 
 
@@ -190,8 +304,8 @@ class ExportConfig:
     overwrite: bool = False
     merged_models: bool = False  # per_task/per_cluster: also write a merged full model per task
     fidelity: bool = True  # per_task / per_cluster: eval each static export vs the dynamic adapter on its examples
-    fidelity_limit: Optional[int] = 64  # evaluation examples per task for the fidelity table
-    route_examples: int = 64  # training examples per task / cluster whose routes are averaged into its export
+    fidelity_limit: Optional[int] = bounded(64, ge=1, allow=(None,))  # evaluation examples per task for the fidelity table (null: all)
+    route_examples: int = bounded(64, ge=1)  # training examples per task / cluster whose routes are averaged into its export
     max_shard_size: str = "2GB"
 
 
@@ -210,6 +324,20 @@ class RunConfig:
     @property
     def path(self) -> Path:
         return Path(self.run_dir)
+
+
+def expert_count(adapter: AdapterConfig) -> Optional[int]:
+    """How many experts ``adapter.top_k`` chooses among, per adapter type (None: no routing, lora).
+
+    molora: num_experts LoRA experts; hydralora: num_experts B heads; mode: num_experts atoms per rank
+    position (the softmax runs over the m atoms of each position); trex: r1*r2 rank-one experts in
+    rank1_flex, r in rank1 (diagonal M). Mirrors the routers' widths in rexft/adapters/.
+    """
+    if adapter.type in ("molora", "hydralora", "mode"):
+        return adapter.num_experts
+    if adapter.type == "trex":
+        return adapter.r1 * adapter.r2 if adapter.mode == "rank1_flex" else adapter.r
+    return None
 
 
 def to_dict(cfg: Any) -> dict:

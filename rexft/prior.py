@@ -288,7 +288,8 @@ def load_prior(run_dir: Path) -> tuple[torch.Tensor, dict]:
     folder = Path(run_dir) / "prior"
     if not (folder / "meta.json").is_file():
         raise RexftError(f"no cluster prior at {folder}: run `rexft cluster-prior` with the same recipe first "
-                         "(or set adapter.use_prior=false / prior=none)")
+                         "(`rexft train` does so itself; to train trex without a prior, the 'intuition' ablation, "
+                         "pass prior=none)")
     meta = json.loads((folder / "meta.json").read_text())
     return load_file(str(folder / "centroids.safetensors"))["centroids"], meta
 

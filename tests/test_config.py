@@ -42,7 +42,7 @@ def test_precedence_group_recipe_command_line():
 
 @pytest.mark.parametrize("override,fragment", [
     (["trainer.lrr=1"], "unknown config key 'trainer.lrr' (did you mean 'trainer.lr'?)"),
-    (["recipe=smok"], "unknown recipe 'smok'; valid choices: commonsense14, demo, smoke"),
+    (["recipe=smok"], "unknown recipe 'smok'; valid choices: commonsense14, demo, demo-sni, smoke, sni"),
     (["adapter=trexx"], "unknown adapter 'trexx'; valid choices:"),
     (["trainer.lr=fast"], "config key 'trainer.lr'"),
     (["data.tasks=[boolq,nope]"], "unknown task 'nope'"),
