@@ -205,11 +205,23 @@ def cluster_report(assign: torch.Tensor, tasks: list[str], k: int) -> dict:
     return {"k": k, "n": n, "purity": round(purity, 4), "nmi": round(nmi, 4), "tasks": names, "counts": counts.tolist()}
 
 
+MAX_COLUMNS = 20  # tasks before the report lists each cluster's top tasks instead of a full cluster x task table
+
+
 def report_markdown(report: dict) -> str:
-    header = "| cluster | " + " | ".join(report["tasks"]) + " |"
-    lines = [f"purity {report['purity']:.3f}, NMI {report['nmi']:.3f} over {report['n']} examples, k={report['k']}", "",
-             header, "|" + "---|" * (len(report["tasks"]) + 1)]
-    lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in enumerate(report["counts"])]
+    head = f"purity {report['purity']:.3f}, NMI {report['nmi']:.3f} over {report['n']} examples, k={report['k']}"
+    tasks = report["tasks"]
+    if len(tasks) <= MAX_COLUMNS:
+        lines = [head, "", "| cluster | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+        lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in enumerate(report["counts"])]
+        return "\n".join(lines) + "\n"
+    lines = [head, "", f"{len(tasks)} tasks: each cluster's size and its three largest tasks (report.json has every count).", "",
+             "| cluster | examples | top tasks (examples) | share of the top task |", "|---|---|---|---|"]
+    for c, row in enumerate(report["counts"]):
+        total = sum(row)
+        top = sorted(range(len(tasks)), key=lambda t: -row[t])[:3]
+        named = ", ".join(f"{tasks[t]} ({row[t]})" for t in top if row[t])
+        lines.append(f"| {c} | {total} | {named} | {row[top[0]] / total:.2f} |" if total else f"| {c} | 0 | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -273,9 +285,13 @@ def cluster_prior(cfg: RunConfig) -> Path:
     write_json(out / "meta.json", meta)
     write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", report_markdown(report))
-    heatmap([[c / max(1, sum(row)) for c in row] for row in report["counts"]], [str(i) for i in range(cfg.prior.k)],
-            report["tasks"], f"cluster x task (row-normalised); purity {report['purity']:.2f}, NMI {report['nmi']:.2f}",
-            out / "report.png", "cluster", "task")
+    columns = sorted(range(len(report["tasks"])), key=lambda t: -sum(row[t] for row in report["counts"]))[:40]
+    columns.sort()
+    title = f"cluster x task (row-normalised); purity {report['purity']:.2f}, NMI {report['nmi']:.2f}"
+    if len(columns) < len(report["tasks"]):
+        title += f"\nthe {len(columns)} largest of {len(report['tasks'])} tasks"
+    heatmap([[row[t] / max(1, sum(row)) for t in columns] for row in report["counts"]], [str(i) for i in range(cfg.prior.k)],
+            [report["tasks"][t] for t in columns], title, out / "report.png", "cluster", "task")
     print(report_markdown(report))
     log.info("prior: %d prompts embedded in %.1fs, k-means in %.1fs -> %s", len(texts), meta["seconds"]["embed"],
              meta["seconds"]["kmeans"], out)

@@ -1,6 +1,13 @@
 """Evaluation throughput: rexft's batched scorer vs. per-example generate() at batch size 1.
 
     python scripts/bench_eval.py [--model demo|tiny] [--per-task 8] [--batch-size 16] [--new-tokens 1]
+    python scripts/bench_eval.py --protocol generate [--model demo-sni] [--per-task 2] [--max-new-tokens 32]
+
+--protocol generate (generative tasks, real SNI validation examples): rexft's generate protocol (batched,
+length-sorted, left-padded, KV cache, per-row stopping) against generate() one example at a time with the
+same settings (greedy, the same max_new_tokens and EOS), and against generate() batched in data order
+(no length sorting). Prints examples/s, the ratios, and on how many examples each peer produced the
+same text as rexft.
 
 The peer is the reference implementation's way: for each example, ``generate()`` from the prompt with
 batch size 1, then read the letter. Two peers are timed: greedy with ``--new-tokens`` (default 1, the
@@ -32,7 +39,12 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=1, help="tokens generate() produces per example")
     parser.add_argument("--llm-adapters", action="store_true", help="also time generate() with 4 beams, 32 new tokens")
     parser.add_argument("--data", default=None)
+    parser.add_argument("--protocol", default="first_token", choices=["first_token", "generate"])
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="--protocol generate: eval.max_new_tokens")
+    parser.add_argument("--tasks", type=int, default=None, help="--protocol generate: use the first N tasks (all: default)")
     args = parser.parse_args()
+    if args.protocol == "generate":
+        return bench_generate(args)
     overrides = [f"recipe={args.model}"] + ([f"data.local_dir={args.data}"] if args.data else [])
     cfg, _ = compose(overrides)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,6 +90,55 @@ def main():
     for name, seconds in peers:
         print(f"| {name} | {n / seconds:.2f} | {seconds:.1f} | {seconds / batched_s:.1f}x |")
     print(f"same letter where greedy produced one: {agree}/{compared}")
+
+
+def bench_generate(args) -> None:
+    from rexft.config import EvalConfig
+    from rexft.evaluate import left_pad as left_pad_ids
+
+    recipe = args.model if args.model != "demo" else "demo-sni"
+    overrides = [f"recipe={recipe}", f"data.sources.sni.max_tasks={args.tasks or 'null'}"]
+    cfg, _ = compose(overrides + ([f"data.local_dir={args.data}"] if args.data else []))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, len(tokenizer), device).to(device).eval()
+    fmt = PromptFormat.for_model(tokenizer, cfg.model)
+    examples = [e for s in build_splits(cfg.data) for e in s.eval[: args.per_task]]
+    settings = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    scorer = Scorer(model, tokenizer, fmt, cfg.data.max_length, args.batch_size, progress=False)
+    scorer.generate(examples[:4], settings)  # warm-up
+    start = time.perf_counter()
+    ours = [row["prediction"] for row in scorer.generate(examples, settings)]
+    ours_s = time.perf_counter() - start
+
+    prompts = [encode_prompt(e, tokenizer, fmt, cfg.data.max_length)[0] for e in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    common = dict(do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+
+    def peer(batch_size: int) -> tuple[float, list[str]]:
+        """generate() over the examples in data order, ``batch_size`` at a time (left-padded)."""
+        texts = []
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(prompts), batch_size):
+                batch = {k: v.to(device) for k, v in left_pad_ids(prompts[i:i + batch_size], pad).items()}
+                out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **common)
+                texts += [scorer.decode(row[batch["input_ids"].shape[1]:].tolist(), []) for row in out]
+        return time.perf_counter() - start, texts
+
+    single_s, single = peer(1)
+    unsorted_s, unsorted = peer(args.batch_size)
+    n = len(examples)
+    print(f"model {cfg.model.name_or_path} on {device}; {n} SNI validation examples ({args.per_task} per task, "
+          f"{len({e.task for e in examples})} tasks), greedy, max_new_tokens {args.max_new_tokens}")
+    print("| method | examples/s | seconds | rexft speed-up | same text as rexft |")
+    print("|---|---|---|---|---|")
+    print(f"| rexft eval, protocol generate (batch {args.batch_size}, length-sorted) | {n / ours_s:.2f} | {ours_s:.1f} | - | - |")
+    for name, seconds, texts in ((f"generate(), batch 1", single_s, single),
+                                 (f"generate(), batch {args.batch_size} in data order", unsorted_s, unsorted)):
+        same = sum(a == b for a, b in zip(ours, texts))
+        print(f"| {name} | {n / seconds:.2f} | {seconds:.1f} | {seconds / ours_s:.1f}x | {same}/{n} ({same / n:.1%}) |")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ def run_dir(tmp_path_factory, data_dir):
 
 def test_data_stage_writes_examples_and_stats(run_dir):
     stats = json.loads((run_dir / "data" / "stats.json").read_text())
-    assert len(stats["tasks"]) == 14 and stats["train_examples"] == 14 * 16
+    assert len(stats["tasks"]) == 14 and stats["train_examples"] == sum(t["train"] for t in stats["tasks"].values())
+    assert 14 * 16 * 0.9 <= stats["train_examples"] <= 14 * 16  # a few byte-long hellaswag items are dropped, not cut
+    assert all(t["kind"] == "choice" and t["dropped"] <= 24 for t in stats["tasks"].values())
     first = json.loads((run_dir / "data" / "train.jsonl").read_text().splitlines()[0])
     assert {"task", "row", "prompt", "options", "answer"} <= set(first)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "config.data.yaml").is_file()
@@ -54,7 +56,8 @@ def test_eval_results_have_the_promised_keys(run_dir):
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert set(results["tasks"]) == set(task_names())
     for entry in results["tasks"].values():
-        assert entry["n"] == 8 and 0 <= entry["accuracy"] <= 1 and entry["ci95"][0] <= entry["accuracy"] <= entry["ci95"][1]
+        assert entry["n"] + entry["dropped"] == 8 and entry["n"] >= 4 and entry["kind"] == "choice"
+        assert 0 <= entry["accuracy"] <= 1 and entry["ci95"][0] <= entry["accuracy"] <= entry["ci95"][1]
     assert results["mean_accuracy"] == pytest.approx(sum(t["accuracy"] for t in results["tasks"].values()) / 14, abs=1e-3)
     predictions = (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 14 * 8

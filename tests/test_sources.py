@@ -309,3 +309,20 @@ def test_bad_spec_is_one_line_and_leaves_earlier_output(tmp_path, data_dir):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("rexft: error:") and message in lines[0], result.stderr
     assert (tmp_path / "run" / "data" / "train.jsonl").read_text() == before
+
+
+def test_the_readme_example_recipe_composes(tmp_path):
+    """The "Your own data" example is copyable: it composes and every spec key is valid."""
+    from rexft.cli import compose
+    from rexft.tasks import task_names
+
+    from conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    recipe = tmp_path / "my_recipe.yaml"
+    recipe.write_text(block)
+    cfg, _ = compose([f"recipe={recipe}"])
+    assert cfg.name == "my-tasks" and set(cfg.data.sources) == {"support", "assistant", "quiz"}
+    assert [cfg.data.sources[n].format for n in ("support", "assistant", "quiz")] == ["instruction", "chat", "choice"]
+    assert cfg.data.tasks == ["boolq", "support", "assistant", "quiz"] and "boolq" in task_names()
