@@ -7,8 +7,7 @@ import rexft
 from conftest import randomize_adapters, tiny_model
 from rexft.adapters import adapter_layers
 from rexft.config import AdapterConfig
-from rexft.data import PromptFormat
-from rexft.export import mean_routes, merge_into_base, static_factors, write_peft_adapter
+from rexft.export import example_routes, mean_routes, merge_into_base, static_factors, write_peft_adapter
 from rexft.modeling import byte_tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -51,8 +50,8 @@ def test_static_export_of_constant_routing_reproduces_dynamic_logits(tmp_path):
         prior = torch.rand(1, 8).expand(2, 8)
         rexft.set_prior(model, prior)
         expected = model(input_ids=IDS).logits
-        fmt = PromptFormat.for_model(byte_tokenizer(), rexft.config.ModelConfig(use_chat_template=False))
-        routes = mean_routes(model, byte_tokenizer(), fmt, IDS.tolist(), prior)
+        per_prompt, tokens = example_routes(model, byte_tokenizer(), IDS.tolist(), prior)
+        routes = mean_routes(per_prompt, tokens, list(range(len(IDS))))
         write_peft_adapter(tmp_path / kind, static_factors(model, routes), "tiny-random-llama", torch.float32)
         static = PeftModel.from_pretrained(tiny_model(), str(tmp_path / kind))
         torch.testing.assert_close(static(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5, msg=kind)

@@ -169,3 +169,17 @@ def test_mixed_and_unseen_eval_through_the_cli(tmp_path, data_dir):
     assert "unseen generative task" in (tmp_path / "eval" / "results.md").read_text() and "ROUGE-L" in result.stdout
     compare = run_cli("eval", "compare", str(tmp_path / "eval"), str(tmp_path / "eval"))
     assert "unseen_mean_rouge_l" in compare.stdout and (tmp_path / "compare.png").is_file()
+    # two processes, each generating for its shard, give the same predictions and scores as one
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rexft", "eval",
+                    *common, "eval.output=eval_2proc"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   check=True, capture_output=True)
+    two = {(p["task"], p["id"]): p for p in map(json.loads, (tmp_path / "eval_2proc" / "predictions.jsonl").read_text().splitlines())}
+    assert {k: v.get("prediction") for k, v in two.items()} == {(p["task"], p["id"]): p.get("prediction") for p in predictions}
+    two_results = json.loads((tmp_path / "eval_2proc" / "results.json").read_text())
+    assert two_results["mean_rouge_l"] == results["mean_rouge_l"] and two_results["unseen_mean_rouge_l"] == results["unseen_mean_rouge_l"]

@@ -109,7 +109,7 @@ def test_export_per_cluster_and_dtype(run_dir):
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["mode"] == "per_cluster" and manifest["dtype"] == "bfloat16"
     clusters = sorted((run_dir / "export" / "per_cluster").iterdir())
-    assert clusters and sum(manifest["per_cluster"].values()) == 14 * 16
+    assert clusters and 0 < sum(manifest["per_cluster"].values()) <= 14 * 16  # up to export.route_examples each
     from safetensors.torch import load_file
 
     tensors = load_file(str(clusters[0] / "adapter_model.safetensors"))
