@@ -135,7 +135,7 @@ def bench_generate(args) -> None:
     print("| method | examples/s | seconds | rexft speed-up | same text as rexft |")
     print("|---|---|---|---|---|")
     print(f"| rexft eval, protocol generate (batch {args.batch_size}, length-sorted) | {n / ours_s:.2f} | {ours_s:.1f} | - | - |")
-    for name, seconds, texts in ((f"generate(), batch 1", single_s, single),
+    for name, seconds, texts in (("generate(), batch 1", single_s, single),
                                  (f"generate(), batch {args.batch_size} in data order", unsorted_s, unsorted)):
         same = sum(a == b for a, b in zip(ours, texts))
         print(f"| {name} | {n / seconds:.2f} | {seconds:.1f} | {seconds / ours_s:.1f}x | {same}/{n} ({same / n:.1%}) |")
