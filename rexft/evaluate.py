@@ -43,6 +43,16 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 40  # tasks shown in a heatmap or bar chart before it summarises
 
 
+def _cache_kwarg() -> str:
+    """generate()'s name for a prefilled KV cache: `cache` in recent transformers, `past_key_values` before."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", []) else "past_key_values"
+
+
+CACHE_KWARG = _cache_kwarg()
+
+
 # --------------------------------------------------------------------------------------------- batching
 def left_pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(s) for s in sequences)
@@ -173,13 +183,19 @@ class Scorer:
                             "nll": round(-scores[example.answer_index] / max(1, len(example.options[example.answer_index].encode())), 5)})
         return results
 
+    def priors_at(self, i: int) -> torch.Tensor | None:
+        return None if self.priors is None else self.priors[i]
+
     @torch.inference_mode()
-    def target_nll(self, examples: list[Example]) -> list[float | None]:
+    def target_nll(self, examples: list[Example], priors: list | None = None) -> list[float | None]:
         """Mean nats per target token (the target text and EOS, as trained) under teacher forcing; None
-        for an example that cannot fit data.max_length."""
+        for an example that cannot fit data.max_length. ``priors``: one per example (default: self.priors)."""
         encoded = {i: r for i, r in enumerate(encode_example(e, self.tokenizer, self.fmt, self.max_length) for e in examples)
                    if r is not None}
         out: list[float | None] = [None] * len(examples)
+        saved = self.priors
+        if priors is not None and priors and priors[0] is not None:
+            self.priors = torch.stack(priors)
         for index in self._batches({i: len(r["input_ids"]) for i, r in encoded.items()}):
             rows = [encoded[i] for i in index]
             targets = [r["input_ids"][r["prompt_length"]:] for r in rows]
@@ -190,16 +206,48 @@ class Scorer:
                 predicted = logprobs[row, keep - n - 1: keep - 1]  # positions predicting the target tokens
                 picked = predicted.gather(-1, torch.tensor(target, device=predicted.device)[:, None])
                 out[i] = round(-float(picked.sum()) / n, 5)
+        self.priors = saved
         return out
+
+    def _target_pass(self, batch: dict[str, torch.Tensor], targets: list[list[int]]):
+        """One forward over left-padded prompts followed by right-padded targets: each row's target NLL
+        (mean nats per token) and the KV cache cut back to the prompts (all but their last position, which
+        generate() feeds itself)."""
+        width, longest = batch["input_ids"].shape[1], max(len(t) for t in targets)
+        target_ids = torch.full((len(targets), longest), self.pad_id, dtype=torch.long)
+        target_mask = torch.zeros((len(targets), longest), dtype=torch.long)
+        for row, target in enumerate(targets):
+            target_ids[row, : len(target)] = torch.tensor(target)
+            target_mask[row, : len(target)] = 1
+        ids = torch.cat([batch["input_ids"], target_ids], 1).to(self.device)
+        mask = torch.cat([batch["attention_mask"], target_mask], 1).to(self.device)
+        set_token_mask(self.model, mask)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                         use_cache=True, logits_to_keep=longest + 1)
+        logprobs = out.logits[:, :-1].float().log_softmax(-1)  # positions width-1 .. predict the target tokens
+        picked = logprobs.gather(-1, target_ids.to(self.device)[..., None])[..., 0] * target_mask.to(self.device)
+        nlls = [round(-float(picked[row].sum()) / len(t), 5) for row, t in enumerate(targets)]
+        cache = out.past_key_values
+        cache.crop(-(longest + 1))  # keep the prompts' first width - 1 positions
+        return nlls, cache
 
     @torch.inference_mode()
     def generate(self, examples: list[Example], settings: EvalConfig, on_batch=None) -> list[dict]:
-        """Batched decoding with generate(); each row scored by ROUGE-L and exact match against its references."""
+        """Batched decoding with generate(); each row scored by ROUGE-L and exact match against its references,
+        and by its target NLL. With one sequence per row, the target NLL comes from the forward that fills the
+        prompts' KV cache (prompt + target in one pass), and generate() continues from that cache."""
         from tqdm.auto import tqdm
         from transformers import GenerationConfig
 
-        prompts = {i: ids for i, ids in ((i, encode_prompt(e, self.tokenizer, self.fmt, self.max_length)[0])
-                                         for i, e in enumerate(examples)) if ids is not None}
+        prompts, targets = {}, {}
+        for i, example in enumerate(examples):
+            row = encode_example(example, self.tokenizer, self.fmt, self.max_length)
+            if row is not None:
+                prompts[i], targets[i] = row["input_ids"][: row["prompt_length"]], row["input_ids"][row["prompt_length"]:]
+            else:  # the target does not fit beside the prompt: generate anyway, no target NLL
+                ids = encode_prompt(example, self.tokenizer, self.fmt, self.max_length)[0]
+                if ids is not None:
+                    prompts[i] = ids
         eos = self.tokenizer.eos_token_id
         config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                                   num_beams=settings.num_beams, eos_token_id=eos, pad_token_id=self.pad_id)
@@ -210,19 +258,27 @@ class Scorer:
         if settings.stop:
             config.stop_strings = list(settings.stop)
         texts: dict[int, str] = {}
+        nlls: dict[int, float] = {}
         batches = list(self._batches({i: len(p) for i, p in prompts.items()}))
         for index in tqdm(batches, desc="generate", disable=not self.progress, leave=False):
             batch = left_pad([prompts[i] for i in index], self.pad_id)
             self._set_prior(index)  # stays set for every decoding step (beams repeat it)
+            cache = None
+            if settings.num_beams == 1 and all(i in targets for i in index):
+                batch_nlls, cache = self._target_pass(batch, [targets[i] for i in index])
+                nlls.update(zip(index, batch_nlls))
             set_token_mask(self.model, None)
             output = self.model.generate(input_ids=batch["input_ids"].to(self.device),
-                                         attention_mask=batch["attention_mask"].to(self.device),
+                                         attention_mask=batch["attention_mask"].to(self.device), **{CACHE_KWARG: cache},
                                          generation_config=config, tokenizer=self.tokenizer if settings.stop else None)
             if on_batch:
                 on_batch(index)
             width = batch["input_ids"].shape[1]
             for row, i in enumerate(index):
                 texts[i] = self.decode(output[row, width:].tolist(), settings.stop)
+        missing = [i for i in targets if i not in nlls]
+        if missing:  # beams, or a batch holding an example without a target NLL: one teacher-forced pass
+            nlls.update(zip(missing, self.target_nll([examples[i] for i in missing], [self.priors_at(i) for i in missing])))
         results = []
         for i, example in enumerate(examples):
             if i not in texts:
@@ -231,7 +287,7 @@ class Scorer:
             references = example.references or [example.answer]
             results.append({"task": example.task, "id": example.row, "prediction": texts[i], "references": references,
                             "rouge_l": round(rouge_l(texts[i], references), 5),
-                            "exact_match": exact_match(texts[i], references)})
+                            "exact_match": exact_match(texts[i], references), "target_nll": nlls.get(i)})
         return results
 
     def decode(self, tokens: list[int], stop: list[str]) -> str:
@@ -406,9 +462,6 @@ def score_examples(scorer: Scorer, examples: list[Example], cfg: EvalConfig, on_
                       else scorer.loglik(subset, relay))
         else:
             scored = scorer.generate(subset, cfg, relay)
-            for row, nll in zip(scored, scorer.target_nll(subset)):
-                if not row.get("dropped"):
-                    row["target_nll"] = nll
         for i, row in zip(index, scored):
             predictions[i] = row
     scorer.priors = priors

@@ -132,6 +132,11 @@ def test_target_nll_equals_a_hand_computation():
         target = row["input_ids"][row["prompt_length"]:]  # " reference text" + EOS
         picked = [logprobs[row["prompt_length"] - 1 + j, t] for j, t in enumerate(target)]
         assert nll == pytest.approx(-float(sum(picked)) / len(target), abs=1e-4)
+    # generate() takes the target NLL from the pass that fills the prompt cache: the same numbers
+    generated = scorer.generate(chosen, EvalConfig(max_new_tokens=4))
+    assert [row["target_nll"] for row in generated] == pytest.approx(nlls, abs=1e-4)
+    beams = scorer.generate(chosen, EvalConfig(max_new_tokens=4, num_beams=2))  # no shared cache with beams
+    assert [row["target_nll"] for row in beams] == pytest.approx(nlls, abs=1e-4)
 
 
 def test_summary_reports_generative_and_unseen_tasks_apart():
