@@ -58,6 +58,27 @@ def rexft(*args: str) -> float:
     return time.perf_counter() - start
 
 
+def run_method(name: str, extra: list[str] | None, common: list[str], root: Path, shared_prior: Path,
+               wall: dict, params: dict, commands: list[str]) -> Path:
+    """Train and evaluate one method through the CLI (the base model: evaluate only), in its own run
+    directory with the shared prior; records wall time, trainable parameters and the commands."""
+    run_dir = root / name.split(" (")[0].replace(" ", "_").replace(",", "").replace("=", "").replace("+", "plus")
+    if extra is None:
+        command = ["eval", *common, f"run_dir={run_dir}", "eval.use_adapter=false"]
+        wall[name] = rexft(*command)
+        commands.append("rexft " + " ".join(command))
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir / "prior", ignore_errors=True)
+    shutil.copytree(shared_prior / "prior", run_dir / "prior")
+    train = ["train", *common, *extra, f"run_dir={run_dir}"]
+    evaluate = ["eval", *common, *extra, f"run_dir={run_dir}"]
+    wall[name] = rexft(*train) + rexft(*evaluate)
+    commands += ["rexft " + " ".join(train), "rexft " + " ".join(evaluate)]
+    params[name] = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["parameters"]["trainable"]
+    return run_dir
+
+
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     """Mean of a - b and the half-width of its 95% interval (normal approximation, paired by example)."""
     d = [x - y for x, y in zip(a, b)]
@@ -93,23 +114,7 @@ def main():
         wall["cluster-prior"] = rexft("cluster-prior", *common, f"run_dir={shared_prior}")
     results, params, commands = {}, {}, []
     for name in args.methods:
-        slug = name.split(" (")[0].replace(" ", "_").replace(",", "").replace("=", "").replace("+", "plus")
-        run_dir = root / slug
-        extra = METHODS[name]
-        if extra is None:
-            command = ["eval", *common, f"run_dir={run_dir}", "eval.use_adapter=false"]
-            wall[name] = rexft(*command)
-            commands.append("rexft " + " ".join(command))
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(run_dir / "prior", ignore_errors=True)
-            shutil.copytree(shared_prior / "prior", run_dir / "prior")
-            train = ["train", *common, *extra, f"run_dir={run_dir}"]
-            evaluate = ["eval", *common, *extra, f"run_dir={run_dir}"]
-            wall[name] = rexft(*train) + rexft(*evaluate)
-            commands += ["rexft " + " ".join(train), "rexft " + " ".join(evaluate)]
-            config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
-            params[name] = config["parameters"]["trainable"]
+        run_dir = run_method(name, METHODS[name], common, root, shared_prior, wall, params, commands)
         results[name] = {
             "summary": json.loads((run_dir / "eval" / "results.json").read_text()),
             "predictions": [json.loads(l) for l in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()],
@@ -202,20 +207,7 @@ def sni_study(args) -> None:
         commands.append("rexft " + " ".join(["cluster-prior", *common, f"run_dir={shared_prior}"]))
     started = time.perf_counter()
     for name, extra in methods.items():
-        run_dir = root / name.split(" (")[0].replace(" ", "_").replace(",", "").replace("=", "").replace("+", "plus")
-        if extra is None:
-            command = ["eval", *common, f"run_dir={run_dir}", "eval.use_adapter=false"]
-            wall[name] = rexft(*command)
-            commands.append("rexft " + " ".join(command))
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(run_dir / "prior", ignore_errors=True)
-            shutil.copytree(shared_prior / "prior", run_dir / "prior")
-            train = ["train", *common, *extra, f"run_dir={run_dir}"]
-            evaluate = ["eval", *common, *extra, f"run_dir={run_dir}"]
-            wall[name] = rexft(*train) + rexft(*evaluate)
-            commands += ["rexft " + " ".join(train), "rexft " + " ".join(evaluate)]
-            params[name] = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["parameters"]["trainable"]
+        run_dir = run_method(name, extra, common, root, shared_prior, wall, params, commands)
         predictions = [json.loads(l) for l in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
         results[name] = {"summary": json.loads((run_dir / "eval" / "results.json").read_text()),
                          "predictions": {(p["task"], p["id"]): p for p in predictions if not p.get("dropped")}}
