@@ -10,8 +10,8 @@
               adapter/  the dynamic adapter as is, with LOADING.md
 
 Per-task export scales with the number of tasks: the base model is loaded once, every prompt is embedded
-once, per-example routes come from one batched pass, and the fidelity check re-points one PEFT model at
-each written adapter rather than loading a model per task.
+once, per-example routes come from one batched pass, and the fidelity check loads every written adapter
+into one PEFT model and scores each example with its own adapter in mixed batches (PEFT's ``adapter_names``).
 
 Everything is written to a temporary folder, reloaded and checked, then renamed to run_dir/export, so a
 failed export leaves nothing half-written and never replaces an existing export unless
@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -257,8 +258,10 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
     route_index = {name: [i for i in index if prompts[i] is not None] for name, index in route_index.items()}
     kept = [i for i in used if prompts[i] is not None]
     position = {i: p for p, i in enumerate(kept)}
+    clock = time.perf_counter()
     routes, tokens = example_routes(model, tokenizer, [prompts[i] for i in kept],
                                     None if priors is None else priors[kept], cfg.eval.batch_size)
+    log.info("routes of %d training prompts in %.1fs", len(kept), time.perf_counter() - clock)
     folder = tmp / by
     written = {}
     for name, index in tqdm(sorted(route_index.items()), desc=f"export {by}", leave=False):
@@ -282,26 +285,27 @@ def _fidelity(cfg: RunConfig, model, tokenizer, fmt: PromptFormat, folder: Path,
               examples: list, keys: list[str], priors, by: str) -> dict:
     """Each static export vs the dynamic adapter on its evaluation examples (those of its task, or those
     whose prior puts them in its cluster): accuracy for choice examples, ROUGE-L for generative ones."""
-    from peft import PeftModel, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import PeftModel
 
     from rexft.evaluate import Scorer, headline, score_examples, summarize
 
     index = [i for i, key in enumerate(keys) if key in written]
     examples, keys = [examples[i] for i in index], [keys[i] for i in index]
     priors = None if priors is None else priors[index]
+    clock = time.perf_counter()
     dynamic = score_examples(Scorer(model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size, priors, False),
                              examples, cfg.eval)
-    static_model = PeftModel.from_pretrained(remove_adapters(model), str(folder / next(iter(written)))).eval()
-    static: list[dict | None] = [None] * len(examples)
-    scorer = Scorer(static_model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size, None, False)
-    for name in written:
-        members = [i for i, key in enumerate(keys) if key == name]
-        if not members:
-            continue
-        set_peft_model_state_dict(static_model, load_file(str(folder / name / "adapter_model.safetensors")))
-        for i, row in zip(members, score_examples(scorer, [examples[i] for i in members], cfg.eval)):
-            static[i] = row
+    log.info("fidelity: the dynamic adapter on %d examples in %.1fs", len(examples), time.perf_counter() - clock)
+    clock = time.perf_counter()
+    # Every written export loaded into one PEFT model, each example scored by its own in mixed batches.
+    names = list(written)
+    static_model = PeftModel.from_pretrained(remove_adapters(model), str(folder / names[0]), adapter_name=names[0])
+    for name in names[1:]:
+        static_model.load_adapter(str(folder / name), adapter_name=name)
+    static_model.eval()
+    scorer = Scorer(static_model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size, None, False, adapter_names=keys)
+    static = score_examples(scorer, examples, cfg.eval)
+    log.info("fidelity: %d static exports on the same examples in %.1fs", len(written), time.perf_counter() - clock)
     rows, table = {}, []
     for name in written:
         members = [i for i, key in enumerate(keys) if key == name]

@@ -4,7 +4,7 @@ the 14 built-in tasks at a similar number of examples, and the SNI source at 30,
     python scripts/bench_data.py [--data ../shared/data] [--repeats 2]
 
 Each configuration runs the real CLI (`rexft data`, SmolLM2's tokenizer, nothing cached but datasets'
-parsed files, warmed by a first run) and reports wall seconds, examples, tasks and ms per 1,000 examples.
+parsed files, warmed by a first run) and reports wall seconds, examples, tasks and seconds per 1,000 examples.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ def main():
         "14 built-in tasks, capped to a similar size": ["recipe=demo", local, "data.max_length=768",
                                                         "data.train_per_task=900", "data.eval_per_task=150"],
     }
-    print("| configuration | tasks | examples (train + eval) | seconds | ms per 1,000 examples |")
+    print("| configuration | tasks | examples (train + eval) | seconds | seconds per 1,000 examples |")
     print("|---|---|---|---|---|")
     for name, overrides in configs.items():
         seconds, stats = run(overrides, args.repeats)
         n = sum(t["train"] + t["eval"] for t in stats["tasks"].values())
-        print(f"| {name} | {len(stats['tasks'])} | {n:,} | {seconds:.1f} | {1000 * seconds / n:.0f} |", flush=True)
+        print(f"| {name} | {len(stats['tasks'])} | {n:,} | {seconds:.1f} | {1000 * seconds / n:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
