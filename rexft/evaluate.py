@@ -26,6 +26,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -90,7 +91,7 @@ class Scorer:
     batch_size: int = 16
     priors: torch.Tensor | None = None
     progress: bool = True
-    adapter_names: list[str] | None = None  # a PEFT model with several adapters: row i uses adapter_names[i]
+    row_state: Callable[[list[int]], None] | None = None  # called with each batch's example indices (per-row state)
 
     @property
     def device(self):
@@ -108,16 +109,14 @@ class Scorer:
 
     def _set_prior(self, rows: list[int]) -> None:
         set_prior(self.model, None if self.priors is None else self.priors[rows].to(self.device))
-
-    def _per_row(self, rows: list[int]) -> dict:
-        """Extra forward / generate arguments of these rows (PEFT's mixed-adapter batches)."""
-        return {} if self.adapter_names is None else {"adapter_names": [self.adapter_names[i] for i in rows]}
+        if self.row_state is not None:
+            self.row_state(rows)
 
     def _forward(self, sequences: list[list[int]], rows: list[int], keep: int) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in left_pad(sequences, self.pad_id).items()}
         self._set_prior(rows)
         set_token_mask(self.model, batch["attention_mask"])
-        return last_logprobs(self.model, {**batch, **self._per_row(rows)}, keep)
+        return last_logprobs(self.model, batch, keep)
 
     @torch.inference_mode()
     def first_token(self, examples: list[Example], restricted: bool = True, on_batch=None) -> list[dict]:
@@ -214,11 +213,11 @@ class Scorer:
         self.priors = saved
         return out
 
-    def _target_pass(self, batch: dict[str, torch.Tensor], targets: list[list[int]], rows: list[int]):
+    def _target_pass(self, batch: dict[str, torch.Tensor], targets: list[list[int]]):
         """One forward over left-padded prompts followed by right-padded targets: each row's target NLL
         (mean nats per token) and the KV cache cut back to the prompts (all but their last position, which
         generate() feeds itself)."""
-        width, longest = batch["input_ids"].shape[1], max(len(t) for t in targets)
+        longest = max(len(t) for t in targets)
         target_ids = torch.full((len(targets), longest), self.pad_id, dtype=torch.long)
         target_mask = torch.zeros((len(targets), longest), dtype=torch.long)
         for row, target in enumerate(targets):
@@ -228,11 +227,11 @@ class Scorer:
         mask = torch.cat([batch["attention_mask"], target_mask], 1).to(self.device)
         set_token_mask(self.model, mask)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-                         use_cache=True, logits_to_keep=longest + 1, **self._per_row(rows))
+                         use_cache=True, logits_to_keep=longest + 1)
         logprobs = out.logits[:, :-1].float().log_softmax(-1)  # positions width-1 .. predict the target tokens
         picked = logprobs.gather(-1, target_ids.to(self.device)[..., None])[..., 0] * target_mask.to(self.device)
         nlls = [round(-float(picked[row].sum()) / len(t), 5) for row, t in enumerate(targets)]
-        cache = out.past_key_values
+        cache = out[CACHE_KWARG]  # the output field is named like generate()'s argument
         cache.crop(-(longest + 1))  # keep the prompts' first width - 1 positions
         return nlls, cache
 
@@ -270,13 +269,12 @@ class Scorer:
             self._set_prior(index)  # stays set for every decoding step (beams repeat it)
             cache = None
             if settings.num_beams == 1 and all(i in targets for i in index):
-                batch_nlls, cache = self._target_pass(batch, [targets[i] for i in index], index)
+                batch_nlls, cache = self._target_pass(batch, [targets[i] for i in index])
                 nlls.update(zip(index, batch_nlls))
             set_token_mask(self.model, None)
             output = self.model.generate(input_ids=batch["input_ids"].to(self.device),
                                          attention_mask=batch["attention_mask"].to(self.device), **{CACHE_KWARG: cache},
-                                         generation_config=config, tokenizer=self.tokenizer if settings.stop else None,
-                                         **self._per_row(index))
+                                         generation_config=config, tokenizer=self.tokenizer if settings.stop else None)
             if on_batch:
                 on_batch(index)
             width = batch["input_ids"].shape[1]

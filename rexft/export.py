@@ -10,8 +10,9 @@
               adapter/  the dynamic adapter as is, with LOADING.md
 
 Per-task export scales with the number of tasks: the base model is loaded once, every prompt is embedded
-once, per-example routes come from one batched pass, and the fidelity check loads every written adapter
-into one PEFT model and scores each example with its own adapter in mixed batches (PEFT's ``adapter_names``).
+once, per-example routes come from one batched pass, and the fidelity check scores every static export at
+once (GroupedLoRA: each row of a batch with its own group's B' A'), then reloads written adapters with PEFT
+to check the files are those factors.
 
 Everything is written to a temporary folder, reloaded and checked, then renamed to run_dir/export, so a
 failed export leaves nothing half-written and never replaces an existing export unless
@@ -123,13 +124,63 @@ def mean_routes(routes: dict[str, torch.Tensor], tokens: torch.Tensor, index: li
     return {name: (per_prompt[index] * weights[:, None]).sum(0) / weights.sum() for name, per_prompt in routes.items()}
 
 
-def remove_adapters(model: torch.nn.Module) -> torch.nn.Module:
-    """Put every wrapped base linear back, untouched: the plain base model again (no weights change)."""
+class GroupedLoRA(torch.nn.Module):
+    """Every static export of one layer at once: out = base(x) + B_g (A_g x), with g the group (task or
+    cluster) of each row, set per batch by :func:`set_groups`. For one group this is what PEFT computes
+    from that group's exported adapter; for a batch mixing groups it is PEFT's mixed-adapter batch, as two
+    batched matmuls."""
+
+    def __init__(self, base: torch.nn.Module, A: torch.Tensor, B: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.A, self.B = A, B  # (G, r, in), (G, out, r)
+        self.groups: torch.Tensor | None = None  # (b,) group index of each row
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base(x, *args, **kwargs)
+        groups = self.groups
+        if groups.shape[0] != x.shape[0]:  # generate() with beams repeats rows
+            groups = groups.repeat_interleave(x.shape[0] // groups.shape[0])
+        z = torch.einsum("bsi,bri->bsr", x.to(self.A.dtype), self.A[groups])  # (b, s, r)
+        return out + torch.einsum("bsr,bor->bso", z, self.B[groups]).to(out.dtype)  # (b, s, out)
+
+
+def stack_static_factors(model: torch.nn.Module, per_group: list[dict]) -> list[GroupedLoRA]:
+    """Swap every adapter layer of ``model`` for a GroupedLoRA holding each group's static factors."""
+    grouped = []
     for name, layer in list(adapter_layers(model).items()):
+        A = torch.stack([factors[name][0] for factors in per_group]).float()
+        B = torch.stack([factors[name][1] for factors in per_group]).float()
+        module = GroupedLoRA(layer.base, A, B)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.base)
+        setattr(model.get_submodule(parent_name), child, module)
+        grouped.append(module)
     del model.rexft_adapter_config
-    return model
+    return grouped
+
+
+def set_groups(layers: list[GroupedLoRA], groups: torch.Tensor) -> None:
+    for layer in layers:
+        layer.groups = groups
+
+
+def check_written(cfg: RunConfig, tokenizer, folder: Path, names: list[str], layers: list[GroupedLoRA], model,
+                  dtype: torch.dtype) -> None:
+    """The adapters on disk are the factors scored: the first and last written, loaded by PEFT onto a
+    fresh base, give GroupedLoRA's logits for their group on a probe prompt (to the export dtype's precision)."""
+    from peft import PeftModel
+
+    ids = probe_ids(tokenizer, cfg)
+    base = base_model_for_export(cfg, tokenizer).eval()
+    for index in sorted({0, len(names) - 1}):
+        set_groups(layers, torch.tensor([index]))
+        with torch.inference_mode():
+            expected = model(input_ids=ids).logits.float()
+            loaded = PeftModel.from_pretrained(base, str(folder / names[index])).eval()
+            gap = float((loaded(input_ids=ids).logits.float() - expected).abs().max())
+            base = loaded.unload()
+        if gap > (1e-3 if dtype == torch.float32 else 5e-2) * max(1.0, float(expected.abs().max())):
+            raise RexftError(f"reload check failed: export {folder / names[index]} differs from its factors by {gap:.3g} in logits")
 
 
 def static_factors(model, routes: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -263,16 +314,17 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
                                     None if priors is None else priors[kept], cfg.eval.batch_size)
     log.info("routes of %d training prompts in %.1fs", len(kept), time.perf_counter() - clock)
     folder = tmp / by
-    written = {}
+    written, factors = {}, {}
     for name, index in tqdm(sorted(route_index.items()), desc=f"export {by}", leave=False):
         if not index:
             continue
         group_routes = mean_routes(routes, tokens, [position[i] for i in index])
-        write_peft_adapter(folder / name, static_factors(model, group_routes), cfg.model.name_or_path, dtype)
+        factors[name] = static_factors(model, group_routes)
+        write_peft_adapter(folder / name, factors[name], cfg.model.name_or_path, dtype)
         written[name] = len(index)
     result = {by: written, "dtype": str(dtype).replace("torch.", ""), "route_examples": cfg.export.route_examples}
     if checked:
-        result["fidelity"] = _fidelity(cfg, model, tokenizer, fmt, folder, written, checked,
+        result["fidelity"] = _fidelity(cfg, model, tokenizer, fmt, folder, written, factors, dtype, checked,
                                        keys[len(train):], None if priors is None else priors[len(train):], by)
     for name in written if cfg.export.merged_models else []:  # opt-in: a full model per group
         merged = PeftModel.from_pretrained(base_model_for_export(cfg, tokenizer), str(folder / name)).merge_and_unload()
@@ -282,11 +334,9 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
 
 
 def _fidelity(cfg: RunConfig, model, tokenizer, fmt: PromptFormat, folder: Path, written: dict[str, int],
-              examples: list, keys: list[str], priors, by: str) -> dict:
+              factors: dict[str, dict], dtype: torch.dtype, examples: list, keys: list[str], priors, by: str) -> dict:
     """Each static export vs the dynamic adapter on its evaluation examples (those of its task, or those
     whose prior puts them in its cluster): accuracy for choice examples, ROUGE-L for generative ones."""
-    from peft import PeftModel
-
     from rexft.evaluate import Scorer, headline, score_examples, summarize
 
     index = [i for i, key in enumerate(keys) if key in written]
@@ -297,15 +347,15 @@ def _fidelity(cfg: RunConfig, model, tokenizer, fmt: PromptFormat, folder: Path,
                              examples, cfg.eval)
     log.info("fidelity: the dynamic adapter on %d examples in %.1fs", len(examples), time.perf_counter() - clock)
     clock = time.perf_counter()
-    # Every written export loaded into one PEFT model, each example scored by its own in mixed batches.
+    # Every static export at once (GroupedLoRA): each example scored with its own group's B' A'.
     names = list(written)
-    static_model = PeftModel.from_pretrained(remove_adapters(model), str(folder / names[0]), adapter_name=names[0])
-    for name in names[1:]:
-        static_model.load_adapter(str(folder / name), adapter_name=name)
-    static_model.eval()
-    scorer = Scorer(static_model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size, None, False, adapter_names=keys)
+    group_of = torch.tensor([names.index(key) for key in keys])
+    layers = stack_static_factors(model, [factors[name] for name in names])
+    scorer = Scorer(model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size, None, False,
+                    row_state=lambda rows: set_groups(layers, group_of[rows]))
     static = score_examples(scorer, examples, cfg.eval)
     log.info("fidelity: %d static exports on the same examples in %.1fs", len(written), time.perf_counter() - clock)
+    check_written(cfg, tokenizer, folder, names, layers, model, dtype)
     rows, table = {}, []
     for name in written:
         members = [i for i, key in enumerate(keys) if key == name]

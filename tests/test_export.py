@@ -55,3 +55,24 @@ def test_static_export_of_constant_routing_reproduces_dynamic_logits(tmp_path):
         write_peft_adapter(tmp_path / kind, static_factors(model, routes), "tiny-random-llama", torch.float32)
         static = PeftModel.from_pretrained(tiny_model(), str(tmp_path / kind))
         torch.testing.assert_close(static(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5, msg=kind)
+
+
+@torch.no_grad()
+def test_grouped_lora_scores_each_row_with_its_own_export(tmp_path):
+    """A batch mixing groups through GroupedLoRA == PEFT loading each group's exported adapter alone."""
+    from rexft.export import set_groups, stack_static_factors
+
+    model = randomized("mode")
+    routes = []
+    for seed in (1, 2):  # two different constant routes: two static exports
+        per_prompt, tokens = example_routes(model, byte_tokenizer(), IDS[seed - 1:seed].tolist(), None)
+        routes.append(mean_routes(per_prompt, tokens, [0]))
+    per_group = [static_factors(model, r) for r in routes]
+    for g, factors in enumerate(per_group):
+        write_peft_adapter(tmp_path / f"g{g}", factors, "tiny-random-llama", torch.float32)
+    layers = stack_static_factors(model, per_group)
+    set_groups(layers, torch.tensor([1, 0]))  # row 0 uses export 1, row 1 export 0
+    mixed = model(input_ids=IDS).logits
+    for row, group in ((0, 1), (1, 0)):
+        alone = PeftModel.from_pretrained(tiny_model(), str(tmp_path / f"g{group}"))(input_ids=IDS[row:row + 1]).logits
+        torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-5, atol=1e-5)
