@@ -172,8 +172,6 @@ def test_mixed_and_unseen_eval_through_the_cli(tmp_path, data_dir):
     generated = [p for p in predictions if "prediction" in p]
     assert len(generated) == 4 * 3 + 2 * 3 and all(p["references"] and "target_nll" in p for p in generated)
     assert "unseen generative task" in (tmp_path / "eval" / "results.md").read_text() and "ROUGE-L" in result.stdout
-    compare = run_cli("eval", "compare", str(tmp_path / "eval"), str(tmp_path / "eval"))
-    assert "unseen_mean_rouge_l" in compare.stdout and (tmp_path / "compare.png").is_file()
     # two processes, each generating for its shard, give the same predictions and scores as one
     import os
     import subprocess
@@ -188,3 +186,29 @@ def test_mixed_and_unseen_eval_through_the_cli(tmp_path, data_dir):
     assert {k: v.get("prediction") for k, v in two.items()} == {(p["task"], p["id"]): p.get("prediction") for p in predictions}
     two_results = json.loads((tmp_path / "eval_2proc" / "results.json").read_text())
     assert two_results["mean_rouge_l"] == results["mean_rouge_l"] and two_results["unseen_mean_rouge_l"] == results["unseen_mean_rouge_l"]
+    compare = run_cli("eval", "compare", str(tmp_path / "eval"), str(tmp_path / "eval_2proc"))
+    assert "unseen_mean_rouge_l" in compare.stdout and "mean_accuracy" in compare.stdout
+    assert (tmp_path / "compare.png").is_file() and "(unseen)" in (tmp_path / "compare.md").read_text()
+
+
+@pytest.mark.slow
+def test_demo_sni_recipe_end_to_end_on_a_tiny_model(tmp_path, data_dir):
+    """recipe=demo-sni through the real CLI, with the tiny random model in place of SmolLM2: data ->
+    cluster-prior -> train -> eval (held-in and unseen SNI tasks) -> merge-export (per cluster, ROUGE-L fidelity)."""
+    common = ["recipe=demo-sni", "model=tiny_llama", "model.tiny.max_position_embeddings=4096", f"run_dir={tmp_path}",
+              f"data.local_dir={data_dir}", "data.max_length=3072", "data.sources.sni.max_tasks=4",
+              "data.sources.sni_test.max_tasks=2", "data.sources.sni_test.eval_per_task=2", "prior.k=4",
+              "adapter.prior_dim=4", "eval.max_new_tokens=4", "trainer.batch_size=4", "trainer.grad_accum=1"]
+    data = run_cli("data", *common)
+    assert "| **4 generate tasks** |" in data.stdout
+    prior = run_cli("cluster-prior", *common)
+    assert "purity" in prior.stdout
+    run_cli("train", *common)
+    run_cli("eval", *common)
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert sum(not e["unseen"] for e in results["tasks"].values()) == 4 and sum(e["unseen"] for e in results["tasks"].values()) == 2
+    assert results["mean_rouge_l"] is not None and results["unseen_mean_rouge_l"] is not None
+    run_cli("merge-export", *common)
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["mode"] == "per_cluster" and manifest["per_cluster"]
+    assert "ROUGE-L" in (tmp_path / "export" / "per_cluster" / "fidelity.md").read_text()

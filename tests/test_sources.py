@@ -281,7 +281,7 @@ export: {{mode: per_task, fidelity_limit: 2}}
     common = [f"recipe={recipe}", f"run_dir={tmp_path / 'run'}"]
     data = run_cli("data", *common)
     assert "| reverse | generate |" in data.stdout and "| pick | choice |" in data.stdout and "| talk | generate |" in data.stdout
-    run_cli("train", *common)
+    run_cli("train", *common, "data.packing=true")  # generative and choice examples packed together
     run_cli("eval", *common)
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     assert {t: e["kind"] for t, e in results["tasks"].items()} == {
