@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import string
 import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -255,6 +256,11 @@ def _check_choices(cfg: RunConfig) -> None:
             raise ConfigError(f"data.sources.{name} names no source: give a local `path` or a `hub` dataset id")
         if name in task_names():
             raise ConfigError(f"data.sources.{name} has the name of a built-in task; rename the source")
+        for key in ("template", "template_no_input"):
+            fields = {f for _, f, _, _ in string.Formatter().parse(getattr(spec, key)) if f is not None}
+            if fields - {"instruction", "input"}:
+                raise ConfigError(f"config key 'data.sources.{name}.{key}': unknown field(s) {sorted(fields - {'instruction', 'input'})}; "
+                                  "a template may use {instruction} and {input}")
         unknown = sorted(set(spec.columns) - set(FIELDS[spec.format][0] + FIELDS[spec.format][1]))
         if unknown:
             raise ConfigError(f"config key 'data.sources.{name}.columns': unknown field(s) {unknown} for format "

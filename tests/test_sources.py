@@ -303,6 +303,7 @@ def test_bad_spec_is_one_line_and_leaves_earlier_output(tmp_path, data_dir):
     before = (tmp_path / "run" / "data" / "train.jsonl").read_text()
     for bad, message in (("+data.sources.mine.format=alpaca", "'data.sources.mine.format': 'alpaca' is not one of"),
                          ("+data.sources.mine.colums={}", "data.sources.mine.colums"),
+                         ("+data.sources.mine.template='{system}: {instruction}'", "unknown field(s) ['system']"),
                          ("+data.sources.mine.columns={output: nope}", "missing column 'nope'")):
         result = run_cli("data", *good, bad, check=False)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
