@@ -54,6 +54,27 @@ def randomize_adapters(model, seed: int = 1, scale: float = 0.1):
     return model
 
 
+def assert_packed_equals_alone(model, rows: list[dict], pad_id: int) -> None:
+    """Pack ``rows`` (each with its own prior) into one row: every example's logits and labels there equal
+    the example run alone (pack_rows places the longest first)."""
+    import rexft
+    from rexft.data import collate_packed, pack_rows
+
+    (packed,) = pack_rows(rows, 1024)
+    batch = collate_packed([packed], pad_id)
+    rexft.set_prior(model, batch["prior"])
+    with torch.no_grad():
+        together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for row in sorted(rows, key=lambda r: -len(r["input_ids"])):
+            n = len(row["input_ids"])
+            assert batch["labels"][0, start:start + n].tolist() == row["labels"]
+            rexft.set_prior(model, row["prior"][None])
+            alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+            torch.testing.assert_close(together[start:start + n], alone, rtol=1e-4, atol=1e-4)
+            start += n
+
+
 def run_cli(*args: str, cwd: Path = ROOT, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m rexft ARGS`` as a user would run it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -3,9 +3,9 @@
 import torch
 
 import rexft
-from conftest import randomize_adapters, tiny_model
+from conftest import assert_packed_equals_alone, randomize_adapters, tiny_model
 from rexft.config import AdapterConfig, DataConfig, ModelConfig
-from rexft.data import PromptFormat, build_splits, collate_packed, encode_example, pack_rows
+from rexft.data import PromptFormat, build_splits, encode_example, pack_rows
 from rexft.modeling import byte_tokenizer
 
 
@@ -27,15 +27,4 @@ def test_packed_logits_equal_examples_run_alone(data_dir):
     for row, prior in zip(rows, priors):
         row["prior"] = prior
     model = randomize_adapters(rexft.inject_adapters(tiny_model(), AdapterConfig(type="trex", prior_dim=8, dropout=0)))
-    (packed,) = pack_rows(rows, 1024)
-    batch = collate_packed([packed], tok.pad_token_id)
-    rexft.set_prior(model, batch["prior"])
-    together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-    # pack_rows orders by length; recover each example's segment from the position restarts
-    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
-    for start in starts:
-        n = next(len(r["input_ids"]) for r in rows if r["input_ids"] == batch["input_ids"][0, start:start + len(r["input_ids"])].tolist())
-        row = next(r for r in rows if r["input_ids"] == batch["input_ids"][0, start:start + n].tolist())
-        rexft.set_prior(model, row["prior"][None])
-        alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
-        torch.testing.assert_close(together[start:start + n], alone, rtol=1e-4, atol=1e-4)
+    assert_packed_equals_alone(model, rows, tok.pad_token_id)

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import rexft
-from conftest import randomize_adapters, run_cli, tiny_model
+from conftest import assert_packed_equals_alone, randomize_adapters, run_cli, tiny_model
 from rexft.config import AdapterConfig, DataConfig, ModelConfig, TaskSpec
-from rexft.data import (IGNORE_INDEX, PromptFormat, build_splits, collate_packed, encode_example, pack_rows,
-                        select_splits)
+from rexft.data import IGNORE_INDEX, PromptFormat, build_splits, encode_example, select_splits
 from rexft.errors import RexftError
 from rexft.modeling import byte_tokenizer
 
@@ -216,18 +215,7 @@ def test_packed_generative_examples_compute_what_they_compute_alone(tmp_path):
     for row, prior in zip(rows, torch.rand(3, 8)):
         row["prior"] = prior
     model = randomize_adapters(rexft.inject_adapters(tiny_model(), AdapterConfig(type="trex", prior_dim=8, dropout=0)))
-    (packed,) = pack_rows(rows, 1024)
-    batch = collate_packed([packed], TOK.pad_token_id)
-    rexft.set_prior(model, batch["prior"])
-    together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-    start = 0
-    for row in sorted(rows, key=lambda r: -len(r["input_ids"])):  # pack_rows places the longest first
-        n = len(row["input_ids"])
-        assert batch["labels"][0, start:start + n].tolist() == row["labels"]
-        rexft.set_prior(model, row["prior"][None])
-        alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
-        torch.testing.assert_close(together[start:start + n], alone, rtol=1e-4, atol=1e-4)
-        start += n
+    assert_packed_equals_alone(model, rows, TOK.pad_token_id)
 
 
 def test_real_sni_records_expand_into_120_tasks(data_dir):
