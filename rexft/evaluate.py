@@ -187,30 +187,25 @@ class Scorer:
                             "nll": round(-scores[example.answer_index] / max(1, len(example.options[example.answer_index].encode())), 5)})
         return results
 
-    def priors_at(self, i: int) -> torch.Tensor | None:
-        return None if self.priors is None else self.priors[i]
-
     @torch.inference_mode()
-    def target_nll(self, examples: list[Example], priors: list | None = None) -> list[float | None]:
+    def target_nll(self, examples: list[Example], prior_rows: list[int] | None = None) -> list[float | None]:
         """Mean nats per target token (the target text and EOS, as trained) under teacher forcing; None
-        for an example that cannot fit data.max_length. ``priors``: one per example (default: self.priors)."""
+        for an example that cannot fit data.max_length. ``prior_rows[i]``: example i's row of self.priors
+        (default: i)."""
         encoded = {i: r for i, r in enumerate(encode_example(e, self.tokenizer, self.fmt, self.max_length) for e in examples)
                    if r is not None}
         out: list[float | None] = [None] * len(examples)
-        saved = self.priors
-        if priors is not None and priors and priors[0] is not None:
-            self.priors = torch.stack(priors)
+        rows_of = prior_rows if prior_rows is not None else list(range(len(examples)))
         for index in self._batches({i: len(r["input_ids"]) for i, r in encoded.items()}):
             rows = [encoded[i] for i in index]
             targets = [r["input_ids"][r["prompt_length"]:] for r in rows]
             keep = max(len(t) for t in targets) + 1
-            logprobs = self._forward([r["input_ids"] for r in rows], index, keep)  # (b, keep, V)
+            logprobs = self._forward([r["input_ids"] for r in rows], [rows_of[i] for i in index], keep)  # (b, keep, V)
             for row, (i, target) in enumerate(zip(index, targets)):
                 n = len(target)
                 predicted = logprobs[row, keep - n - 1: keep - 1]  # positions predicting the target tokens
                 picked = predicted.gather(-1, torch.tensor(target, device=predicted.device)[:, None])
                 out[i] = round(-float(picked.sum()) / n, 5)
-        self.priors = saved
         return out
 
     def _target_pass(self, batch: dict[str, torch.Tensor], targets: list[list[int]]):
@@ -282,7 +277,7 @@ class Scorer:
                 texts[i] = self.decode(output[row, width:].tolist(), settings.stop)
         missing = [i for i in targets if i not in nlls]
         if missing:  # beams, or a batch holding an example without a target NLL: one teacher-forced pass
-            nlls.update(zip(missing, self.target_nll([examples[i] for i in missing], [self.priors_at(i) for i in missing])))
+            nlls.update(zip(missing, self.target_nll([examples[i] for i in missing], missing)))
         results = []
         for i, example in enumerate(examples):
             if i not in texts:
