@@ -557,6 +557,12 @@ def headline(entry: dict) -> tuple[str, float | None]:
     return "accuracy", entry.get("accuracy")
 
 
+MEAN_LABELS = {"mean_accuracy": "mean accuracy", "mean_rouge_l": "mean ROUGE-L", "mean_exact_match": "mean EM",
+               "mean_target_nll": "mean target NLL", "unseen_mean_accuracy": "unseen mean accuracy",
+               "unseen_mean_rouge_l": "unseen mean ROUGE-L", "unseen_mean_exact_match": "unseen mean EM",
+               "unseen_mean_target_nll": "unseen mean target NLL"}
+
+
 def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
     """``rexft eval compare DIR...``: side-by-side table (accuracy for choice tasks; ROUGE-L, EM and target
     NLL for generative ones; held-in and unseen means apart), and compare.{md,png} written to the runs'
@@ -590,11 +596,9 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
     lines = ["| task (accuracy, or ROUGE-L / EM / target NLL) | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
     lines += [f"| {task}{' (unseen)' if any(r['tasks'].get(task, {}).get('unseen') for r in runs.values()) else ''} | "
               + " | ".join(cell(r, task) for r in runs.values()) + " |" for task in tasks]
-    means = [k for k in ("mean_accuracy", "mean_rouge_l", "mean_exact_match", "mean_target_nll", "unseen_mean_accuracy",
-                         "unseen_mean_rouge_l", "unseen_mean_exact_match", "unseen_mean_target_nll")
-             if any(r.get(k) is not None for r in runs.values())]
-    lines += [f"| **{k}** | " + " | ".join(f"**{r[k]:.3f}**" if r.get(k) is not None else "-" for r in runs.values()) + " |"
-              for k in means]
+    means = [k for k in MEAN_LABELS if any(r.get(k) is not None for r in runs.values())]
+    lines += [f"| **{MEAN_LABELS[k]}** | " + " | ".join(f"**{r[k]:.3f}**" if r.get(k) is not None else "-" for r in runs.values())
+              + " |" for k in means]
     table = "\n".join(lines)
     print(table if len(tasks) <= 30 else "\n".join(lines[:2] + lines[-len(means):]) + f"\n({len(tasks)} tasks: see compare.md)")
     fig, ax = plt.subplots(figsize=(max(8, min(len(tasks), MAX_ROWS) * 0.8), 4.5))

@@ -187,7 +187,7 @@ def test_mixed_and_unseen_eval_through_the_cli(tmp_path, data_dir):
     two_results = json.loads((tmp_path / "eval_2proc" / "results.json").read_text())
     assert two_results["mean_rouge_l"] == results["mean_rouge_l"] and two_results["unseen_mean_rouge_l"] == results["unseen_mean_rouge_l"]
     compare = run_cli("eval", "compare", str(tmp_path / "eval"), str(tmp_path / "eval_2proc"))
-    assert "unseen_mean_rouge_l" in compare.stdout and "mean_accuracy" in compare.stdout
+    assert "**unseen mean ROUGE-L**" in compare.stdout and "**mean accuracy**" in compare.stdout
     assert (tmp_path / "compare.png").is_file() and "(unseen)" in (tmp_path / "compare.md").read_text()
 
 

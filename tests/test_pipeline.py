@@ -79,7 +79,7 @@ def test_export_per_task_loads_in_peft_and_refuses_to_overwrite(run_dir):
 
 def test_eval_compare_prints_a_table_and_a_chart(run_dir, tmp_path):
     out = run_cli("eval", "compare", str(run_dir), str(run_dir), cwd=tmp_path).stdout
-    assert "| boolq |" in out and "**mean**" in out
+    assert "| boolq |" in out and "| **mean accuracy** |" in out
     assert (run_dir / "compare.png").stat().st_size > 1000  # beside the runs, not in the working directory
     assert not (tmp_path / "compare.png").exists()
 
