@@ -66,6 +66,82 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
 
 
+def shared_prefix_lengths(prompts: dict[int, list[int]], groups: dict[int, object]) -> dict[int, int]:
+    """Per prompt, how many of its leading tokens every prompt of its group shares (a group is usually a
+    task, whose prompts open with the same instruction), leaving it at least its last token; 0 for a prompt
+    alone in its group."""
+    members: dict[object, list[int]] = {}
+    for i in prompts:
+        members.setdefault(groups[i], []).append(i)
+    lengths = {}
+    for index in members.values():
+        if len(index) == 1:
+            lengths[index[0]] = 0
+            continue
+        sequences = [prompts[i] for i in index]
+        shortest = min(len(s) for s in sequences)
+        shared = 0
+        while shared < shortest - 1 and all(s[shared] == sequences[0][shared] for s in sequences):
+            shared += 1
+        lengths.update((i, shared) for i in index)
+    return lengths
+
+
+def shared_prefix_order(sizes: dict[int, int], groups: dict[int, object], shared: dict[int, int]) -> list[int]:
+    """Indices in batching order: the rows of a group that shares an opening together (those groups first,
+    the one with the longest row first), rows by the tokens after their opening; then the rest by size."""
+    longest: dict[object, int] = {}
+    for i, n in sizes.items():
+        longest[groups[i]] = max(longest.get(groups[i], 0), n)
+    return sorted(sizes, key=lambda i: (shared[i] == 0, -longest[groups[i]] if shared[i] else -sizes[i],
+                                        str(groups[i]), -(sizes[i] - shared[i])))
+
+
+def _select_rows(cache, index: torch.Tensor) -> None:
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(index)
+    else:  # transformers 5: per layer
+        for layer in cache.layers:
+            layer.batch_select_indices(index)
+
+
+@dataclass
+class Prefix:
+    """Each row's prefix, every distinct prefix run once: its tokens and mask (b, P), gathered per row, and
+    the KV cache of the rows' prefixes. ``which[r]``: row r's distinct prefix."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    cache: object
+    which: list[int]
+
+
+def prefill_prefixes(model, prefixes: list[list[int]], pad_id: int, before=None) -> Prefix:
+    """One forward over the distinct prefixes (left-padded), then the cache gathered to one row per prefix
+    use. ``before(rows)`` is called with the first row using each distinct prefix (to set per-row state)."""
+    device = next(model.parameters()).device
+    distinct: dict[tuple, int] = {}
+    which = [distinct.setdefault(tuple(p), len(distinct)) for p in prefixes]
+    batch = {k: v.to(device) for k, v in left_pad([list(p) for p in distinct], pad_id).items()}
+    if before is not None:
+        before([which.index(d) for d in range(len(distinct))])
+    set_token_mask(model, batch["attention_mask"])
+    cache = model(**batch, use_cache=True, logits_to_keep=1)[CACHE_KWARG]
+    index = torch.tensor(which, device=device)
+    _select_rows(cache, index)
+    return Prefix(batch["input_ids"][index], batch["attention_mask"][index], cache, which)
+
+
+def forward_after(model, prefix: Prefix | None, batch: dict[str, torch.Tensor], keep: int):
+    """The model over ``batch`` (input_ids, attention_mask: the tokens after each row's prefix), continuing
+    ``prefix``'s cache (which it extends) with positions counted over the real tokens before."""
+    mask = batch["attention_mask"] if prefix is None else torch.cat([prefix.attention_mask, batch["attention_mask"]], 1)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -batch["input_ids"].shape[1]:]
+    set_token_mask(model, batch["attention_mask"])
+    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
+                 logits_to_keep=keep, **({} if prefix is None else {CACHE_KWARG: prefix.cache}))
+
+
 def last_logprobs(model, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
     """log-softmax of the logits at the last ``keep`` positions: (b, keep, V), float32."""
     try:
@@ -92,6 +168,10 @@ class Scorer:
     priors: torch.Tensor | None = None
     progress: bool = True
     row_state: Callable[[list[int]], None] | None = None  # called with each batch's example indices (per-row state)
+    # generate: the prompts of one task share their opening tokens' KV cache (computed once per batch). Exact
+    # only where the model computes the same for every row of a task: never with per-row priors; a caller
+    # whose row_state differs within a task turns it off.
+    share_prefixes: bool = True
 
     @property
     def device(self):
@@ -101,9 +181,9 @@ class Scorer:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    def _batches(self, lengths: dict[int, int]):
-        """Batches of example indices, longest first (``lengths``: index -> tokens)."""
-        order = sorted(lengths, key=lambda i: -lengths[i])
+    def _batches(self, lengths: dict[int, int], order: list[int] | None = None):
+        """Batches of example indices, longest first (``lengths``: index -> tokens), or in ``order``."""
+        order = order or sorted(lengths, key=lambda i: -lengths[i])
         for start in range(0, len(order), self.batch_size):
             yield order[start:start + self.batch_size]
 
@@ -208,33 +288,53 @@ class Scorer:
                 out[i] = round(-float(picked.sum()) / n, 5)
         return out
 
-    def _target_pass(self, batch: dict[str, torch.Tensor], targets: list[list[int]]):
-        """One forward over left-padded prompts followed by right-padded targets: each row's target NLL
-        (mean nats per token) and the KV cache cut back to the prompts (all but their last position, which
-        generate() feeds itself)."""
-        longest = max(len(t) for t in targets)
-        target_ids = torch.full((len(targets), longest), self.pad_id, dtype=torch.long)
-        target_mask = torch.zeros((len(targets), longest), dtype=torch.long)
-        for row, target in enumerate(targets):
-            target_ids[row, : len(target)] = torch.tensor(target)
-            target_mask[row, : len(target)] = 1
-        ids = torch.cat([batch["input_ids"], target_ids], 1).to(self.device)
-        mask = torch.cat([batch["attention_mask"], target_mask], 1).to(self.device)
-        set_token_mask(self.model, mask)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-                         use_cache=True, logits_to_keep=longest + 1)
-        logprobs = out.logits[:, :-1].float().log_softmax(-1)  # positions width-1 .. predict the target tokens
-        picked = logprobs.gather(-1, target_ids.to(self.device)[..., None])[..., 0] * target_mask.to(self.device)
-        nlls = [round(-float(picked[row].sum()) / len(t), 5) for row, t in enumerate(targets)]
+    def _prefill(self, index: list[int], prompts: dict[int, list[int]], shared: dict[int, int],
+                 targets: list[list[int]] | None):
+        """Fill the KV cache of a batch's prompts but their last token (generate() feeds that itself): each
+        distinct shared prefix once, then every row's remaining prompt tokens, followed by its target when
+        ``targets`` is given. Returns (target NLLs (mean nats per token) or None, cache, the batch's prompts
+        as generate() reads them: input_ids and attention_mask)."""
+        lengths = [shared.get(i, 0) for i in index]
+        if any(lengths) and all(len(prompts[i]) > 1 for i in index):
+            lengths = [n or 1 for n in lengths]  # a row of its own shares only its first token
+        else:
+            lengths = [0] * len(index)
+        prefix = None
+        if any(lengths):
+            before = (lambda rows: self.row_state([index[r] for r in rows])) if self.row_state else None
+            prefix = prefill_prefixes(self.model, [prompts[i][:n] for i, n in zip(index, lengths)], self.pad_id, before)
+            if self.row_state:
+                self.row_state(index)
+        rest = left_pad([prompts[i][n:] for i, n in zip(index, lengths)], self.pad_id)
+        rest = {k: v.to(self.device) for k, v in rest.items() if k != "position_ids"}
+        longest = max(len(t) for t in targets) if targets else 0
+        ids, mask = rest["input_ids"], rest["attention_mask"]
+        if targets:  # right-padded after the prompts
+            target_ids = torch.full((len(targets), longest), self.pad_id, dtype=torch.long, device=self.device)
+            target_mask = torch.zeros_like(target_ids)
+            for row, target in enumerate(targets):
+                target_ids[row, : len(target)] = torch.tensor(target)
+                target_mask[row, : len(target)] = 1
+            ids, mask = torch.cat([ids, target_ids], 1), torch.cat([mask, target_mask], 1)
+        out = forward_after(self.model, prefix, {"input_ids": ids, "attention_mask": mask}, longest + 1)
+        nlls = None
+        if targets:
+            logprobs = out.logits[:, :-1].float().log_softmax(-1)  # the positions predicting the target tokens
+            picked = logprobs.gather(-1, target_ids[..., None])[..., 0] * target_mask
+            nlls = [round(-float(picked[row].sum()) / len(t), 5) for row, t in enumerate(targets)]
         cache = out[CACHE_KWARG]  # the output field is named like generate()'s argument
-        cache.crop(-(longest + 1))  # keep the prompts' first width - 1 positions
-        return nlls, cache
+        cache.crop(-(longest + 1))  # keep the prompts but their last position
+        if prefix is None:
+            return nlls, cache, rest
+        return nlls, cache, {"input_ids": torch.cat([prefix.input_ids, rest["input_ids"]], 1),
+                             "attention_mask": torch.cat([prefix.attention_mask, rest["attention_mask"]], 1)}
 
     @torch.inference_mode()
     def generate(self, examples: list[Example], settings: EvalConfig, on_batch=None) -> list[dict]:
         """Batched decoding with generate(); each row scored by ROUGE-L and exact match against its references,
-        and by its target NLL. With one sequence per row, the target NLL comes from the forward that fills the
-        prompts' KV cache (prompt + target in one pass), and generate() continues from that cache."""
+        and by its target NLL. Greedy or sampled with one sequence per row, the prompts' KV cache is filled
+        here: a task's shared opening (its instruction) once per batch, then each row's prompt and target in
+        one pass that also gives the target NLL; generate() continues from that cache."""
         from tqdm.auto import tqdm
         from transformers import GenerationConfig
 
@@ -256,19 +356,27 @@ class Scorer:
             config.temperature, config.top_p, config.top_k = None, None, None
         if settings.stop:
             config.stop_strings = list(settings.stop)
+        prefilled = settings.num_beams == 1
+        share = prefilled and self.share_prefixes and self.priors is None
+        tasks = {i: examples[i].task for i in prompts}
+        shared = shared_prefix_lengths(prompts, tasks) if share else {}
         texts: dict[int, str] = {}
         nlls: dict[int, float] = {}
-        batches = list(self._batches({i: len(p) for i, p in prompts.items()}))
+        sizes = {i: len(p) + len(targets.get(i, ())) for i, p in prompts.items()}
+        batches = list(self._batches(sizes, shared_prefix_order(sizes, tasks, shared) if share else None))
         for index in tqdm(batches, desc="generate", disable=not self.progress, leave=False):
-            batch = left_pad([prompts[i] for i in index], self.pad_id)
             self._set_prior(index)  # stays set for every decoding step (beams repeat it)
-            cache = None
-            if settings.num_beams == 1 and all(i in targets for i in index):
-                batch_nlls, cache = self._target_pass(batch, [targets[i] for i in index])
-                nlls.update(zip(index, batch_nlls))
+            if prefilled:
+                with_targets = all(i in targets for i in index)
+                batch_nlls, cache, batch = self._prefill(index, prompts, shared, [targets[i] for i in index] if with_targets else None)
+                if with_targets:
+                    nlls.update(zip(index, batch_nlls))
+                kwargs = {CACHE_KWARG: cache}
+            else:
+                batch = {k: v.to(self.device) for k, v in left_pad([prompts[i] for i in index], self.pad_id).items()}
+                kwargs = {}
             set_token_mask(self.model, None)
-            output = self.model.generate(input_ids=batch["input_ids"].to(self.device),
-                                         attention_mask=batch["attention_mask"].to(self.device), **{CACHE_KWARG: cache},
+            output = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs,
                                          generation_config=config, tokenizer=self.tokenizer if settings.stop else None)
             if on_batch:
                 on_batch(index)
@@ -444,6 +552,32 @@ def adapter_priors(adapter_dir: Path, adapter_config: dict, prompts: list[str], 
     return priors_from(prompts, load_file(str(centroids_path))["centroids"], meta, cfg.prior)
 
 
+def scoring_fingerprint(cfg: RunConfig) -> dict:
+    """What an example's score depends on besides the example: the adapter's weights and the scoring
+    settings. merge-export reuses ``rexft eval``'s predictions for its fidelity table when these match."""
+    import hashlib
+
+    from rexft.adapters import ADAPTER_WEIGHTS
+
+    weights = cfg.path / "adapter" / ADAPTER_WEIGHTS
+    return {"adapter_sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None,
+            "model": cfg.model.name_or_path, "max_length": cfg.data.max_length, "protocol": cfg.eval.protocol,
+            "restricted": cfg.eval.restricted, "max_new_tokens": cfg.eval.max_new_tokens, "stop": list(cfg.eval.stop),
+            "do_sample": cfg.eval.do_sample, "num_beams": cfg.eval.num_beams}
+
+
+def reusable_predictions(cfg: RunConfig) -> dict[tuple[str, object], dict]:
+    """``rexft eval``'s predictions of the run's adapter, by (task, id), when they were scored with the
+    adapter as it is now and the same settings (greedy decoding only); else none."""
+    out = cfg.path / cfg.eval.output
+    if cfg.eval.do_sample or not (out / "results.json").is_file() or not (out / "predictions.jsonl").is_file():
+        return {}
+    if json.loads((out / "results.json").read_text()).get("fingerprint") != scoring_fingerprint(cfg):
+        return {}
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    return {(row["task"], row["id"]): row for row in rows}
+
+
 def score_examples(scorer: Scorer, examples: list[Example], cfg: EvalConfig, on_batch=None) -> list[dict]:
     """Each example with its task's protocol; predictions in the order of ``examples``."""
     choice = [i for i, e in enumerate(examples) if e.kind == "choice"]
@@ -499,6 +633,8 @@ def evaluate(cfg: RunConfig) -> Path:
     results.update({"protocol": cfg.eval.protocol, "restricted": cfg.eval.restricted, "model": description,
                     "eval_source": sources, "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "stop": cfg.eval.stop,
                                                            "do_sample": cfg.eval.do_sample, "num_beams": cfg.eval.num_beams}})
+    if adapter_config is not None:
+        results["fingerprint"] = scoring_fingerprint(cfg)
     out = cfg.path / cfg.eval.output
     write_json(out / "results.json", results)
     write_jsonl(out / "predictions.jsonl", predictions)

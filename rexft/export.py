@@ -91,27 +91,46 @@ def write_peft_adapter(directory: Path, factors: dict[str, tuple[torch.Tensor, t
 
 
 @torch.inference_mode()
-def example_routes(model, tokenizer, prompts: list[list[int]], priors: torch.Tensor | None,
-                   batch_size: int = 16) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def example_routes(model, tokenizer, prompts: list[list[int]], priors: torch.Tensor | None, batch_size: int = 16,
+                   groups: list[str] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per mixture layer: each prompt's route averaged over its tokens (n, E); and each prompt's token count (n,).
-    One batched pass over length-sorted prompts."""
-    from rexft.evaluate import left_pad
+    One batched pass over length-sorted prompts. With ``groups`` (each prompt's task) and no priors, the
+    opening a task's prompts share is run once per batch and its tokens' routes counted for every prompt."""
+    from rexft.evaluate import forward_after, left_pad, prefill_prefixes, shared_prefix_lengths, shared_prefix_order
 
     layers = {n: m for n, m in adapter_layers(model).items() if m.is_mixture}
     routes = {n: [None] * len(prompts) for n in layers}
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    shared = {}
+    if groups is not None and priors is None:
+        shared = shared_prefix_lengths(dict(enumerate(prompts)), dict(enumerate(groups)))
+    sizes = {i: len(p) for i, p in enumerate(prompts)}
+    order = shared_prefix_order(sizes, dict(enumerate(groups)), shared) if shared else sorted(sizes, key=lambda i: -sizes[i])
+    set_prior(model, None)
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in index], pad_id).items()}
-        set_prior(model, None if priors is None else priors[index].to(device))
-        set_token_mask(model, batch["attention_mask"])
+        if priors is not None:
+            set_prior(model, priors[index].to(device))
+        lengths = [shared.get(i, 0) for i in index]
+        if any(lengths) and all(len(prompts[i]) > 1 for i in index):
+            lengths = [n or 1 for n in lengths]  # a row of its own shares only its first token
+        else:
+            lengths = [0] * len(index)
         for layer in layers.values():
             layer.route_log = []
-        model(**batch, use_cache=False, logits_to_keep=1)
+        prefix = None
+        if any(lengths):
+            prefix = prefill_prefixes(model, [prompts[i][:n] for i, n in zip(index, lengths)], pad_id)
+            opening = {name: layer.route_log.pop()[prefix.which] for name, layer in layers.items()}  # (b, E)
+        rest = {k: v.to(device) for k, v in left_pad([prompts[i][n:] for i, n in zip(index, lengths)], pad_id).items()}
+        forward_after(model, prefix, rest, keep=1)
+        weight = torch.tensor([[n / len(prompts[i])] for i, n in zip(index, lengths)])  # the opening's share of tokens
         for name, layer in layers.items():
-            for i, route in zip(index, torch.cat(layer.route_log)):  # (b, E)
+            per_row = layer.route_log.pop()  # (b, E) over each row's tokens after its opening
+            if prefix is not None:
+                per_row = weight * opening[name] + (1 - weight) * per_row
+            for i, route in zip(index, per_row):
                 routes[name][i] = route
             layer.route_log = None
     tokens = torch.tensor([float(len(p)) for p in prompts])
@@ -310,8 +329,8 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
     kept = [i for i in used if prompts[i] is not None]
     position = {i: p for p, i in enumerate(kept)}
     clock = time.perf_counter()
-    routes, tokens = example_routes(model, tokenizer, [prompts[i] for i in kept],
-                                    None if priors is None else priors[kept], cfg.eval.batch_size)
+    routes, tokens = example_routes(model, tokenizer, [prompts[i] for i in kept], None if priors is None else priors[kept],
+                                    cfg.eval.batch_size, groups=[train[i].task for i in kept])
     log.info("routes of %d training prompts in %.1fs", len(kept), time.perf_counter() - clock)
     folder = tmp / by
     written, factors = {}, {}
@@ -324,7 +343,7 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
         written[name] = len(index)
     result = {by: written, "dtype": str(dtype).replace("torch.", ""), "route_examples": cfg.export.route_examples}
     if checked:
-        result["fidelity"] = _fidelity(cfg, model, tokenizer, fmt, folder, written, factors, dtype, checked,
+        result["fidelity"], result["fidelity_dynamic_from_eval"] = _fidelity(cfg, model, tokenizer, fmt, folder, written, factors, dtype, checked,
                                        keys[len(train):], None if priors is None else priors[len(train):], by)
     for name in written if cfg.export.merged_models else []:  # opt-in: a full model per group
         merged = PeftModel.from_pretrained(base_model_for_export(cfg, tokenizer), str(folder / name)).merge_and_unload()
@@ -334,25 +353,36 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
 
 
 def _fidelity(cfg: RunConfig, model, tokenizer, fmt: PromptFormat, folder: Path, written: dict[str, int],
-              factors: dict[str, dict], dtype: torch.dtype, examples: list, keys: list[str], priors, by: str) -> dict:
+              factors: dict[str, dict], dtype: torch.dtype, examples: list, keys: list[str], priors,
+              by: str) -> tuple[dict, int]:
     """Each static export vs the dynamic adapter on its evaluation examples (those of its task, or those
-    whose prior puts them in its cluster): accuracy for choice examples, ROUGE-L for generative ones."""
-    from rexft.evaluate import Scorer, headline, score_examples, summarize
+    whose prior puts them in its cluster): accuracy for choice examples, ROUGE-L for generative ones.
+    Returns the table's rows and how many dynamic scores came from rexft eval's predictions."""
+    from rexft.evaluate import Scorer, headline, reusable_predictions, score_examples, summarize
 
     index = [i for i, key in enumerate(keys) if key in written]
     examples, keys = [examples[i] for i in index], [keys[i] for i in index]
     priors = None if priors is None else priors[index]
     clock = time.perf_counter()
-    dynamic = score_examples(Scorer(model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size, priors, False),
-                             examples, cfg.eval)
-    log.info("fidelity: the dynamic adapter on %d examples in %.1fs", len(examples), time.perf_counter() - clock)
+    # The dynamic side: rexft eval's predictions where it scored these examples with this adapter and these
+    # settings (the fidelity examples are the first of eval's own per-task sample), the rest scored here.
+    known = reusable_predictions(cfg)
+    dynamic = [known.get((e.task, e.row)) for e in examples]
+    todo = [i for i, row in enumerate(dynamic) if row is None]
+    if todo:
+        scorer = Scorer(model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size,
+                        None if priors is None else priors[todo], False)
+        for i, row in zip(todo, score_examples(scorer, [examples[i] for i in todo], cfg.eval)):
+            dynamic[i] = row
+    log.info("fidelity: the dynamic adapter on %d examples in %.1fs (%d from rexft eval's predictions)",
+             len(examples), time.perf_counter() - clock, len(examples) - len(todo))
     clock = time.perf_counter()
     # Every static export at once (GroupedLoRA): each example scored with its own group's B' A'.
     names = list(written)
     group_of = torch.tensor([names.index(key) for key in keys])
     layers = stack_static_factors(model, [factors[name] for name in names])
     scorer = Scorer(model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size, None, False,
-                    row_state=lambda rows: set_groups(layers, group_of[rows]))
+                    row_state=lambda rows: set_groups(layers, group_of[rows]), share_prefixes=by == "per_task")
     static = score_examples(scorer, examples, cfg.eval)
     log.info("fidelity: %d static exports on the same examples in %.1fs", len(written), time.perf_counter() - clock)
     check_written(cfg, tokenizer, folder, names, layers, model, dtype)
@@ -382,4 +412,4 @@ def _fidelity(cfg: RunConfig, model, tokenizer, fmt: PromptFormat, folder: Path,
                f"{sum(gaps) / max(1, len(gaps)):.3f}, largest {max(gaps, default=0):.3f}")
     (folder / "fidelity.md").write_text(summary + "\n\n" + "\n".join(header + table) + "\n")
     print(summary if len(table) > 30 else "\n".join([summary, ""] + header + table))
-    return rows
+    return rows, len(examples) - len(todo)

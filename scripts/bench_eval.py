@@ -1,10 +1,11 @@
 """Evaluation throughput: rexft's batched scorer vs. per-example generate() at batch size 1.
 
     python scripts/bench_eval.py [--model demo|tiny] [--per-task 8] [--batch-size 16] [--new-tokens 1]
-    python scripts/bench_eval.py --protocol generate [--model demo-sni] [--per-task 2] [--max-new-tokens 32]
+    python scripts/bench_eval.py --protocol generate [--model demo-sni] [--tasks 40] [--per-task 4] [--max-new-tokens 32]
 
 --protocol generate (generative tasks, real SNI validation examples): rexft's generate protocol (batched,
-length-sorted, left-padded, KV cache, per-row stopping) against generate() one example at a time with the
+length-sorted, left-padded, KV cache, per-row stopping, each task's shared instruction prefilled once per
+batch; it also computes every target's NLL) against generate() one example at a time with the
 same settings (greedy, the same max_new_tokens and EOS), and against generate() batched in data order
 (no length sorting). Prints examples/s, the ratios, and on how many examples each peer produced the
 same text as rexft.
@@ -97,7 +98,7 @@ def bench_generate(args) -> None:
     from rexft.evaluate import left_pad as left_pad_ids
 
     recipe = args.model if args.model != "demo" else "demo-sni"
-    overrides = [f"recipe={recipe}", f"data.sources.sni.max_tasks={args.tasks or 'null'}"]
+    overrides = [f"recipe={recipe}", f"data.sources.sni.max_tasks={args.tasks or 'null'}", f"data.eval_per_task={args.per_task}"]
     cfg, _ = compose(overrides + ([f"data.local_dir={args.data}"] if args.data else []))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(cfg.model)
@@ -110,6 +111,10 @@ def bench_generate(args) -> None:
     start = time.perf_counter()
     ours = [row["prediction"] for row in scorer.generate(examples, settings)]
     ours_s = time.perf_counter() - start
+    scorer.share_prefixes = False
+    start = time.perf_counter()
+    unshared = [row["prediction"] for row in scorer.generate(examples, settings)]
+    unshared_s = time.perf_counter() - start
 
     prompts = [encode_prompt(e, tokenizer, fmt, cfg.data.max_length)[0] for e in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -135,7 +140,8 @@ def bench_generate(args) -> None:
     print("| method | examples/s | seconds | rexft speed-up | same text as rexft |")
     print("|---|---|---|---|---|")
     print(f"| rexft eval, protocol generate (batch {args.batch_size}, length-sorted) | {n / ours_s:.2f} | {ours_s:.1f} | - | - |")
-    for name, seconds, texts in (("generate(), batch 1", single_s, single),
+    for name, seconds, texts in (("rexft, prefixes not shared (eval of a per-row prior adapter)", unshared_s, unshared),
+                                 ("generate(), batch 1", single_s, single),
                                  (f"generate(), batch {args.batch_size} in data order", unsorted_s, unsorted)):
         same = sum(a == b for a, b in zip(ours, texts))
         print(f"| {name} | {n / seconds:.2f} | {seconds:.1f} | {seconds / ours_s:.1f}x | {same}/{n} ({same / n:.1%}) |")

@@ -76,3 +76,18 @@ def test_grouped_lora_scores_each_row_with_its_own_export(tmp_path):
     for row, group in ((0, 1), (1, 0)):
         alone = PeftModel.from_pretrained(tiny_model(), str(tmp_path / f"g{group}"))(input_ids=IDS[row:row + 1]).logits
         torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_routes_with_a_tasks_opening_run_once_equal_routes_of_whole_prompts():
+    """example_routes with groups: the prompts of a task share their opening tokens' forward; each prompt's
+    mean route over its tokens is unchanged."""
+    model = randomized("mode")
+    opening = torch.randint(3, 259, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    prompts = [opening + row[:n] for row, n in zip(IDS.tolist() * 2, (5, 9, 3, 16))] + [IDS[0, :7].tolist()]
+    groups = ["task"] * 4 + ["alone"]
+    whole, tokens = example_routes(model, byte_tokenizer(), prompts, None, batch_size=3)
+    shared, shared_tokens = example_routes(model, byte_tokenizer(), prompts, None, batch_size=3, groups=groups)
+    assert torch.equal(tokens, shared_tokens)
+    for name in whole:
+        torch.testing.assert_close(shared[name], whole[name], rtol=1e-5, atol=1e-6)

@@ -69,6 +69,30 @@ def test_batched_generation_equals_one_example_at_a_time():
     assert all(set(r) >= {"prediction", "references", "rouge_l", "exact_match"} for r in batched)
 
 
+def test_a_tasks_shared_instruction_is_computed_once_and_changes_nothing():
+    """Prompts of one task open with its instruction: generate() runs that prefix once per batch (with a
+    prior-free MoDE adapter) and gets the same text and target NLL as computing every prompt whole."""
+    model = randomize_adapters(rexft.inject_adapters(tiny_model(), AdapterConfig(type="mode", r=4, num_experts=3, dropout=0)),
+                               scale=0.3).eval()
+    instructions = {"opposite": "Definition: give the opposite of the word.\n\nInput: ",
+                    "count": "Definition: count the letters of the input, then say them.\nInput: ", "alone": "One of a kind: "}
+    words = {"opposite": ["hot", "up", "a long river", "dark"], "count": ["abc", "hello there", "x"], "alone": ["only"]}
+    data = [Example(task, i, instructions[task] + word, [], "ref " + word) for task in words for i, word in enumerate(words[task])]
+    tokens = []
+    model.model.embed_tokens.register_forward_hook(lambda module, args, out: tokens.append(args[0].numel()))
+    runs = {}
+    for share in (False, True):
+        for batch_size in (2, 16):
+            tokens.clear()
+            scorer = Scorer(model, TOK, FMT, 512, batch_size=batch_size, progress=False, share_prefixes=share)
+            runs[share, batch_size] = (scorer.generate(data, EvalConfig(max_new_tokens=6)), sum(tokens))
+    reference = runs[False, 2][0]
+    for (share, batch_size), (rows, _) in runs.items():
+        assert [r["prediction"] for r in rows] == [r["prediction"] for r in reference], (share, batch_size)
+        assert [r["target_nll"] for r in rows] == pytest.approx([r["target_nll"] for r in reference], abs=1e-4)
+    assert runs[True, 16][1] < runs[False, 16][1] - 2 * len(instructions["opposite"])  # the instructions ran once
+
+
 def test_stop_strings_cut_the_text_and_match_per_example():
     priors = torch.rand(len(PROMPTS), 8)
     model = trex_model()

@@ -70,11 +70,28 @@ def test_export_per_task_loads_in_peft_and_refuses_to_overwrite(run_dir):
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["mode"] == "per_task" and len(manifest["per_task"]) == 14
     assert (run_dir / "export" / "per_task" / "fidelity.md").is_file()
+    assert manifest["fidelity_dynamic_from_eval"] == 14 * 8  # rexft eval scored these with this adapter already
     model = PeftModel.from_pretrained(tiny_model(), str(run_dir / "export" / "per_task" / "boolq"))
     assert model(input_ids=torch.tensor([[1, 50, 60]])).logits.isfinite().all()
     again = run_cli("merge-export", "recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={DATA}", check=False)
     assert again.returncode == 2 and "export.overwrite=true" in again.stderr
     assert (run_dir / "export" / "manifest.json").is_file()  # nothing lost
+
+
+def test_eval_predictions_are_reused_only_for_the_same_adapter_and_settings(run_dir, tmp_path, data_dir):
+    import shutil
+
+    from rexft.cli import compose
+    from rexft.evaluate import reusable_predictions
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    common = ["recipe=smoke", f"run_dir={copy}", f"data.local_dir={data_dir}"]
+    assert len(reusable_predictions(compose(common)[0])) == 14 * 8
+    assert reusable_predictions(compose(common + ["eval.protocol=loglik"])[0]) == {}
+    weights = copy / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + bytes(4))  # the adapter changed since rexft eval
+    assert reusable_predictions(compose(common)[0]) == {}
 
 
 def test_eval_compare_prints_a_table_and_a_chart(run_dir, tmp_path):
