@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -583,21 +583,22 @@ def score_examples(scorer: Scorer, examples: list[Example], cfg: EvalConfig, on_
     choice = [i for i, e in enumerate(examples) if e.kind == "choice"]
     generative = [i for i, e in enumerate(examples) if e.kind == "generate"]
     predictions: list[dict | None] = [None] * len(examples)
-    priors = scorer.priors
     for index, run in ((choice, "choice"), (generative, "generate")):
         if not index:
             continue
-        scorer.priors = None if priors is None else priors[index]
+        # The subset's own scorer: priors and per-row state follow its rows back to ``examples``.
+        part = replace(scorer, priors=None if scorer.priors is None else scorer.priors[index],
+                       row_state=(lambda rows, index=index: scorer.row_state([index[r] for r in rows]))
+                       if scorer.row_state else None)
         subset = [examples[i] for i in index]
         relay = (lambda rows, index=index: on_batch([index[r] for r in rows])) if on_batch else None
         if run == "choice":
-            scored = (scorer.first_token(subset, cfg.restricted, relay) if cfg.protocol == "first_token"
-                      else scorer.loglik(subset, relay))
+            scored = (part.first_token(subset, cfg.restricted, relay) if cfg.protocol == "first_token"
+                      else part.loglik(subset, relay))
         else:
-            scored = scorer.generate(subset, cfg, relay)
+            scored = part.generate(subset, cfg, relay)
         for i, row in zip(index, scored):
             predictions[i] = row
-    scorer.priors = priors
     return predictions
 
 

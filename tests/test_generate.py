@@ -236,3 +236,17 @@ def test_demo_sni_recipe_end_to_end_on_a_tiny_model(tmp_path, data_dir):
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["mode"] == "per_cluster" and manifest["per_cluster"]
     assert "ROUGE-L" in (tmp_path / "export" / "per_cluster" / "fidelity.md").read_text()
+
+
+def test_score_examples_hands_each_protocol_its_rows_as_indices_of_all_examples():
+    """A mixed list: per-row state (e.g. each row's static export) is set with indices into the whole list."""
+    from rexft.evaluate import score_examples
+
+    mixed = [Example("pick", 0, "Pick one: A. yes B. no", ["yes", "no"], "A"), *examples()[:3],
+             Example("pick", 1, "Pick again: A. up B. down", ["up", "down"], "B")]
+    seen = []
+    scorer = Scorer(tiny_model(), TOK, FMT, 512, batch_size=2, progress=False, row_state=seen.append)
+    score_examples(scorer, mixed, EvalConfig(max_new_tokens=3))
+    choice = {0, 4}
+    assert all(set(rows) <= choice or not set(rows) & choice for rows in seen)
+    assert set().union(*map(set, seen)) == set(range(len(mixed)))

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import DATA, run_cli, tiny_model
+from conftest import run_cli, tiny_model
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -36,8 +36,8 @@ def test_nf4_base_is_wrapped_not_copied(model_dir):
     assert layer.rex_A.grad is not None and layer.rex_A.dtype == torch.float32
 
 
-def test_qlora_train_and_export_through_the_cli(model_dir, tmp_path):
-    common = ["recipe=smoke", f"run_dir={tmp_path}", f"data.local_dir={DATA}", f"model.name_or_path={model_dir}",
+def test_qlora_train_and_export_through_the_cli(model_dir, tmp_path, data_dir):
+    common = ["recipe=smoke", f"run_dir={tmp_path}", f"data.local_dir={data_dir}", f"model.name_or_path={model_dir}",
               "model.quantization=nf4"]
     run_cli("cluster-prior", *common)
     run_cli("train", *common, "trainer.max_steps=6")
