@@ -10,7 +10,8 @@ Protocols (one ``rexft eval`` over a mixed mixture uses each task's own)
                  length-sorted, left-padded prompts with the KV cache, each row's prior set for the whole
                  generation; a row stops at EOS, a stop string (eval.stop) or eval.max_new_tokens. Scored by
                  ROUGE-L and exact match (rexft/metrics.py), plus the target NLL: mean nats per target token
-                 (the target text and EOS) under teacher forcing, one batched forward.
+                 (the target text and EOS) under teacher forcing, from the forward that fills the prompts'
+                 cache. For prior-free models a task's shared opening (its instruction) runs once per batch.
 
 Batches are length-sorted and left-padded with explicit position ids, so each row computes exactly what
 it would alone, and only the positions a score needs get logits. Unseen tasks (``eval.unseen_tasks``,
