@@ -32,6 +32,8 @@ from typing import Callable
 import torch
 
 from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior, set_token_mask
+from rexft.batching import (CACHE_KWARG, batch_openings, forward_after, last_logprobs, left_pad, prefill_prefixes,
+                            shared_prefix_lengths, shared_prefix_order)
 from rexft.config import RunConfig
 from rexft.config import EvalConfig
 from rexft.data import (PromptFormat, build_splits, cap_examples, encode_example, encode_prompt, letter_token_ids,
@@ -43,113 +45,6 @@ from rexft.tasks.common import LETTERS, Example
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 40  # tasks shown in a heatmap or bar chart before it summarises
-
-
-def _cache_kwarg() -> str:
-    """generate()'s name for a prefilled KV cache: `cache` in recent transformers, `past_key_values` before."""
-    from transformers.generation import utils
-
-    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", []) else "past_key_values"
-
-
-CACHE_KWARG = _cache_kwarg()
-
-
-# --------------------------------------------------------------------------------------------- batching
-def left_pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        input_ids[i, width - len(seq):] = torch.tensor(seq)
-        mask[i, width - len(seq):] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
-
-
-def shared_prefix_lengths(prompts: dict[int, list[int]], groups: dict[int, object]) -> dict[int, int]:
-    """Per prompt, how many of its leading tokens every prompt of its group shares (a group is usually a
-    task, whose prompts open with the same instruction), leaving it at least its last token; 0 for a prompt
-    alone in its group."""
-    members: dict[object, list[int]] = {}
-    for i in prompts:
-        members.setdefault(groups[i], []).append(i)
-    lengths = {}
-    for index in members.values():
-        if len(index) == 1:
-            lengths[index[0]] = 0
-            continue
-        sequences = [prompts[i] for i in index]
-        shortest = min(len(s) for s in sequences)
-        shared = 0
-        while shared < shortest - 1 and all(s[shared] == sequences[0][shared] for s in sequences):
-            shared += 1
-        lengths.update((i, shared) for i in index)
-    return lengths
-
-
-def shared_prefix_order(sizes: dict[int, int], groups: dict[int, object], shared: dict[int, int]) -> list[int]:
-    """Indices in batching order: the rows of a group that shares an opening together (those groups first,
-    the one with the longest row first), rows by the tokens after their opening; then the rest by size."""
-    longest: dict[object, int] = {}
-    for i, n in sizes.items():
-        longest[groups[i]] = max(longest.get(groups[i], 0), n)
-    return sorted(sizes, key=lambda i: (shared[i] == 0, -longest[groups[i]] if shared[i] else -sizes[i],
-                                        str(groups[i]), -(sizes[i] - shared[i])))
-
-
-def _select_rows(cache, index: torch.Tensor) -> None:
-    if hasattr(cache, "batch_select_indices"):
-        cache.batch_select_indices(index)
-    else:  # transformers 5: per layer
-        for layer in cache.layers:
-            layer.batch_select_indices(index)
-
-
-@dataclass
-class Prefix:
-    """Each row's prefix, every distinct prefix run once: its tokens and mask (b, P), gathered per row, and
-    the KV cache of the rows' prefixes. ``which[r]``: row r's distinct prefix."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    cache: object
-    which: list[int]
-
-
-def prefill_prefixes(model, prefixes: list[list[int]], pad_id: int, before=None) -> Prefix:
-    """One forward over the distinct prefixes (left-padded), then the cache gathered to one row per prefix
-    use. ``before(rows)`` is called with the first row using each distinct prefix (to set per-row state)."""
-    device = next(model.parameters()).device
-    distinct: dict[tuple, int] = {}
-    which = [distinct.setdefault(tuple(p), len(distinct)) for p in prefixes]
-    batch = {k: v.to(device) for k, v in left_pad([list(p) for p in distinct], pad_id).items()}
-    if before is not None:
-        before([which.index(d) for d in range(len(distinct))])
-    set_token_mask(model, batch["attention_mask"])
-    cache = model(**batch, use_cache=True, logits_to_keep=1)[CACHE_KWARG]
-    index = torch.tensor(which, device=device)
-    _select_rows(cache, index)
-    return Prefix(batch["input_ids"][index], batch["attention_mask"][index], cache, which)
-
-
-def forward_after(model, prefix: Prefix | None, batch: dict[str, torch.Tensor], keep: int):
-    """The model over ``batch`` (input_ids, attention_mask: the tokens after each row's prefix), continuing
-    ``prefix``'s cache (which it extends) with positions counted over the real tokens before."""
-    mask = batch["attention_mask"] if prefix is None else torch.cat([prefix.attention_mask, batch["attention_mask"]], 1)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -batch["input_ids"].shape[1]:]
-    set_token_mask(model, batch["attention_mask"])
-    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
-                 logits_to_keep=keep, **({} if prefix is None else {CACHE_KWARG: prefix.cache}))
-
-
-def last_logprobs(model, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
-    """log-softmax of the logits at the last ``keep`` positions: (b, keep, V), float32."""
-    try:
-        logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
-    except TypeError:  # models without logits_to_keep
-        logits = model(**batch, use_cache=False).logits
-    return logits[:, -keep:].float().log_softmax(-1)
 
 
 def dropped(example: Example) -> dict:
@@ -295,11 +190,7 @@ class Scorer:
         distinct shared prefix once, then every row's remaining prompt tokens, followed by its target when
         ``targets`` is given. Returns (target NLLs (mean nats per token) or None, cache, the batch's prompts
         as generate() reads them: input_ids and attention_mask)."""
-        lengths = [shared.get(i, 0) for i in index]
-        if any(lengths) and all(len(prompts[i]) > 1 for i in index):
-            lengths = [n or 1 for n in lengths]  # a row of its own shares only its first token
-        else:
-            lengths = [0] * len(index)
+        lengths = batch_openings(index, prompts, shared)
         prefix = None
         if any(lengths):
             before = (lambda rows: self.row_state([index[r] for r in rows])) if self.row_state else None

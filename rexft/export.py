@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior, set_token_mask
+from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior
+from rexft.batching import (batch_openings, forward_after, left_pad, prefill_prefixes, shared_prefix_lengths,
+                            shared_prefix_order)
 from rexft.config import RunConfig
 from rexft.data import PromptFormat, build_splits, encode_prompt
 from rexft.errors import RexftError
@@ -96,7 +98,6 @@ def example_routes(model, tokenizer, prompts: list[list[int]], priors: torch.Ten
     """Per mixture layer: each prompt's route averaged over its tokens (n, E); and each prompt's token count (n,).
     One batched pass over length-sorted prompts. With ``groups`` (each prompt's task) and no priors, the
     opening a task's prompts share is run once per batch and its tokens' routes counted for every prompt."""
-    from rexft.evaluate import forward_after, left_pad, prefill_prefixes, shared_prefix_lengths, shared_prefix_order
 
     layers = {n: m for n, m in adapter_layers(model).items() if m.is_mixture}
     routes = {n: [None] * len(prompts) for n in layers}
@@ -112,11 +113,7 @@ def example_routes(model, tokenizer, prompts: list[list[int]], priors: torch.Ten
         index = order[start:start + batch_size]
         if priors is not None:
             set_prior(model, priors[index].to(device))
-        lengths = [shared.get(i, 0) for i in index]
-        if any(lengths) and all(len(prompts[i]) > 1 for i in index):
-            lengths = [n or 1 for n in lengths]  # a row of its own shares only its first token
-        else:
-            lengths = [0] * len(index)
+        lengths = batch_openings(index, prompts, shared)
         for layer in layers.values():
             layer.route_log = []
         prefix = None

@@ -95,7 +95,7 @@ def main():
 
 def bench_generate(args) -> None:
     from rexft.config import EvalConfig
-    from rexft.evaluate import left_pad as left_pad_ids
+    from rexft.batching import left_pad as left_pad_ids
 
     recipe = args.model if args.model != "demo" else "demo-sni"
     overrides = [f"recipe={recipe}", f"data.sources.sni.max_tasks={args.tasks or 'null'}", f"data.eval_per_task={args.per_task}"]
