@@ -9,6 +9,7 @@ model computes the same for every row of a task on its opening: no per-row prior
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -50,10 +51,7 @@ def shared_prefix_lengths(prompts: dict[int, list[int]], groups: dict[int, objec
             lengths[index[0]] = 0
             continue
         sequences = [prompts[i] for i in index]
-        shortest = min(len(s) for s in sequences)
-        shared = 0
-        while shared < shortest - 1 and all(s[shared] == sequences[0][shared] for s in sequences):
-            shared += 1
+        shared = min(len(os.path.commonprefix(sequences)), min(len(s) for s in sequences) - 1)
         lengths.update((i, shared) for i in index)
     return lengths
 
@@ -110,6 +108,19 @@ def prefill_prefixes(model, prefixes: list[list[int]], pad_id: int, before=None)
     index = torch.tensor(which, device=device)
     _select_rows(cache, index)
     return Prefix(batch["input_ids"][index], batch["attention_mask"][index], cache, which)
+
+
+def split_at_openings(model, sequences: list[list[int]], openings: list[int], pad_id: int,
+                      before=None) -> tuple[Prefix | None, dict[str, torch.Tensor]]:
+    """Each row split at its opening (``batch_openings``): the distinct openings prefilled (None when no row
+    has one), and every row's rest left-padded on the model's device (input_ids, attention_mask), ready
+    for ``forward_after``."""
+    prefix = None
+    if any(openings):
+        prefix = prefill_prefixes(model, [s[:n] for s, n in zip(sequences, openings)], pad_id, before)
+    rest = left_pad([s[n:] for s, n in zip(sequences, openings)], pad_id)
+    device = next(model.parameters()).device
+    return prefix, {"input_ids": rest["input_ids"].to(device), "attention_mask": rest["attention_mask"].to(device)}
 
 
 def forward_after(model, prefix: Prefix | None, batch: dict[str, torch.Tensor], keep: int):

@@ -32,8 +32,8 @@ from typing import Callable
 import torch
 
 from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior, set_token_mask
-from rexft.batching import (CACHE_KWARG, batch_openings, forward_after, last_logprobs, left_pad, prefill_prefixes,
-                            shared_prefix_lengths, shared_prefix_order)
+from rexft.batching import (CACHE_KWARG, batch_openings, forward_after, last_logprobs, left_pad, shared_prefix_lengths,
+                            shared_prefix_order, split_at_openings)
 from rexft.config import RunConfig
 from rexft.config import EvalConfig
 from rexft.data import (PromptFormat, build_splits, cap_examples, encode_example, encode_prompt, letter_token_ids,
@@ -190,15 +190,11 @@ class Scorer:
         distinct shared prefix once, then every row's remaining prompt tokens, followed by its target when
         ``targets`` is given. Returns (target NLLs (mean nats per token) or None, cache, the batch's prompts
         as generate() reads them: input_ids and attention_mask)."""
-        lengths = batch_openings(index, prompts, shared)
-        prefix = None
-        if any(lengths):
-            before = (lambda rows: self.row_state([index[r] for r in rows])) if self.row_state else None
-            prefix = prefill_prefixes(self.model, [prompts[i][:n] for i, n in zip(index, lengths)], self.pad_id, before)
-            if self.row_state:
-                self.row_state(index)
-        rest = left_pad([prompts[i][n:] for i, n in zip(index, lengths)], self.pad_id)
-        rest = {k: v.to(self.device) for k, v in rest.items() if k != "position_ids"}
+        before = (lambda rows: self.row_state([index[r] for r in rows])) if self.row_state else None
+        prefix, rest = split_at_openings(self.model, [prompts[i] for i in index], batch_openings(index, prompts, shared),
+                                         self.pad_id, before)
+        if prefix is not None and self.row_state:
+            self.row_state(index)  # back from the openings' rows to the batch's
         longest = max(len(t) for t in targets) if targets else 0
         ids, mask = rest["input_ids"], rest["attention_mask"]
         if targets:  # right-padded after the prompts

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior
-from rexft.batching import (batch_openings, forward_after, left_pad, prefill_prefixes, shared_prefix_lengths,
-                            shared_prefix_order)
+from rexft.batching import (batch_openings, forward_after, shared_prefix_lengths, shared_prefix_order,
+                            split_at_openings)
 from rexft.config import RunConfig
 from rexft.data import PromptFormat, build_splits, encode_prompt
 from rexft.errors import RexftError
@@ -98,7 +98,6 @@ def example_routes(model, tokenizer, prompts: list[list[int]], priors: torch.Ten
     """Per mixture layer: each prompt's route averaged over its tokens (n, E); and each prompt's token count (n,).
     One batched pass over length-sorted prompts. With ``groups`` (each prompt's task) and no priors, the
     opening a task's prompts share is run once per batch and its tokens' routes counted for every prompt."""
-
     layers = {n: m for n, m in adapter_layers(model).items() if m.is_mixture}
     routes = {n: [None] * len(prompts) for n in layers}
     device = next(model.parameters()).device
@@ -116,11 +115,9 @@ def example_routes(model, tokenizer, prompts: list[list[int]], priors: torch.Ten
         lengths = batch_openings(index, prompts, shared)
         for layer in layers.values():
             layer.route_log = []
-        prefix = None
-        if any(lengths):
-            prefix = prefill_prefixes(model, [prompts[i][:n] for i, n in zip(index, lengths)], pad_id)
+        prefix, rest = split_at_openings(model, [prompts[i] for i in index], lengths, pad_id)
+        if prefix is not None:
             opening = {name: layer.route_log.pop()[prefix.which] for name, layer in layers.items()}  # (b, E)
-        rest = {k: v.to(device) for k, v in left_pad([prompts[i][n:] for i, n in zip(index, lengths)], pad_id).items()}
         forward_after(model, prefix, rest, keep=1)
         weight = torch.tensor([[n / len(prompts[i])] for i, n in zip(index, lengths)])  # the opening's share of tokens
         for name, layer in layers.items():
@@ -130,7 +127,7 @@ def example_routes(model, tokenizer, prompts: list[list[int]], priors: torch.Ten
             for i, route in zip(index, per_row):
                 routes[name][i] = route
             layer.route_log = None
-    tokens = torch.tensor([float(len(p)) for p in prompts])
+    tokens = torch.tensor([float(sizes[i]) for i in range(len(prompts))])
     return {n: torch.stack(r) for n, r in routes.items() if prompts}, tokens
 
 
