@@ -1,18 +1,27 @@
-"""Batching for scoring and generation: left padding, and a task's shared opening run once per batch.
+"""Batching for scoring and generation: left padding, a task's shared opening run once, and rows that join
+and leave a decoding batch.
 
 Rows are left-padded with explicit position ids, so each row computes what it would alone. Prompts of one
-task usually open with the same instruction; ``prefill_prefixes`` runs each distinct opening once and
-gathers its KV cache per row, and ``forward_after`` continues every row from there (padding between a
-row's opening and its rest is masked, positions count real tokens only). That is exact only where the
-model computes the same for every row of a task on its opening: no per-row prior.
+task usually open with the same instruction; ``prefill_prefixes`` runs each distinct opening once, and
+``forward_after`` continues any rows from there (padding between a row's opening and its rest is masked,
+positions count real tokens only). That is exact only where the model computes the same for every row of a
+task on its opening: no per-row prior.
+
+A ``Decoding`` holds rows in the middle of generation as generate() takes them (their tokens so far and the
+KV cache of all but each row's last token). ``join`` stacks two such batches (the narrower left-padded,
+cache included) and ``keep`` drops finished rows, so a decoding batch is refilled as rows finish instead of
+running every batch to its longest row. Both need a cache of plain per-layer key/value tensors
+(``poolable``); sliding-window and other caches decode each batch on its own.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from rexft.adapters import set_token_mask
 
@@ -75,43 +84,157 @@ def batch_openings(index: list[int], prompts, shared: dict[int, int]) -> list[in
     return [0] * len(index)
 
 
-def _select_rows(cache, index: torch.Tensor) -> None:
-    if hasattr(cache, "batch_select_indices"):
-        cache.batch_select_indices(index)
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # transformers without per-layer caches: every batch decodes on its own
+    DynamicLayer = None
+
+GROWTH = 32  # tokens of room a cache layer gains each time it runs out
+
+
+def _layers(cache) -> list | None:
+    """The cache's layers when each is a plain dynamic layer (keys and values (b, heads, t, d)), else None."""
+    layers = getattr(cache, "layers", None)
+    if DynamicLayer is None or not layers or any(type(layer) not in (DynamicLayer, GrowingLayer)
+                                                 or getattr(layer, "keys", None) is None for layer in layers):
+        return None
+    return layers
+
+
+def poolable(cache) -> bool:
+    """Whether rows of this cache can be stacked, selected and left-padded (``join``, ``keep``)."""
+    return _layers(cache) is not None
+
+
+if DynamicLayer is not None:
+    class GrowingLayer(DynamicLayer):
+        """A dynamic cache layer whose keys and values live in buffers with room to grow: a decoding step
+        writes its token in place, where DynamicLayer concatenates a copy of the whole cache (on a CPU that
+        copy is half the time of a decoding step at batch 64)."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+            """``keys``, ``values``: (b, heads, capacity, d) buffers whose first ``length`` positions hold the cache."""
+            super().__init__()
+            self._keys, self._values, self.length = keys, values, length
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+        keys = property(lambda self: None if self._keys is None else self._keys[:, :, : self.length],
+                        lambda self, value: self._reset("_keys", value))
+        values = property(lambda self: None if self._values is None else self._values[:, :, : self.length],
+                          lambda self, value: self._reset("_values", value))
+
+        def _reset(self, name: str, value) -> None:  # DynamicLayer's own methods assign whole tensors
+            setattr(self, name, value)
+            if value is not None:
+                self.length = value.shape[-2]
+
+        def _write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            end = self.length + keys.shape[-2]
+            if self._keys is None or end > self._keys.shape[-2]:
+                grown = [t.new_empty(*keys.shape[:2], end + GROWTH, keys.shape[-1]) for t in (keys, values)]
+                if self.length:
+                    grown[0][:, :, : self.length], grown[1][:, :, : self.length] = self.keys, self.values
+                self._keys, self._values = grown
+            self._keys[:, :, self.length: end], self._values[:, :, self.length: end] = keys, values
+            self.length = end
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            self._write(key_states, value_states)
+            return self.keys, self.values
+else:
+    GrowingLayer = None
+
+
+def _with_tensors(cache, tensors: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A new cache object like ``cache`` holding these (keys, values) per layer."""
+    fresh = copy.copy(cache)
+    fresh.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer, (keys, values) in zip(fresh.layers, tensors):
+        layer.keys, layer.values = keys, values
+    return fresh
+
+
+def _take(cache, index: torch.Tensor):
+    """The rows ``index`` of a cache, as a new cache (the original is left as it is)."""
+    if _layers(cache) is not None:
+        return _with_tensors(cache, [(layer.keys[index], layer.values[index]) for layer in cache.layers])
+    taken = copy.deepcopy(cache)
+    if hasattr(taken, "batch_select_indices"):
+        taken.batch_select_indices(index)
     else:  # transformers 5: per layer
-        for layer in cache.layers:
+        for layer in taken.layers:
             layer.batch_select_indices(index)
+    return taken
 
 
 @dataclass
 class Prefix:
-    """Each row's prefix, every distinct prefix run once: its tokens and mask (b, P), gathered per row, and
-    the KV cache of the rows' prefixes. ``which[r]``: row r's distinct prefix."""
+    """Rows' prefixes: tokens and mask (b, P), left-padded, and their KV cache."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     cache: object
-    which: list[int]
 
 
-def prefill_prefixes(model, prefixes: list[list[int]], pad_id: int, before=None) -> Prefix:
-    """One forward over the distinct prefixes (left-padded), then the cache gathered to one row per prefix
-    use. ``before(rows)`` is called with the first row using each distinct prefix (to set per-row state)."""
+@dataclass
+class Openings:
+    """Distinct openings, each run once (in runs of similar length: ``parts``, each its tokens, mask and KV
+    cache), and ``which[r]``: the (part, row) holding the opening of row r of the batch."""
+
+    parts: list[tuple[torch.Tensor, torch.Tensor, object]]
+    which: list[tuple[int, int]]
+
+    def rows(self, positions) -> Prefix:
+        """The prefixes of the batch's rows at ``positions``, left-padded to the longest (a new cache: the
+        openings stay reusable)."""
+        chosen = [self.which[p] for p in positions]
+        if len({part for part, _ in chosen}) == 1:
+            ids, mask, cache = self.parts[chosen[0][0]]
+            index = torch.tensor([row for _, row in chosen], device=ids.device)
+            return Prefix(ids[index], mask[index], _take(cache, index))
+        width = max(self.parts[part][0].shape[1] for part, _ in chosen)
+        ids = self.parts[0][0].new_zeros(len(chosen), width)
+        mask = torch.zeros_like(ids)
+        tensors = [tuple(t.new_zeros(len(chosen), t.shape[1], width, t.shape[3]) for t in (layer.keys, layer.values))
+                   for layer in _layers(self.parts[0][2])]
+        for part, (part_ids, part_mask, cache) in enumerate(self.parts):
+            out = [k for k, (q, _) in enumerate(chosen) if q == part]
+            if not out:
+                continue
+            at = torch.tensor(out, device=ids.device)
+            index = torch.tensor([chosen[k][1] for k in out], device=ids.device)
+            offset = width - part_ids.shape[1]
+            ids[at, offset:], mask[at, offset:] = part_ids[index], part_mask[index]
+            for (keys, values), layer in zip(tensors, _layers(cache)):
+                keys[at, :, offset:], values[at, :, offset:] = layer.keys[index], layer.values[index]
+        return Prefix(ids, mask, _with_tensors(self.parts[0][2], tensors))
+
+
+def prefill_prefixes(model, prefixes: list[list[int]], pad_id: int, before=None, split: bool = False) -> Openings:
+    """The distinct prefixes run once, left-padded: in one forward, or with ``split`` in runs of similar
+    length (``length_runs``; where the cache allows stacking its rows again). ``before(rows)`` is called
+    with the first row using each distinct prefix of a forward (to set per-row state)."""
     device = next(model.parameters()).device
     distinct: dict[tuple, int] = {}
-    which = [distinct.setdefault(tuple(p), len(distinct)) for p in prefixes]
-    batch = {k: v.to(device) for k, v in left_pad([list(p) for p in distinct], pad_id).items()}
-    if before is not None:
-        before([which.index(d) for d in range(len(distinct))])
-    set_token_mask(model, batch["attention_mask"])
-    cache = model(**batch, use_cache=True, logits_to_keep=1)[CACHE_KWARG]
-    index = torch.tensor(which, device=device)
-    _select_rows(cache, index)
-    return Prefix(batch["input_ids"][index], batch["attention_mask"][index], cache, which)
+    first = [distinct.setdefault(tuple(p), len(distinct)) for p in prefixes]
+    keys = list(distinct)
+    runs = length_runs([len(k) for k in keys]) if split else [list(range(len(keys)))]
+    parts, where = [], {}
+    for part, run in enumerate(runs):
+        batch = {k: v.to(device) for k, v in left_pad([list(keys[d]) for d in run], pad_id).items()}
+        if before is not None:
+            before([first.index(d) for d in run])
+        set_token_mask(model, batch["attention_mask"])
+        cache = model(**batch, use_cache=True, logits_to_keep=1)[CACHE_KWARG]
+        if len(runs) > 1 and _layers(cache) is None:  # rows of this cache cannot be stacked: one forward
+            return prefill_prefixes(model, prefixes, pad_id, before)
+        parts.append((batch["input_ids"], batch["attention_mask"], cache))
+        where.update((d, (part, row)) for row, d in enumerate(run))
+    return Openings(parts, [where[d] for d in first])
 
 
 def split_at_openings(model, sequences: list[list[int]], openings: list[int], pad_id: int,
-                      before=None) -> tuple[Prefix | None, dict[str, torch.Tensor]]:
+                      before=None) -> tuple[Openings | None, dict[str, torch.Tensor]]:
     """Each row split at its opening (``batch_openings``): the distinct openings prefilled (None when no row
     has one), and every row's rest left-padded on the model's device (input_ids, attention_mask), ready
     for ``forward_after``."""
@@ -121,6 +244,19 @@ def split_at_openings(model, sequences: list[list[int]], openings: list[int], pa
     rest = left_pad([s[n:] for s, n in zip(sequences, openings)], pad_id)
     device = next(model.parameters()).device
     return prefix, {"input_ids": rest["input_ids"].to(device), "attention_mask": rest["attention_mask"].to(device)}
+
+
+def length_runs(sizes: list[int], ratio: float = 0.75) -> list[list[int]]:
+    """Positions grouped into runs of similar size, longest first: a run ends where a row is shorter than
+    ``ratio`` times its first row, so left padding wastes little compute."""
+    order = sorted(range(len(sizes)), key=lambda r: -sizes[r])
+    runs: list[list[int]] = []
+    for r in order:
+        if runs and sizes[r] >= ratio * sizes[runs[-1][0]]:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return runs
 
 
 def forward_after(model, prefix: Prefix | None, batch: dict[str, torch.Tensor], keep: int):
@@ -140,3 +276,67 @@ def last_logprobs(model, batch: dict[str, torch.Tensor], keep: int) -> torch.Ten
     except TypeError:  # models without logits_to_keep
         logits = model(**batch, use_cache=False).logits
     return logits[:, -keep:].float().log_softmax(-1)
+
+
+# ------------------------------------------------------------------------------ rows in the middle of decoding
+@dataclass
+class Decoding:
+    """Rows in the middle of generation, as generate() continues them: each row's tokens so far (its prompt
+    then what it generated; left-padded, holes masked) and the KV cache of all but its last token; which
+    example each row is (``rows``) and how many tokens it has generated."""
+
+    rows: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    cache: object
+    generated: list[int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _left(tensor: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
+    """``tensor`` left-padded along ``dim`` to ``width``."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    pads = [0, 0] * (tensor.dim() - 1 - dim % tensor.dim()) + [missing, 0]
+    return F.pad(tensor, pads, value=value)
+
+
+def join(parts: list[Decoding], pad_id: int) -> Decoding:
+    """All parts' rows in one batch, each left-padded (tokens, mask and cache) to the widest; the cache is
+    written once into buffers with room for the tokens to come (``GrowingLayer``)."""
+    if len(parts) == 1 and all(isinstance(layer, GrowingLayer) for layer in parts[0].cache.layers):
+        return parts[0]
+    width = max(p.input_ids.shape[1] for p in parts)
+    rows = sum(len(p) for p in parts)
+    first = _layers(parts[0].cache)
+    buffers = [tuple(t.new_zeros(rows, t.shape[1], width - 1 + GROWTH, t.shape[3]) for t in (layer.keys, layer.values))
+               for layer in first]
+    start = 0
+    for part in parts:
+        end, offset = start + len(part), width - part.input_ids.shape[1]
+        for (keys, values), layer in zip(buffers, _layers(part.cache)):
+            keys[start:end, :, offset: width - 1] = layer.keys
+            values[start:end, :, offset: width - 1] = layer.values
+        start = end
+    cache = copy.copy(parts[0].cache)
+    cache.layers = [GrowingLayer(keys, values, width - 1) for keys, values in buffers]
+    return Decoding([r for p in parts for r in p.rows],
+                    torch.cat([_left(p.input_ids, width, 1, pad_id) for p in parts]),
+                    torch.cat([_left(p.attention_mask, width, 1) for p in parts]),
+                    cache, [n for p in parts for n in p.generated])
+
+
+def keep(d: Decoding, positions: list[int], pad_id: int) -> Decoding | None:
+    """The rows at ``positions`` (None for none), without the leading columns that are padding in all of them."""
+    if not positions:
+        return None
+    index = torch.tensor(positions, device=d.input_ids.device)
+    mask = d.attention_mask[index]
+    first = int(mask.any(0).int().argmax())  # columns before it are padding in every kept row
+    tensors = [(layer.keys[index, :, first:], layer.values[index, :, first:]) for layer in _layers(d.cache)]
+    kept = Decoding([d.rows[p] for p in positions], d.input_ids[index, first:], mask[:, first:],
+                    _with_tensors(d.cache, tensors), [d.generated[p] for p in positions])
+    return join([kept], pad_id)

@@ -288,7 +288,10 @@ class EvalConfig:
     num_beams: int = bounded(1, ge=1)
     bootstrap: int = bounded(1000, ge=0)  # bootstrap resamples for the 95% intervals of ROUGE-L / exact match (0: none)
     restricted: bool = True  # first_token: argmax over option letters (false: greedy over the vocabulary)
-    batch_size: int = bounded(16, ge=1)
+    batch_size: int = bounded(16, ge=1)  # rows scored, or whose prompts are prefilled, in one forward
+    # generate: rows decoding together; finished rows leave and new ones join every few tokens. The KV cache of
+    # this many prompts (plus max_new_tokens) is held at once.
+    decode_batch_size: int = bounded(64, ge=1)
     model: Optional[str] = None  # evaluate this merged export instead of base (+ run_dir adapter)
     use_adapter: bool = True  # false: evaluate the base model
     # Block index for the routing heatmap, Python-style (-1: the last); an index past the end also

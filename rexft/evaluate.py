@@ -31,9 +31,10 @@ from typing import Callable
 
 import torch
 
-from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior, set_token_mask
-from rexft.batching import (CACHE_KWARG, batch_openings, forward_after, last_logprobs, left_pad, shared_prefix_lengths,
-                            shared_prefix_order, split_at_openings)
+from rexft.adapters import (adapter_layers, load_adapter, read_adapter_config, route_logs_paused, set_prior,
+                            set_token_mask)
+from rexft.batching import (CACHE_KWARG, Decoding, batch_openings, forward_after, join, keep, last_logprobs, left_pad,
+                            length_runs, poolable, prefill_prefixes, shared_prefix_lengths, shared_prefix_order)
 from rexft.config import RunConfig
 from rexft.config import EvalConfig
 from rexft.data import (PromptFormat, build_splits, cap_examples, encode_example, encode_prompt, letter_token_ids,
@@ -45,6 +46,7 @@ from rexft.tasks.common import LETTERS, Example
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 40  # tasks shown in a heatmap or bar chart before it summarises
+DECODE_CHUNK = 8  # generate: tokens decoded between the moments rows leave and join the decoding batch
 
 
 def dropped(example: Example) -> dict:
@@ -68,6 +70,7 @@ class Scorer:
     # only where the model computes the same for every row of a task: never with per-row priors; a caller
     # whose row_state differs within a task turns it off.
     share_prefixes: bool = True
+    decode_batch_size: int = 64  # generate: rows decoding together (finished rows leave, prefilled ones join)
 
     @property
     def device(self):
@@ -164,10 +167,10 @@ class Scorer:
         return results
 
     @torch.inference_mode()
-    def target_nll(self, examples: list[Example], prior_rows: list[int] | None = None) -> list[float | None]:
+    def target_nll(self, examples: list[Example], prior_rows: list[int] | None = None, on_batch=None) -> list[float | None]:
         """Mean nats per target token (the target text and EOS, as trained) under teacher forcing; None
         for an example that cannot fit data.max_length. ``prior_rows[i]``: example i's row of self.priors
-        (default: i)."""
+        (default: i); ``on_batch`` is called with each batch's prior rows."""
         encoded = {i: r for i, r in enumerate(encode_example(e, self.tokenizer, self.fmt, self.max_length) for e in examples)
                    if r is not None}
         out: list[float | None] = [None] * len(examples)
@@ -177,6 +180,8 @@ class Scorer:
             targets = [r["input_ids"][r["prompt_length"]:] for r in rows]
             keep = max(len(t) for t in targets) + 1
             logprobs = self._forward([r["input_ids"] for r in rows], [rows_of[i] for i in index], keep)  # (b, keep, V)
+            if on_batch:
+                on_batch([rows_of[i] for i in index])
             for row, (i, target) in enumerate(zip(index, targets)):
                 n = len(target)
                 predicted = logprobs[row, keep - n - 1: keep - 1]  # positions predicting the target tokens
@@ -185,46 +190,59 @@ class Scorer:
         return out
 
     def _prefill(self, index: list[int], prompts: dict[int, list[int]], shared: dict[int, int],
-                 targets: list[list[int]] | None):
+                 targets: dict[int, list[int]], on_batch=None) -> tuple[dict[int, float], list[Decoding]]:
         """Fill the KV cache of a batch's prompts but their last token (generate() feeds that itself): each
-        distinct shared prefix once, then every row's remaining prompt tokens, followed by its target when
-        ``targets`` is given. Returns (target NLLs (mean nats per token) or None, cache, the batch's prompts
-        as generate() reads them: input_ids and attention_mask)."""
+        distinct shared opening once, then, in runs of rows of similar length, every row's remaining prompt
+        tokens followed by its target when it has one (its target NLL, mean nats per token). Returns the
+        NLLs and the rows ready for generate(), one part per run."""
         before = (lambda rows: self.row_state([index[r] for r in rows])) if self.row_state else None
-        prefix, rest = split_at_openings(self.model, [prompts[i] for i in index], batch_openings(index, prompts, shared),
-                                         self.pad_id, before)
-        if prefix is not None and self.row_state:
-            self.row_state(index)  # back from the openings' rows to the batch's
-        longest = max(len(t) for t in targets) if targets else 0
-        ids, mask = rest["input_ids"], rest["attention_mask"]
-        if targets:  # right-padded after the prompts
-            target_ids = torch.full((len(targets), longest), self.pad_id, dtype=torch.long, device=self.device)
+        lengths = batch_openings(index, prompts, shared)
+        openings = None
+        if any(lengths):
+            with route_logs_paused(self.model):  # a routing heatmap counts each row once, from the pass below
+                openings = prefill_prefixes(self.model, [prompts[i][:n] for i, n in zip(index, lengths)], self.pad_id,
+                                            before, split=True)
+        nlls, parts = {}, []
+        sizes = [len(prompts[i]) - n + len(targets.get(i, ())) for i, n in zip(index, lengths)]
+        for run in length_runs(sizes):
+            rows = [index[r] for r in run]
+            self._set_prior(rows)
+            rest = left_pad([prompts[i][lengths[r]:] for r, i in zip(run, rows)], self.pad_id)
+            longest = max(len(targets.get(i, ())) for i in rows)
+            target_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
             target_mask = torch.zeros_like(target_ids)
-            for row, target in enumerate(targets):
-                target_ids[row, : len(target)] = torch.tensor(target)
-                target_mask[row, : len(target)] = 1
-            ids, mask = torch.cat([ids, target_ids], 1), torch.cat([mask, target_mask], 1)
-        out = forward_after(self.model, prefix, {"input_ids": ids, "attention_mask": mask}, longest + 1)
-        nlls = None
-        if targets:
-            logprobs = out.logits[:, :-1].float().log_softmax(-1)  # the positions predicting the target tokens
-            picked = logprobs.gather(-1, target_ids[..., None])[..., 0] * target_mask
-            nlls = [round(-float(picked[row].sum()) / len(t), 5) for row, t in enumerate(targets)]
-        cache = out[CACHE_KWARG]  # the output field is named like generate()'s argument
-        cache.crop(-(longest + 1))  # keep the prompts but their last position
-        if prefix is None:
-            return nlls, cache, rest
-        return nlls, cache, {"input_ids": torch.cat([prefix.input_ids, rest["input_ids"]], 1),
-                             "attention_mask": torch.cat([prefix.attention_mask, rest["attention_mask"]], 1)}
+            for row, i in enumerate(rows):  # right-padded after the prompts
+                target_ids[row, : len(targets.get(i, ()))] = torch.tensor(targets.get(i, []), dtype=torch.long)
+                target_mask[row, : len(targets.get(i, ()))] = 1
+            batch = {"input_ids": torch.cat([rest["input_ids"], target_ids], 1).to(self.device),
+                     "attention_mask": torch.cat([rest["attention_mask"], target_mask], 1).to(self.device)}
+            prefix = openings.rows(run) if openings is not None else None
+            out = forward_after(self.model, prefix, batch, longest + 1)
+            if on_batch:
+                on_batch(rows)
+            if longest:  # the positions predicting each real target token, and only those, through the softmax
+                real = target_mask.bool().to(self.device)
+                token_nll = torch.nn.functional.cross_entropy(out.logits[:, :-1][real].float(), target_ids.to(self.device)[real],
+                                                              reduction="none")
+                sums = torch.zeros(len(rows), device=self.device).index_add_(0, real.nonzero()[:, 0], token_nll)
+                nlls.update((i, round(float(sums[row]) / len(targets[i]), 5)) for row, i in enumerate(rows) if targets.get(i))
+            cache = out[CACHE_KWARG]  # the output field is named like generate()'s argument
+            cache.crop(-(longest + 1))  # keep the prompts but their last position
+            ids, mask = rest["input_ids"].to(self.device), rest["attention_mask"].to(self.device)
+            if prefix is not None:
+                ids, mask = torch.cat([prefix.input_ids, ids], 1), torch.cat([prefix.attention_mask, mask], 1)
+            parts.append(Decoding(rows, ids, mask, cache, [0] * len(rows)))
+        return nlls, parts
 
     @torch.inference_mode()
     def generate(self, examples: list[Example], settings: EvalConfig, on_batch=None) -> list[dict]:
         """Batched decoding with generate(); each row scored by ROUGE-L and exact match against its references,
         and by its target NLL. Greedy or sampled with one sequence per row, the prompts' KV cache is filled
-        here: a task's shared opening (its instruction) once per batch, then each row's prompt and target in
-        one pass that also gives the target NLL; generate() continues from that cache."""
+        here (``_prefill``: a task's shared opening once per batch, each row's prompt and target in one pass
+        that also gives the target NLL) and up to ``decode_batch_size`` rows decode together: every
+        ``DECODE_CHUNK`` tokens finished rows leave and newly prefilled ones join. ``on_batch`` is called
+        with the examples of each forward that logs routes (one per example)."""
         from tqdm.auto import tqdm
-        from transformers import GenerationConfig
 
         prompts, targets = {}, {}
         for i, example in enumerate(examples):
@@ -235,45 +253,19 @@ class Scorer:
                 ids = encode_prompt(example, self.tokenizer, self.fmt, self.max_length)[0]
                 if ids is not None:
                     prompts[i] = ids
-        eos = self.tokenizer.eos_token_id
-        config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
-                                  num_beams=settings.num_beams, eos_token_id=eos, pad_token_id=self.pad_id)
-        if settings.do_sample:
-            config.temperature, config.top_p = settings.temperature, settings.top_p
-        else:  # the model's own generation_config may carry sampling defaults: greedy means none of them
-            config.temperature, config.top_p, config.top_k = None, None, None
-        if settings.stop:
-            config.stop_strings = list(settings.stop)
-        prefilled = settings.num_beams == 1
-        share = prefilled and self.share_prefixes and self.priors is None
+        config = self._generation_config(settings)
+        share = settings.num_beams == 1 and self.share_prefixes and self.priors is None
         tasks = {i: examples[i].task for i in prompts}
         shared = shared_prefix_lengths(prompts, tasks) if share else {}
-        texts: dict[int, str] = {}
-        nlls: dict[int, float] = {}
         sizes = {i: len(p) + len(targets.get(i, ())) for i, p in prompts.items()}
         batches = list(self._batches(sizes, shared_prefix_order(sizes, tasks, shared) if share else None))
-        for index in tqdm(batches, desc="generate", disable=not self.progress, leave=False):
-            self._set_prior(index)  # stays set for every decoding step (beams repeat it)
-            if prefilled:
-                with_targets = all(i in targets for i in index)
-                batch_nlls, cache, batch = self._prefill(index, prompts, shared, [targets[i] for i in index] if with_targets else None)
-                if with_targets:
-                    nlls.update(zip(index, batch_nlls))
-                kwargs = {CACHE_KWARG: cache}
-            else:
-                batch = {k: v.to(self.device) for k, v in left_pad([prompts[i] for i in index], self.pad_id).items()}
-                kwargs = {}
-            set_token_mask(self.model, None)
-            output = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs,
-                                         generation_config=config, tokenizer=self.tokenizer if settings.stop else None)
-            if on_batch:
-                on_batch(index)
-            width = batch["input_ids"].shape[1]
-            for row, i in enumerate(index):
-                texts[i] = self.decode(output[row, width:].tolist(), settings.stop)
-        missing = [i for i in targets if i not in nlls]
-        if missing:  # beams, or a batch holding an example without a target NLL: one teacher-forced pass
-            nlls.update(zip(missing, self.target_nll([examples[i] for i in missing], missing)))
+        bar = tqdm(total=len(prompts), desc="generate", disable=not self.progress, leave=False)
+        if settings.num_beams > 1:
+            texts = self._generate_beams(batches, prompts, config, settings, bar)
+            nlls = dict(zip(list(targets), self.target_nll([examples[i] for i in targets], list(targets), on_batch)))
+        else:
+            texts, nlls = self._decode(batches, prompts, targets, shared, config, settings, on_batch, bar)
+        bar.close()
         results = []
         for i, example in enumerate(examples):
             if i not in texts:
@@ -284,6 +276,93 @@ class Scorer:
                             "rouge_l": round(rouge_l(texts[i], references), 5),
                             "exact_match": exact_match(texts[i], references), "target_nll": nlls.get(i)})
         return results
+
+    def _generation_config(self, settings: EvalConfig):
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                                  num_beams=settings.num_beams, eos_token_id=self.tokenizer.eos_token_id,
+                                  pad_token_id=self.pad_id)
+        if settings.do_sample:
+            config.temperature, config.top_p = settings.temperature, settings.top_p
+        else:  # the model's own generation_config may carry sampling defaults: greedy means none of them
+            config.temperature, config.top_p, config.top_k = None, None, None
+        if settings.stop:
+            config.stop_strings = list(settings.stop)
+        return config
+
+    def _decode(self, batches, prompts, targets, shared, config, settings: EvalConfig, on_batch, bar):
+        """One sequence per row: batches prefilled in turn, their rows decoding together in chunks of
+        ``DECODE_CHUNK`` tokens; after each chunk, finished rows leave and prefilled batches join while
+        there is room. Returns (texts, target NLLs) by example index."""
+        texts, nlls = {}, {}
+        queue = list(reversed(batches))
+        pool: Decoding | None = None
+        waiting: list[Decoding] = []  # prefilled rows not decoding yet, where caches cannot be joined
+        pooled = True
+        while queue or waiting or pool is not None:
+            if pool is None and waiting:
+                pool = waiting.pop(0)
+            elif queue and (pool is None or pooled and 2 * len(pool) <= self.decode_batch_size):  # half empty: refill
+                parts = [] if pool is None else [pool]
+                while queue and (not parts or sum(map(len, parts)) + len(queue[-1]) <= self.decode_batch_size):
+                    batch_nlls, rows = self._prefill(queue.pop(), prompts, shared, targets, on_batch)
+                    nlls.update(batch_nlls)
+                    parts += rows
+                    if not all(poolable(part.cache) for part in rows):
+                        pooled = False  # e.g. sliding-window caches: each part decodes on its own, to its end
+                        break
+                if pooled:
+                    pool = join(parts, self.pad_id)
+                else:
+                    waiting += parts
+                    pool = waiting.pop(0)
+            self._set_prior(pool.rows)  # stays set for every decoding step
+            set_token_mask(self.model, None)
+            budget = max(settings.max_new_tokens - n for n in pool.generated)
+            config.max_new_tokens = min(DECODE_CHUNK, budget) if pooled else budget
+            width = pool.input_ids.shape[1]
+            with route_logs_paused(self.model):
+                out = self.model.generate(input_ids=pool.input_ids, attention_mask=pool.attention_mask,
+                                          **{CACHE_KWARG: pool.cache}, generation_config=config,
+                                          tokenizer=self.tokenizer if settings.stop else None)
+            steps = out.shape[1] - width
+            pool.input_ids = out
+            pool.attention_mask = torch.cat([pool.attention_mask, pool.attention_mask.new_ones(len(pool), steps)], 1)
+            going = []
+            for row, (i, before) in enumerate(zip(pool.rows, pool.generated)):
+                pool.generated[row] = before + steps
+                tokens = out[row, out.shape[1] - pool.generated[row]:][: settings.max_new_tokens].tolist()
+                if self._finished(tokens, settings):
+                    texts[i] = self.decode(tokens, settings.stop)
+                    bar.update()
+                else:
+                    going.append(row)
+            pool = keep(pool, going, self.pad_id) if going else None
+        return texts, nlls
+
+    def _finished(self, tokens: list[int], settings: EvalConfig) -> bool:
+        """Whether a row's generated tokens end it: EOS, max_new_tokens, or a stop string in the text."""
+        if len(tokens) >= settings.max_new_tokens or self.tokenizer.eos_token_id in tokens:
+            return True
+        return bool(settings.stop) and any(m in self.tokenizer.decode(tokens, skip_special_tokens=True) for m in settings.stop)
+
+    def _generate_beams(self, batches, prompts, config, settings: EvalConfig, bar) -> dict[int, str]:
+        """Beam search: each batch of whole prompts through generate() (beams repeat each row's prior). Routes
+        are logged by the target NLL's pass, not here."""
+        texts = {}
+        for index in batches:
+            batch = {k: v.to(self.device) for k, v in left_pad([prompts[i] for i in index], self.pad_id).items()}
+            self._set_prior(index)
+            set_token_mask(self.model, None)
+            with route_logs_paused(self.model):
+                output = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                             generation_config=config, tokenizer=self.tokenizer if settings.stop else None)
+            width = batch["input_ids"].shape[1]
+            for row, i in enumerate(index):
+                texts[i] = self.decode(output[row, width:].tolist(), settings.stop)
+            bar.update(len(index))
+        return texts
 
     def decode(self, tokens: list[int], stop: list[str]) -> str:
         """New tokens up to the first EOS, as text cut before the first stop string."""
@@ -511,7 +590,8 @@ def evaluate(cfg: RunConfig) -> Path:
         layer[1].route_log = []
     order: list[int] = []
     scorer = Scorer(model, tokenizer, PromptFormat.for_model(tokenizer, cfg.model), cfg.data.max_length,
-                    cfg.eval.batch_size, priors, progress=state.is_main_process)
+                    cfg.eval.batch_size, priors, progress=state.is_main_process,
+                    decode_batch_size=cfg.eval.decode_batch_size)
     on_batch = (lambda index: order.extend(index)) if layer is not None else None
     predictions = score_examples(scorer, mine, cfg.eval, on_batch)
     predictions = gather_object(predictions) if state.num_processes > 1 else predictions
@@ -558,8 +638,10 @@ def routing_heatmap(layer, order: list[int], examples: list[Example], tasks: lis
     from rexft.prior import heatmap
 
     name, module = layer
-    routes = torch.cat(module.route_log)  # (n, E) in batch order
-    module.route_log = None
+    logged, module.route_log = module.route_log, None
+    if not logged:
+        return
+    routes = torch.cat(logged)  # (n, E) in batch order
     by_task = {t: [] for t in tasks}
     for route, index in zip(routes, order):
         by_task[examples[index].task].append(route)

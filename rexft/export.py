@@ -115,14 +115,14 @@ def example_routes(model, tokenizer, prompts: list[list[int]], priors: torch.Ten
         lengths = batch_openings(index, prompts, shared)
         for layer in layers.values():
             layer.route_log = []
-        prefix, rest = split_at_openings(model, [prompts[i] for i in index], lengths, pad_id)
-        if prefix is not None:
-            opening = {name: layer.route_log.pop()[prefix.which] for name, layer in layers.items()}  # (b, E)
-        forward_after(model, prefix, rest, keep=1)
+        openings, rest = split_at_openings(model, [prompts[i] for i in index], lengths, pad_id)
+        if openings is not None:
+            opening = {name: layer.route_log.pop()[[row for _, row in openings.which]] for name, layer in layers.items()}  # (b, E)
+        forward_after(model, openings and openings.rows(range(len(index))), rest, keep=1)
         weight = torch.tensor([[n / len(prompts[i])] for i, n in zip(index, lengths)])  # the opening's share of tokens
         for name, layer in layers.items():
             per_row = layer.route_log.pop()  # (b, E) over each row's tokens after its opening
-            if prefix is not None:
+            if openings is not None:
                 per_row = weight * opening[name] + (1 - weight) * per_row
             for i, route in zip(index, per_row):
                 routes[name][i] = route
@@ -365,7 +365,7 @@ def _fidelity(cfg: RunConfig, model, tokenizer, fmt: PromptFormat, folder: Path,
     todo = [i for i, row in enumerate(dynamic) if row is None]
     if todo:
         scorer = Scorer(model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size,
-                        None if priors is None else priors[todo], False)
+                        None if priors is None else priors[todo], False, decode_batch_size=cfg.eval.decode_batch_size)
         for i, row in zip(todo, score_examples(scorer, [examples[i] for i in todo], cfg.eval)):
             dynamic[i] = row
     log.info("fidelity: the dynamic adapter on %d examples in %.1fs (%d from rexft eval's predictions)",
@@ -376,7 +376,8 @@ def _fidelity(cfg: RunConfig, model, tokenizer, fmt: PromptFormat, folder: Path,
     group_of = torch.tensor([names.index(key) for key in keys])
     layers = stack_static_factors(model, [factors[name] for name in names])
     scorer = Scorer(model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size, None, False,
-                    row_state=lambda rows: set_groups(layers, group_of[rows]), share_prefixes=by == "per_task")
+                    row_state=lambda rows: set_groups(layers, group_of[rows]), share_prefixes=by == "per_task",
+                    decode_batch_size=cfg.eval.decode_batch_size)
     static = score_examples(scorer, examples, cfg.eval)
     log.info("fidelity: %d static exports on the same examples in %.1fs", len(written), time.perf_counter() - clock)
     check_written(cfg, tokenizer, folder, names, layers, model, dtype)

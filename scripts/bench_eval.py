@@ -3,9 +3,10 @@
     python scripts/bench_eval.py [--model demo|tiny] [--per-task 8] [--batch-size 16] [--new-tokens 1]
     python scripts/bench_eval.py --protocol generate [--model demo-sni] [--tasks 40] [--per-task 4] [--max-new-tokens 32]
 
---protocol generate (generative tasks, real SNI validation examples): rexft's generate protocol (batched,
-length-sorted, left-padded, KV cache, per-row stopping, each task's shared instruction prefilled once per
-batch; it also computes every target's NLL) against generate() one example at a time with the
+--protocol generate (generative tasks, real SNI validation examples): rexft's generate protocol (prompts
+prefilled in batches of --batch-size, each task's shared instruction once per batch, the rest in runs of
+similar length; up to --decode-batch-size rows decoding together, finished rows leaving and prefilled ones
+joining every few tokens; it also computes every target's NLL) against generate() one example at a time with the
 same settings (greedy, the same max_new_tokens and EOS), and against generate() batched in data order
 (no length sorting). Prints examples/s, the ratios, and on how many examples each peer produced the
 same text as rexft.
@@ -43,6 +44,7 @@ def main():
     parser.add_argument("--protocol", default="first_token", choices=["first_token", "generate"])
     parser.add_argument("--max-new-tokens", type=int, default=32, help="--protocol generate: eval.max_new_tokens")
     parser.add_argument("--tasks", type=int, default=None, help="--protocol generate: use the first N tasks (all: default)")
+    parser.add_argument("--decode-batch-size", type=int, default=64, help="--protocol generate: eval.decode_batch_size")
     args = parser.parse_args()
     if args.protocol == "generate":
         return bench_generate(args)
@@ -106,7 +108,8 @@ def bench_generate(args) -> None:
     fmt = PromptFormat.for_model(tokenizer, cfg.model)
     examples = [e for s in build_splits(cfg.data) for e in s.eval[: args.per_task]]
     settings = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    scorer = Scorer(model, tokenizer, fmt, cfg.data.max_length, args.batch_size, progress=False)
+    scorer = Scorer(model, tokenizer, fmt, cfg.data.max_length, args.batch_size, progress=False,
+                    decode_batch_size=args.decode_batch_size)
     scorer.generate(examples[:4], settings)  # warm-up
     start = time.perf_counter()
     ours = [row["prediction"] for row in scorer.generate(examples, settings)]
@@ -139,7 +142,8 @@ def bench_generate(args) -> None:
           f"{len({e.task for e in examples})} tasks), greedy, max_new_tokens {args.max_new_tokens}")
     print("| method | examples/s | seconds | rexft speed-up | same text as rexft |")
     print("|---|---|---|---|---|")
-    print(f"| rexft eval, protocol generate (batch {args.batch_size}, length-sorted) | {n / ours_s:.2f} | {ours_s:.1f} | - | - |")
+    print(f"| rexft eval, protocol generate (prefill batch {args.batch_size}, decode batch {args.decode_batch_size}) "
+          f"| {n / ours_s:.2f} | {ours_s:.1f} | - | - |")
     for name, seconds, texts in (("rexft, prefixes not shared (eval of a per-row prior adapter)", unshared_s, unshared),
                                  ("generate(), batch 1", single_s, single),
                                  (f"generate(), batch {args.batch_size} in data order", unsorted_s, unsorted)):

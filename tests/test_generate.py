@@ -41,9 +41,10 @@ def trex_model(eos_like: int | None = None):
     return model.eval()
 
 
-def greedy(model, priors, batch_size, **settings):
+def greedy(model, priors, batch_size, decode_batch_size=64, on_batch=None, **settings):
     cfg = EvalConfig(max_new_tokens=12, **settings)
-    return Scorer(model, TOK, FMT, 512, batch_size=batch_size, priors=priors, progress=False).generate(examples(), cfg)
+    return Scorer(model, TOK, FMT, 512, batch_size=batch_size, priors=priors, progress=False,
+                  decode_batch_size=decode_batch_size).generate(examples(), cfg, on_batch)
 
 
 def test_batched_generation_equals_one_example_at_a_time():
@@ -60,9 +61,12 @@ def test_batched_generation_equals_one_example_at_a_time():
             counts[token] = counts.get(token, 0) + 1
     token = max((t for t in counts if counts[t] < len(PROMPTS)), key=counts.get)
     stopping = trex_model(eos_like=token)
-    single = greedy(stopping, priors, 1)
+    single = greedy(stopping, priors, 1, decode_batch_size=1)
     batched = greedy(stopping, priors, 8)
     assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
+    # rows join the decoding batch as others finish (2 prefilled at a time, up to 3 decoding): same text
+    joining = greedy(stopping, priors, 2, decode_batch_size=3)
+    assert [r["prediction"] for r in joining] == [r["prediction"] for r in single]
     assert all(f["prediction"].startswith(s["prediction"]) for s, f in zip(single, free))
     assert any(len(s["prediction"]) < len(f["prediction"]) for s, f in zip(single, free))  # stopped at EOS
     assert any(s["prediction"] == f["prediction"] for s, f in zip(single, free))  # ran to max_new_tokens
@@ -82,9 +86,10 @@ def test_a_tasks_shared_instruction_is_computed_once_and_changes_nothing():
     model.model.embed_tokens.register_forward_hook(lambda module, args, out: tokens.append(args[0].numel()))
     runs = {}
     for share in (False, True):
-        for batch_size in (2, 16):
+        for batch_size, decode_batch_size in ((2, 64), (16, 64), (3, 4)):
             tokens.clear()
-            scorer = Scorer(model, TOK, FMT, 512, batch_size=batch_size, progress=False, share_prefixes=share)
+            scorer = Scorer(model, TOK, FMT, 512, batch_size=batch_size, progress=False, share_prefixes=share,
+                            decode_batch_size=decode_batch_size)
             runs[share, batch_size] = (scorer.generate(data, EvalConfig(max_new_tokens=6)), sum(tokens))
     reference = runs[False, 2][0]
     for (share, batch_size), (rows, _) in runs.items():
@@ -250,3 +255,62 @@ def test_score_examples_hands_each_protocol_its_rows_as_indices_of_all_examples(
     choice = {0, 4}
     assert all(set(rows) <= choice or not set(rows) & choice for rows in seen)
     assert set().union(*map(set, seen)) == set(range(len(mixed)))
+
+
+def test_rows_join_and_leave_the_decoding_batch_with_their_cache():
+    """join left-pads a narrower batch's tokens, mask and cache to the wider; keep drops rows and the columns
+    that are padding in every kept row; the cache stays one position shorter than the tokens."""
+    from rexft.batching import CACHE_KWARG, Decoding, join, keep, poolable
+
+    model = tiny_model().eval()
+    with torch.inference_mode():
+        def rows(sequences, first):
+            ids = torch.tensor(sequences)
+            out = model(input_ids=ids[:, :-1], use_cache=True)
+            return Decoding(list(range(first, first + len(sequences))), ids, torch.ones_like(ids),
+                            out[CACHE_KWARG], [0] * len(sequences))
+
+        wide, narrow = rows([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]], 0), rows([[1, 2, 3]], 2)
+        assert poolable(wide.cache)
+        keys = [layer.keys.clone() for layer in narrow.cache.layers]
+        both = join([wide, narrow], pad_id=0)
+        assert both.rows == [0, 1, 2] and both.input_ids[2].tolist() == [0, 0, 1, 2, 3]
+        assert both.attention_mask[2].tolist() == [0, 0, 1, 1, 1]
+        for layer, before in zip(both.cache.layers, keys):
+            assert layer.keys.shape[2] == 4 and torch.equal(layer.keys[2, :, 2:], before[0])
+            assert not layer.keys[2, :, :2].any()
+        left = keep(both, [2], pad_id=0)  # the narrow row alone: its padding columns go
+        assert left.rows == [2] and left.input_ids.tolist() == [[1, 2, 3]]
+        assert all(torch.equal(layer.keys[0], before[0]) for layer, before in zip(left.cache.layers, keys))
+        # a decoding step writes into the buffer's room: the same keys as a fresh forward of the whole row
+        out = model(input_ids=left.input_ids[:, -1:], attention_mask=torch.ones(1, 3, dtype=torch.long),
+                    use_cache=True, **{CACHE_KWARG: left.cache})
+        fresh = model(input_ids=left.input_ids, use_cache=True)[CACHE_KWARG]
+        assert torch.allclose(out[CACHE_KWARG].layers[0].keys, fresh.layers[0].keys, atol=1e-5)
+
+
+def test_each_example_logs_one_route_in_the_order_reported():
+    """The routing heatmap pairs each logged route with the example on_batch reported: generate logs one
+    route per example (openings and decoding steps log none), with rows joining mid-decode and with beams."""
+    priors = torch.rand(len(PROMPTS), 8)
+    model = trex_model()
+    layer = next(m for m in rexft.adapters.adapter_layers(model).values() if m.is_mixture)
+    for settings in ({"decode_batch_size": 3}, {"num_beams": 2}):
+        layer.route_log, order = [], []
+        greedy(model, priors, 2, on_batch=order.extend, **settings)
+        assert sorted(order) == list(range(len(PROMPTS)))
+        assert torch.cat(layer.route_log).shape[0] == len(order)
+    layer.route_log = None
+
+
+def test_caches_that_cannot_be_joined_decode_each_batch_alone(monkeypatch):
+    """Sliding-window and other caches whose rows cannot be stacked: each prefilled part decodes on its own
+    to its end, with the same text."""
+    import rexft.evaluate
+
+    priors = torch.rand(len(PROMPTS), 8)
+    model = trex_model()
+    reference = greedy(model, priors, 1, decode_batch_size=1)
+    monkeypatch.setattr(rexft.evaluate, "poolable", lambda cache: False)
+    alone = greedy(model, priors, 4, decode_batch_size=8)
+    assert [r["prediction"] for r in alone] == [r["prediction"] for r in reference]

@@ -18,6 +18,7 @@ import pkgutil
 import re
 import shutil
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
@@ -106,6 +107,20 @@ def set_token_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
     """Which tokens count in routing statistics (the attention mask)."""
     for layer in adapter_layers(model).values():
         layer.token_mask = mask
+
+
+@contextmanager
+def route_logs_paused(model: nn.Module):
+    """Forwards inside log no routes (layers whose ``route_log`` is on keep what they had logged)."""
+    logging_layers = [layer for layer in adapter_layers(model).values() if layer.route_log is not None]
+    logs = [layer.route_log for layer in logging_layers]
+    for layer in logging_layers:
+        layer.route_log = None
+    try:
+        yield
+    finally:
+        for layer, log in zip(logging_layers, logs):
+            layer.route_log = log
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
