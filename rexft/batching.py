@@ -21,7 +21,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from rexft.adapters import set_token_mask
 
@@ -290,53 +289,50 @@ class Decoding:
     attention_mask: torch.Tensor
     cache: object
     generated: list[int]
+    # where each row's tokens end, when not at the last column (rows prefilled with their targets after
+    # their prompts); the cache holds at least all but each row's last token. ``join`` right-aligns them.
+    ends: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
-def _left(tensor: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
-    """``tensor`` left-padded along ``dim`` to ``width``."""
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    pads = [0, 0] * (tensor.dim() - 1 - dim % tensor.dim()) + [missing, 0]
-    return F.pad(tensor, pads, value=value)
-
-
 def join(parts: list[Decoding], pad_id: int) -> Decoding:
-    """All parts' rows in one batch, each left-padded (tokens, mask and cache) to the widest; the cache is
-    written once into buffers with room for the tokens to come (``GrowingLayer``)."""
-    if len(parts) == 1 and all(isinstance(layer, GrowingLayer) for layer in parts[0].cache.layers):
-        return parts[0]
-    width = max(p.input_ids.shape[1] for p in parts)
-    rows = sum(len(p) for p in parts)
-    first = _layers(parts[0].cache)
-    buffers = [tuple(t.new_zeros(rows, t.shape[1], width - 1 + GROWTH, t.shape[3]) for t in (layer.keys, layer.values))
-               for layer in first]
-    start = 0
+    """All parts' rows in one batch: each row's tokens (from its first real one to its end) right-aligned
+    and left-padded to the longest, its cache alike, written once into buffers with room for the tokens to
+    come (``GrowingLayer``)."""
+    spans = []  # (part, row, first real column, end)
     for part in parts:
-        end, offset = start + len(part), width - part.input_ids.shape[1]
+        firsts = part.attention_mask.int().argmax(1).tolist()
+        ends = part.ends or [part.input_ids.shape[1]] * len(part)
+        spans += [(part, row, first, end) for row, (first, end) in enumerate(zip(firsts, ends))]
+    width = max(end - first for _, _, first, end in spans)
+    ids = parts[0].input_ids.new_full((len(spans), width), pad_id)
+    mask = torch.zeros_like(ids)
+    buffers = [tuple(t.new_zeros(len(spans), t.shape[1], width - 1 + GROWTH, t.shape[3]) for t in (layer.keys, layer.values))
+               for layer in _layers(parts[0].cache)]
+    for j, (part, row, first, end) in enumerate(spans):
+        at = width - (end - first)
+        ids[j, at:], mask[j, at:] = part.input_ids[row, first:end], part.attention_mask[row, first:end]
         for (keys, values), layer in zip(buffers, _layers(part.cache)):
-            keys[start:end, :, offset: width - 1] = layer.keys
-            values[start:end, :, offset: width - 1] = layer.values
-        start = end
+            keys[j, :, at: width - 1] = layer.keys[row, :, first: end - 1]
+            values[j, :, at: width - 1] = layer.values[row, :, first: end - 1]
     cache = copy.copy(parts[0].cache)
     cache.layers = [GrowingLayer(keys, values, width - 1) for keys, values in buffers]
-    return Decoding([r for p in parts for r in p.rows],
-                    torch.cat([_left(p.input_ids, width, 1, pad_id) for p in parts]),
-                    torch.cat([_left(p.attention_mask, width, 1) for p in parts]),
-                    cache, [n for p in parts for n in p.generated])
+    return Decoding([r for p in parts for r in p.rows], ids, mask, cache, [n for p in parts for n in p.generated])
 
 
-def keep(d: Decoding, positions: list[int], pad_id: int) -> Decoding | None:
-    """The rows at ``positions`` (None for none), without the leading columns that are padding in all of them."""
+def keep(d: Decoding, positions: list[int]) -> Decoding | None:
+    """The rows at ``positions`` (None for none; ``d`` is used up): in a joined batch the kept rows move
+    up inside the cache's buffers, so nothing is reallocated (leading padding goes at the next ``join``)."""
     if not positions:
         return None
     index = torch.tensor(positions, device=d.input_ids.device)
-    mask = d.attention_mask[index]
-    first = int(mask.any(0).int().argmax())  # columns before it are padding in every kept row
-    tensors = [(layer.keys[index, :, first:], layer.values[index, :, first:]) for layer in _layers(d.cache)]
-    kept = Decoding([d.rows[p] for p in positions], d.input_ids[index, first:], mask[:, first:],
-                    _with_tensors(d.cache, tensors), [d.generated[p] for p in positions])
-    return join([kept], pad_id)
+    for layer in _layers(d.cache):
+        for buffer in (layer._keys, layer._values):
+            for j, p in enumerate(positions):
+                if j != p:  # j < p: a row moves up over rows that left
+                    buffer[j] = buffer[p]
+        layer._keys, layer._values = layer._keys[: len(positions)], layer._values[: len(positions)]
+    return Decoding([d.rows[p] for p in positions], d.input_ids[index], d.attention_mask[index], d.cache,
+                    [d.generated[p] for p in positions])

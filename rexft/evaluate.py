@@ -190,48 +190,62 @@ class Scorer:
         return out
 
     def _prefill(self, index: list[int], prompts: dict[int, list[int]], shared: dict[int, int],
-                 targets: dict[int, list[int]], on_batch=None) -> tuple[dict[int, float], list[Decoding]]:
+                 targets: dict[int, list[int]], on_batch=None, aligned: bool = True) -> tuple[dict[int, float], list[Decoding]]:
         """Fill the KV cache of a batch's prompts but their last token (generate() feeds that itself): each
         distinct shared opening once, then, in runs of rows of similar length, every row's remaining prompt
-        tokens followed by its target when it has one (its target NLL, mean nats per token). Returns the
-        NLLs and the rows ready for generate(), one part per run."""
+        tokens followed by its target when it has one (its target NLL, mean nats per token). ``aligned``:
+        each row's target right after its prompt, rows left-padded as a whole (no padding between prompts
+        and targets; the rows' prompts end at different columns, which ``join`` aligns); else targets
+        right-padded after the left-padded prompts and the cache cropped to them (for caches ``join``
+        cannot rebuild). Returns the NLLs and the rows ready for generate(), one part per run."""
         before = (lambda rows: self.row_state([index[r] for r in rows])) if self.row_state else None
         lengths = batch_openings(index, prompts, shared)
         openings = None
         if any(lengths):
             with route_logs_paused(self.model):  # a routing heatmap counts each row once, from the pass below
                 openings = prefill_prefixes(self.model, [prompts[i][:n] for i, n in zip(index, lengths)], self.pad_id,
-                                            before, split=True)
+                                            before, split=aligned)
         nlls, parts = {}, []
         sizes = [len(prompts[i]) - n + len(targets.get(i, ())) for i, n in zip(index, lengths)]
         for run in length_runs(sizes):
             rows = [index[r] for r in run]
             self._set_prior(rows)
-            rest = left_pad([prompts[i][lengths[r]:] for r, i in zip(run, rows)], self.pad_id)
-            longest = max(len(targets.get(i, ())) for i in rows)
-            target_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-            target_mask = torch.zeros_like(target_ids)
-            for row, i in enumerate(rows):  # right-padded after the prompts
-                target_ids[row, : len(targets.get(i, ()))] = torch.tensor(targets.get(i, []), dtype=torch.long)
-                target_mask[row, : len(targets.get(i, ()))] = 1
-            batch = {"input_ids": torch.cat([rest["input_ids"], target_ids], 1).to(self.device),
-                     "attention_mask": torch.cat([rest["attention_mask"], target_mask], 1).to(self.device)}
+            rests = [prompts[i][lengths[r]:] for r, i in zip(run, rows)]
+            answers = [targets.get(i, []) for i in rows]
+            longest = max(map(len, answers))
+            if aligned:
+                batch = left_pad([rest + answer for rest, answer in zip(rests, answers)], self.pad_id)
+            else:  # targets right-padded after the left-padded prompts
+                rest = left_pad(rests, self.pad_id)
+                tail = torch.tensor([a + [self.pad_id] * (longest - len(a)) for a in answers], dtype=torch.long)
+                tail_mask = torch.tensor([[1] * len(a) + [0] * (longest - len(a)) for a in answers], dtype=torch.long)
+                batch = {"input_ids": torch.cat([rest["input_ids"], tail.view(len(rows), longest)], 1),
+                         "attention_mask": torch.cat([rest["attention_mask"], tail_mask.view(len(rows), longest)], 1)}
+            batch = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
             prefix = openings.rows(run) if openings is not None else None
             out = forward_after(self.model, prefix, batch, longest + 1)
             if on_batch:
                 on_batch(rows)
-            if longest:  # the positions predicting each real target token, and only those, through the softmax
-                real = target_mask.bool().to(self.device)
-                token_nll = torch.nn.functional.cross_entropy(out.logits[:, :-1][real].float(), target_ids.to(self.device)[real],
+            if longest:  # the logits predicting each real target token, and only those, through the softmax
+                labels = torch.zeros((len(rows), longest), dtype=torch.long)
+                real = torch.zeros_like(labels, dtype=torch.bool)
+                for row, answer in enumerate(answers):
+                    at = slice(longest - len(answer), longest) if aligned else slice(0, len(answer))
+                    labels[row, at], real[row, at] = torch.tensor(answer, dtype=torch.long), True
+                real = real.to(self.device)
+                token_nll = torch.nn.functional.cross_entropy(out.logits[:, :-1][real].float(), labels.to(self.device)[real],
                                                               reduction="none")
                 sums = torch.zeros(len(rows), device=self.device).index_add_(0, real.nonzero()[:, 0], token_nll)
-                nlls.update((i, round(float(sums[row]) / len(targets[i]), 5)) for row, i in enumerate(rows) if targets.get(i))
+                nlls.update((i, round(float(sums[row]) / len(answers[row]), 5)) for row, i in enumerate(rows) if answers[row])
             cache = out[CACHE_KWARG]  # the output field is named like generate()'s argument
-            cache.crop(-(longest + 1))  # keep the prompts but their last position
-            ids, mask = rest["input_ids"].to(self.device), rest["attention_mask"].to(self.device)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            if not aligned:  # keep the prompts but their last position
+                cache.crop(-(longest + 1))
+                ids, mask = ids[:, : ids.shape[1] - longest], mask[:, : mask.shape[1] - longest]
             if prefix is not None:
                 ids, mask = torch.cat([prefix.input_ids, ids], 1), torch.cat([prefix.attention_mask, mask], 1)
-            parts.append(Decoding(rows, ids, mask, cache, [0] * len(rows)))
+            ends = [ids.shape[1] - len(answer) for answer in answers] if aligned else None
+            parts.append(Decoding(rows, ids, mask, cache, [0] * len(rows), ends))
         return nlls, parts
 
     @torch.inference_mode()
@@ -299,18 +313,17 @@ class Scorer:
         queue = list(reversed(batches))
         pool: Decoding | None = None
         waiting: list[Decoding] = []  # prefilled rows not decoding yet, where caches cannot be joined
-        pooled = True
+        pooled = bool(batches) and self._joinable_cache(prompts[batches[0][0]][:1])
         while queue or waiting or pool is not None:
             if pool is None and waiting:
                 pool = waiting.pop(0)
             elif queue and (pool is None or pooled and 2 * len(pool) <= self.decode_batch_size):  # half empty: refill
                 parts = [] if pool is None else [pool]
                 while queue and (not parts or sum(map(len, parts)) + len(queue[-1]) <= self.decode_batch_size):
-                    batch_nlls, rows = self._prefill(queue.pop(), prompts, shared, targets, on_batch)
+                    batch_nlls, rows = self._prefill(queue.pop(), prompts, shared, targets, on_batch, aligned=pooled)
                     nlls.update(batch_nlls)
                     parts += rows
-                    if not all(poolable(part.cache) for part in rows):
-                        pooled = False  # e.g. sliding-window caches: each part decodes on its own, to its end
+                    if not pooled:  # e.g. sliding-window caches: each part decodes on its own, to its end
                         break
                 if pooled:
                     pool = join(parts, self.pad_id)
@@ -338,8 +351,16 @@ class Scorer:
                     bar.update()
                 else:
                     going.append(row)
-            pool = keep(pool, going, self.pad_id) if going else None
+            pool = keep(pool, going)
         return texts, nlls
+
+    def _joinable_cache(self, token: list[int]) -> bool:
+        """Whether this model's KV cache lets rows be joined and dropped (``batching.poolable``): one token's probe."""
+        self._set_prior([0])
+        set_token_mask(self.model, None)
+        with route_logs_paused(self.model):
+            probe = self.model(input_ids=torch.tensor([token], device=self.device), use_cache=True, logits_to_keep=1)
+        return poolable(probe[CACHE_KWARG])
 
     def _finished(self, tokens: list[int], settings: EvalConfig) -> bool:
         """Whether a row's generated tokens end it: EOS, max_new_tokens, or a stop string in the text."""

@@ -279,7 +279,7 @@ def test_rows_join_and_leave_the_decoding_batch_with_their_cache():
         for layer, before in zip(both.cache.layers, keys):
             assert layer.keys.shape[2] == 4 and torch.equal(layer.keys[2, :, 2:], before[0])
             assert not layer.keys[2, :, :2].any()
-        left = keep(both, [2], pad_id=0)  # the narrow row alone: its padding columns go
+        left = join([keep(both, [2])], pad_id=0)  # the narrow row alone: its padding columns go
         assert left.rows == [2] and left.input_ids.tolist() == [[1, 2, 3]]
         assert all(torch.equal(layer.keys[0], before[0]) for layer, before in zip(left.cache.layers, keys))
         # a decoding step writes into the buffer's room: the same keys as a fresh forward of the whole row
