@@ -6,12 +6,14 @@ Protocols (one ``rexft eval`` over a mixed mixture uses each task's own)
                  (false; a non-letter prediction counts as wrong). Also reports the gold letter's NLL.
     loglik       choice tasks, lm-evaluation-harness style (``eval.protocol=loglik``): sum of
                  log p(option text | prompt) per option; accuracy raw and length-normalised (per byte).
-    generate     generative tasks: transformers' generate() (greedy unless eval.do_sample), batched over
-                 length-sorted, left-padded prompts with the KV cache, each row's prior set for the whole
-                 generation; a row stops at EOS, a stop string (eval.stop) or eval.max_new_tokens. Scored by
-                 ROUGE-L and exact match (rexft/metrics.py), plus the target NLL: mean nats per target token
-                 (the target text and EOS) under teacher forcing, from the forward that fills the prompts'
-                 cache. For prior-free models a task's shared opening (its instruction) runs once per batch.
+    generate     generative tasks: transformers' generate() (greedy unless eval.do_sample) continuing a KV
+                 cache rexft fills: eval.batch_size prompts at a time, in runs of similar length, each with
+                 its target after it (the target NLL: mean nats per target token, the target text and EOS,
+                 under teacher forcing); for prior-free models a task's shared opening (its instruction)
+                 runs once per batch. Up to eval.decode_batch_size rows decode together, each with its own
+                 prior at every step; every DECODE_CHUNK tokens the rows that stopped (EOS, a stop string
+                 in eval.stop, eval.max_new_tokens) leave and prefilled rows join (rexft/batching.py).
+                 Scored by ROUGE-L and exact match (rexft/metrics.py).
 
 Batches are length-sorted and left-padded with explicit position ids, so each row computes exactly what
 it would alone, and only the positions a score needs get logits. Unseen tasks (``eval.unseen_tasks``,
@@ -46,7 +48,7 @@ from rexft.tasks.common import LETTERS, Example
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 40  # tasks shown in a heatmap or bar chart before it summarises
-DECODE_CHUNK = 8  # generate: tokens decoded between the moments rows leave and join the decoding batch
+DECODE_CHUNK = 4  # generate: tokens decoded between the moments rows leave and join the decoding batch
 
 
 def dropped(example: Example) -> dict:
