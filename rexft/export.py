@@ -303,10 +303,11 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
     if not cfg.export.fidelity:
         checked = []
     texts = [e.prompt for e in train + checked]
-    priors = adapter_priors(adapter_dir, spec, texts, cfg)  # one embedding pass for every prompt
     if by == "per_task":
         keys = [e.task for e in train + checked]
-    else:
+        priors = None
+    else:  # every prompt's cluster: one embedding pass for all
+        priors = adapter_priors(adapter_dir, spec, texts, cfg)
         if priors is not None:
             similarity = priors
         else:  # an adapter without a prior: clusters of the run's prior/
@@ -318,6 +319,12 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
         groups.setdefault(key, []).append(i)
     route_index = {name: index[: cfg.export.route_examples] for name, index in groups.items()}
     used = sorted({i for index in route_index.values() for i in index})
+    if by == "per_task":  # priors only for the prompts routed and checked (not every training prompt)
+        needed = used + list(range(len(train), len(texts)))
+        some = adapter_priors(adapter_dir, spec, [texts[i] for i in needed], cfg)
+        if some is not None:
+            priors = some.new_zeros(len(texts), some.shape[1])
+            priors[needed] = some
     prompts = {i: encode_prompt(train[i], tokenizer, fmt, cfg.data.max_length)[0] for i in used}
     route_index = {name: [i for i in index if prompts[i] is not None] for name, index in route_index.items()}
     kept = [i for i in used if prompts[i] is not None]
