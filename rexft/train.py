@@ -199,6 +199,9 @@ def save_checkpoint(cfg: RunConfig, accelerator, model, optimizer, scheduler, st
         accelerator.save_state(str(tmp / "deepspeed"), exclude_frozen_parameters=True)
     elif accelerator.is_main_process:
         torch.save({"optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
+    # Every process has written its part (save_state ends with each process's own RNG file): only then
+    # may the main process move the folder into place.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
         torch.save({"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
