@@ -68,9 +68,9 @@ class Scorer:
     priors: torch.Tensor | None = None
     progress: bool = True
     row_state: Callable[[list[int]], None] | None = None  # called with each batch's example indices (per-row state)
-    # generate: the prompts of one task share their opening tokens' KV cache (computed once per batch). Exact
-    # only where the model computes the same for every row of a task: never with per-row priors; a caller
-    # whose row_state differs within a task turns it off.
+    # first_token, generate: the prompts of one task share their opening tokens' KV cache (computed once per
+    # batch). Exact only where the model computes the same for every row of a task: never with per-row
+    # priors; a caller whose row_state differs within a task turns it off.
     share_prefixes: bool = True
     decode_batch_size: int = 64  # generate: rows decoding together (finished rows leave, prefilled ones join)
 
@@ -99,6 +99,44 @@ class Scorer:
         set_token_mask(self.model, batch["attention_mask"])
         return last_logprobs(self.model, batch, keep)
 
+    def _openings(self, prompts: dict[int, list[int]], tasks: dict[int, str]) -> tuple[dict[int, int], list[int] | None]:
+        """Where prompts may share their task's opening (``share_prefixes``, no per-row prior): how many
+        tokens each shares, and the batching order that keeps a task's rows together; else ({}, None)."""
+        if not (self.share_prefixes and self.priors is None):
+            return {}, None
+        shared = shared_prefix_lengths(prompts, tasks)
+        return shared, shared_prefix_order({i: len(p) for i, p in prompts.items()}, tasks, shared)
+
+    def _last_logprobs(self, index: list[int], prompts: dict[int, list[int]], shared: dict[int, int],
+                       on_batch=None) -> torch.Tensor:
+        """log-softmax at each row's last position (b, V): the batch's distinct openings once, then the rows'
+        rests in runs of similar length (a batch keeps a task's rows together, whatever their lengths).
+        ``on_batch`` gets the examples of each forward that logs routes."""
+        lengths = batch_openings(index, prompts, shared)
+        if not any(lengths):
+            logprobs = self._forward([prompts[i] for i in index], index, 1)[:, -1]
+            if on_batch:
+                on_batch(index)
+            return logprobs
+        self._set_prior(index)
+        before = (lambda rows: self.row_state([index[r] for r in rows])) if self.row_state else None
+        with route_logs_paused(self.model):  # a routing heatmap counts each row once, from the passes below
+            openings = prefill_prefixes(self.model, [prompts[i][:n] for i, n in zip(index, lengths)], self.pad_id,
+                                        before, split=True)
+        rows = []
+        for run in length_runs([len(prompts[i]) - n for i, n in zip(index, lengths)]):
+            self._set_prior([index[r] for r in run])
+            rest = left_pad([prompts[index[r]][lengths[r]:] for r in run], self.pad_id)
+            rest = {k: rest[k].to(self.device) for k in ("input_ids", "attention_mask")}
+            logits = forward_after(self.model, openings.rows(run), rest, keep=1).logits[:, -1]
+            if on_batch:
+                on_batch([index[r] for r in run])
+            rows.append((run, logits.float().log_softmax(-1)))
+        out = rows[0][1].new_empty(len(index), rows[0][1].shape[-1])
+        for run, logprobs in rows:
+            out[run] = logprobs
+        return out
+
     @torch.inference_mode()
     def first_token(self, examples: list[Example], restricted: bool = True, on_batch=None) -> list[dict]:
         from tqdm.auto import tqdm
@@ -111,11 +149,10 @@ class Scorer:
             if ids is not None:
                 prompts[i] = ids + prefix
         results: list[dict] = [dropped(e) for e in examples]
-        batches = list(self._batches({i: len(p) for i, p in prompts.items()}))
+        shared, order = self._openings(prompts, {i: examples[i].task for i in prompts})
+        batches = list(self._batches({i: len(p) for i, p in prompts.items()}, order))
         for index in tqdm(batches, desc="eval", disable=not self.progress, leave=False):
-            logprobs = self._forward([prompts[i] for i in index], index, 1)[:, -1]  # (b, V)
-            if on_batch:
-                on_batch(index)
+            logprobs = self._last_logprobs(index, prompts, shared, on_batch)  # (b, V)
             for row, i in enumerate(index):
                 example = examples[i]
                 ids = letter_ids[: len(example.options)]
@@ -270,11 +307,10 @@ class Scorer:
                 if ids is not None:
                     prompts[i] = ids
         config = self._generation_config(settings)
-        share = settings.num_beams == 1 and self.share_prefixes and self.priors is None
         tasks = {i: examples[i].task for i in prompts}
-        shared = shared_prefix_lengths(prompts, tasks) if share else {}
+        shared = self._openings(prompts, tasks)[0] if settings.num_beams == 1 else {}
         sizes = {i: len(p) + len(targets.get(i, ())) for i, p in prompts.items()}
-        batches = list(self._batches(sizes, shared_prefix_order(sizes, tasks, shared) if share else None))
+        batches = list(self._batches(sizes, shared_prefix_order(sizes, tasks, shared) if shared else None))
         bar = tqdm(total=len(prompts), desc="generate", disable=not self.progress, leave=False)
         if settings.num_beams > 1:
             texts = self._generate_beams(batches, prompts, config, settings, bar)
@@ -314,6 +350,7 @@ class Scorer:
         texts, nlls = {}, {}
         queue = list(reversed(batches))
         pool: Decoding | None = None
+        spare: Decoding | None = None  # a batch done with, whose cache buffers the next join writes over
         waiting: list[Decoding] = []  # prefilled rows not decoding yet, where caches cannot be joined
         pooled = bool(batches) and self._joinable_cache(prompts[batches[0][0]][:1])
         while queue or waiting or pool is not None:
@@ -328,7 +365,7 @@ class Scorer:
                     if not pooled:  # e.g. sliding-window caches: each part decodes on its own, to its end
                         break
                 if pooled:
-                    pool = join(parts, self.pad_id)
+                    pool, spare = join(parts, self.pad_id, spare), pool if pool is not None else spare
                 else:
                     waiting += parts
                     pool = waiting.pop(0)
@@ -353,6 +390,8 @@ class Scorer:
                     bar.update()
                 else:
                     going.append(row)
+            if not going:
+                spare = pool
             pool = keep(pool, going)
         return texts, nlls
 

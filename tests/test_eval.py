@@ -44,8 +44,30 @@ def test_batched_scores_equal_unbatched(examples, protocol):
         assert x["scores"] == pytest.approx(y["scores"], rel=1e-6, abs=2e-4)  # loglik sums reach ~1e3: float32 relative error
 
 
+def test_a_tasks_shared_opening_is_computed_once_and_changes_no_score(examples):
+    """first_token without a per-row prior (here a prior-free MoDE adapter): the opening a task's prompts
+    share runs once per batch, and every score is what the whole prompt gives."""
+    model = randomize_adapters(rexft.inject_adapters(tiny_model(), AdapterConfig(type="mode", r=4, num_experts=3, dropout=0)),
+                               seed=0).eval()
+    tokens = []
+    model.model.embed_tokens.register_forward_hook(lambda module, args, out: tokens.append(args[0].numel()))
+    runs = {}
+    for share, batch_size in ((False, 1), (True, 16), (True, 4)):
+        tokens.clear()
+        scorer = Scorer(model, TOK, FMT, 768, batch_size=batch_size, progress=False, share_prefixes=share)
+        runs[share, batch_size] = scorer.first_token(examples), sum(tokens)
+    reference = runs[False, 1][0]
+    for rows, _ in runs.values():
+        assert [r.get("predicted") for r in rows] == [r.get("predicted") for r in reference]
+        for x, y in zip(rows, reference):
+            assert x.get("scores") == pytest.approx(y.get("scores"), abs=2e-4)
+    prompts = [e.prompt for e in examples]
+    assert runs[True, 16][1] < sum(len(TOK(p)["input_ids"]) for p in prompts)  # fewer tokens than whole prompts
+
+
 class FavouriteToken(torch.nn.Module):
-    """A 'model' whose next-token logits are 0 except favourite: 5.0 and runner_up: 1.0."""
+    """A 'model' whose next-token logits are 0 except favourite: 5.0 and runner_up: 1.0 (no KV cache, so scored
+    without shared openings)."""
 
     def __init__(self, favourite, runner_up, vocab=259):
         super().__init__()
@@ -62,7 +84,7 @@ class FavouriteToken(torch.nn.Module):
 def test_hand_checkable_first_token_scores(examples):
     _, (id_a, id_b) = letter_token_ids(TOK, FMT, 2)
     binary = [e for e in examples if len(e.options) == 2]
-    out = Scorer(FavouriteToken(id_b, id_a), TOK, FMT, 2048, progress=False).first_token(binary)
+    out = Scorer(FavouriteToken(id_b, id_a), TOK, FMT, 2048, progress=False, share_prefixes=False).first_token(binary)
     norm = math.log(math.exp(5) + math.exp(1) + 257)
     for row in out:
         assert row["predicted"] == "B"
@@ -73,7 +95,7 @@ def test_hand_checkable_first_token_scores(examples):
 
 
 def test_unrestricted_greedy_counts_non_letters_as_wrong(examples):
-    out = Scorer(FavouriteToken(ord("z") + 3, 0), TOK, FMT, 2048, progress=False).first_token(examples, restricted=False)
+    out = Scorer(FavouriteToken(ord("z") + 3, 0), TOK, FMT, 2048, progress=False, share_prefixes=False).first_token(examples, restricted=False)
     assert all(row["predicted"] is None for row in out)
 
 
@@ -84,7 +106,7 @@ def test_every_task_scores_each_option_letter(task, data_dir):
     _, ids = letter_token_ids(TOK, FMT, n)
     hits = 0
     for letter_index, token in enumerate(ids):
-        out = Scorer(FavouriteToken(token, 0), TOK, FMT, 4096, progress=False).first_token(split.eval)
+        out = Scorer(FavouriteToken(token, 0), TOK, FMT, 4096, progress=False, share_prefixes=False).first_token(split.eval)
         assert not any(row.get("dropped") for row in out)
         assert all(len(row["scores"]) == n for row in out)
         assert all(row["predicted"] == "ABCDE"[letter_index] for row in out)
