@@ -10,7 +10,7 @@ compute priors with the same function, :func:`priors_for`, from the saved centro
 
 ``rexft cluster-prior`` writes run_dir/prior/: centroids.safetensors, meta.json (embedder, dimension,
 k, normalisation, data fingerprint), and report.{json,md,png} (cluster x task counts, purity, NMI).
-Embeddings are cached under $REXFT_CACHE/embeddings keyed by (embedder, max_length, texts).
+Embeddings are cached under $REXFT_CACHE/embeddings/<embedder, max_length>/, per text (``embed_cached``).
 """
 
 from __future__ import annotations
@@ -103,20 +103,53 @@ def data_fingerprint(texts: list[str]) -> str:
 
 
 def embed_cached(texts: list[str], cfg: PriorConfig, embedder: Embedder | None = None) -> torch.Tensor:
-    """Embeddings of ``texts``, from the on-disk cache when the same (embedder, texts) was seen before."""
+    """Embeddings of ``texts`` through the on-disk cache of this embedder: a list seen before is read back
+    whole; otherwise every text some earlier list held is read from there and only the rest is embedded
+    (so eval and merge-export reuse what cluster-prior and eval embedded). Each list is stored as one
+    shard: its embeddings and a digest per text."""
     from safetensors.torch import load_file, save_file
 
-    key = hashlib.sha256(f"{_embedder_fingerprint(cfg)}|{data_fingerprint(texts)}".encode()).hexdigest()[:20]
-    path = cache_root() / "embeddings" / f"{key}.safetensors"
+    folder = cache_root() / "embeddings" / hashlib.sha256(_embedder_fingerprint(cfg).encode()).hexdigest()[:20]
+    path = folder / f"{data_fingerprint(texts)}.safetensors"
     if path.is_file():
         return load_file(str(path))["embeddings"]
-    embedder = embedder or Embedder(cfg.embedder, cfg.max_length)
-    embeddings = embedder.encode(texts, cfg.batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    digests = [hashlib.sha256(text.encode()).digest()[:16] for text in texts]
+    found = _cached_rows(folder, set(digests))
+    missing = [i for i, d in enumerate(digests) if d not in found]
+    fresh = None
+    if missing or not found:  # (no texts at all: the embedder still says the dimension)
+        embedder = embedder or Embedder(cfg.embedder, cfg.max_length)
+        fresh = embedder.encode([texts[i] for i in missing], cfg.batch_size)
+    dim = fresh.shape[1] if fresh is not None else next(iter(found.values())).shape[0]
+    embeddings = torch.empty(len(texts), dim)
+    for i, digest in enumerate(digests):
+        if digest in found:
+            embeddings[i] = found[digest]
+    if missing:
+        embeddings[missing] = fresh
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of one launch may race here
-    save_file({"embeddings": embeddings.contiguous()}, str(tmp))
+    table = torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).view(len(texts), 16)
+    save_file({"embeddings": embeddings.contiguous(), "digests": table}, str(tmp))
     tmp.replace(path)
     return embeddings
+
+
+def _cached_rows(folder: Path, wanted: set[bytes]) -> dict[bytes, torch.Tensor]:
+    """The cached embedding of every wanted text digest that a shard in ``folder`` holds."""
+    from safetensors import safe_open
+
+    found: dict[bytes, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        if len(found) == len(wanted):
+            break
+        with safe_open(str(shard), "pt") as f:
+            held = [bytes(row) for row in f.get_tensor("digests").numpy()]
+            rows = [r for r, d in enumerate(held) if d in wanted and d not in found]
+            if rows:
+                embeddings = f.get_tensor("embeddings")[rows]
+                found.update((held[r], e) for r, e in zip(rows, embeddings))
+    return found
 
 
 # --------------------------------------------------------------------------------------------- k-means

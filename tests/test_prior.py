@@ -54,7 +54,7 @@ def test_embedder_gives_unit_vectors_that_know_meaning(embedder):
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2
 
 
-def test_embeddings_are_cached_by_embedder_and_texts(embedder, monkeypatch, tmp_path):
+def test_embeddings_are_cached_per_text_and_embedder(embedder, monkeypatch, tmp_path):
     monkeypatch.setenv("REXFT_CACHE", str(tmp_path))
     cfg = PriorConfig(max_length=128)
     first = embed_cached(["alpha", "beta"], cfg, embedder)
@@ -64,8 +64,18 @@ def test_embeddings_are_cached_by_embedder_and_texts(embedder, monkeypatch, tmp_
 
     monkeypatch.setattr("rexft.prior.Embedder", no_model)
     assert torch.equal(embed_cached(["alpha", "beta"], cfg), first)
+    assert torch.equal(embed_cached(["beta"], cfg), first[1:])  # texts of an earlier list, in a new list
     with pytest.raises(AssertionError, match="cache should have answered"):
         embed_cached(["gamma"], cfg)
+    with pytest.raises(AssertionError, match="cache should have answered"):
+        embed_cached(["alpha", "gamma"], cfg)
+    # a list mixing cached and new texts embeds only the new ones, in place
+    encoded = []
+    monkeypatch.setattr(embedder, "encode", lambda texts, *a, **k: encoded.extend(texts) or Embedder.encode(embedder, texts, progress=False))
+    mixed = embed_cached(["gamma", "alpha"], cfg, embedder)
+    assert encoded == ["gamma"] and torch.equal(mixed[1], first[0])
+    assert torch.allclose(mixed[0], Embedder.encode(embedder, ["gamma"], progress=False)[0])
+    assert torch.equal(embed_cached(["beta", "gamma"], cfg), torch.stack([first[1], mixed[0]]))
 
 
 def test_prior_mismatch_is_one_clear_error():
