@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior
-from rexft.batching import (batch_openings, forward_after, shared_prefix_lengths, shared_prefix_order,
-                            split_at_openings)
+from rexft.batching import (batch_openings, forward_after, left_pad, length_runs, prefill_prefixes,
+                            shared_prefix_lengths, shared_prefix_order)
 from rexft.config import RunConfig
 from rexft.data import PromptFormat, build_splits, encode_prompt
 from rexft.errors import RexftError
@@ -96,8 +96,9 @@ def write_peft_adapter(directory: Path, factors: dict[str, tuple[torch.Tensor, t
 def example_routes(model, tokenizer, prompts: list[list[int]], priors: torch.Tensor | None, batch_size: int = 16,
                    groups: list[str] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per mixture layer: each prompt's route averaged over its tokens (n, E); and each prompt's token count (n,).
-    One batched pass over length-sorted prompts. With ``groups`` (each prompt's task) and no priors, the
-    opening a task's prompts share is run once per batch and its tokens' routes counted for every prompt."""
+    Batches of length-sorted prompts, each in runs of similar length (``length_runs``). With ``groups`` (each
+    prompt's task) and no priors, the opening a task's prompts share is run once per batch and its tokens'
+    routes counted for every prompt."""
     layers = {n: m for n, m in adapter_layers(model).items() if m.is_mixture}
     routes = {n: [None] * len(prompts) for n in layers}
     device = next(model.parameters()).device
@@ -110,22 +111,28 @@ def example_routes(model, tokenizer, prompts: list[list[int]], priors: torch.Ten
     set_prior(model, None)
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
-        if priors is not None:
-            set_prior(model, priors[index].to(device))
         lengths = batch_openings(index, prompts, shared)
         for layer in layers.values():
             layer.route_log = []
-        openings, rest = split_at_openings(model, [prompts[i] for i in index], lengths, pad_id)
-        if openings is not None:
+        openings = None
+        if any(lengths):  # only without priors: the opening runs once, its tokens' routes count for every row
+            openings = prefill_prefixes(model, [prompts[i][:n] for i, n in zip(index, lengths)], pad_id)
             opening = {name: layer.route_log.pop()[[row for _, row in openings.which]] for name, layer in layers.items()}  # (b, E)
-        forward_after(model, openings and openings.rows(range(len(index))), rest, keep=1)
-        weight = torch.tensor([[n / len(prompts[i])] for i, n in zip(index, lengths)])  # the opening's share of tokens
-        for name, layer in layers.items():
-            per_row = layer.route_log.pop()  # (b, E) over each row's tokens after its opening
-            if openings is not None:
-                per_row = weight * opening[name] + (1 - weight) * per_row
-            for i, route in zip(index, per_row):
-                routes[name][i] = route
+        for run in length_runs([len(prompts[i]) - n for i, n in zip(index, lengths)]):  # little padding
+            rows = [index[r] for r in run]
+            if priors is not None:
+                set_prior(model, priors[rows].to(device))
+            rest = {k: v.to(device) for k, v in left_pad([prompts[i][lengths[r]:] for r, i in zip(run, rows)], pad_id).items()
+                    if k != "position_ids"}
+            forward_after(model, openings and openings.rows(run), rest, keep=1)
+            weight = torch.tensor([[lengths[r] / len(prompts[i])] for r, i in zip(run, rows)])  # the opening's share
+            for name, layer in layers.items():
+                per_row = layer.route_log.pop()  # (len(run), E) over each row's tokens after its opening
+                if openings is not None:
+                    per_row = weight * opening[name][run] + (1 - weight) * per_row
+                for i, route in zip(rows, per_row):
+                    routes[name][i] = route
+        for layer in layers.values():
             layer.route_log = None
     tokens = torch.tensor([float(sizes[i]) for i in range(len(prompts))])
     return {n: torch.stack(r) for n, r in routes.items() if prompts}, tokens

@@ -91,3 +91,19 @@ def test_routes_with_a_tasks_opening_run_once_equal_routes_of_whole_prompts():
     assert torch.equal(tokens, shared_tokens)
     for name in whole:
         torch.testing.assert_close(shared[name], whole[name], rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_routes_of_a_batch_equal_routes_of_each_prompt_alone():
+    """example_routes with per-prompt priors on prompts of very different lengths (a batch runs in several
+    runs of similar length): each prompt's mean route is what it gives alone."""
+    model = randomized("trex")
+    lengths = (40, 3, 31, 9, 16, 2, 25, 12)
+    prompts = [torch.randint(3, 259, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+    priors = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(4))
+    batched, tokens = example_routes(model, byte_tokenizer(), prompts, priors, batch_size=8)
+    assert tokens.tolist() == list(lengths)
+    for i, prompt in enumerate(prompts):
+        alone, _ = example_routes(model, byte_tokenizer(), [prompt], priors[i:i + 1])
+        for name in batched:
+            torch.testing.assert_close(batched[name][i], alone[name][0], rtol=1e-5, atol=1e-6)
