@@ -297,12 +297,10 @@ class Decoding:
         return len(self.rows)
 
 
-def join(parts: list[Decoding], pad_id: int, spare: Decoding | None = None) -> Decoding:
+def join(parts: list[Decoding], pad_id: int) -> Decoding:
     """All parts' rows in one batch: each row's tokens (from its first real one to its end) right-aligned
     and left-padded to the longest, its cache alike, written once into buffers with room for the tokens to
-    come (``GrowingLayer``). ``spare``: a batch that is done with (not among ``parts``) whose buffers are
-    written over where they are large enough: on a CPU, faulting in fresh pages costs several times the
-    copy into them."""
+    come (``GrowingLayer``)."""
     spans = []  # (part, row, first real column, end)
     for part in parts:
         firsts = part.attention_mask.int().argmax(1).tolist()
@@ -311,30 +309,17 @@ def join(parts: list[Decoding], pad_id: int, spare: Decoding | None = None) -> D
     width = max(end - first for _, _, first, end in spans)
     ids = parts[0].input_ids.new_full((len(spans), width), pad_id)
     mask = torch.zeros_like(ids)
-    old = _layers(spare.cache) if spare is not None else None
-    buffers = [tuple(_buffer(t, (len(spans), t.shape[1], width - 1 + GROWTH, t.shape[3]), old and getattr(old[n], name))
-                     for t, name in ((layer.keys, "_keys"), (layer.values, "_values")))
-               for n, layer in enumerate(_layers(parts[0].cache))]
+    buffers = [tuple(t.new_zeros(len(spans), t.shape[1], width - 1 + GROWTH, t.shape[3]) for t in (layer.keys, layer.values))
+               for layer in _layers(parts[0].cache)]
     for j, (part, row, first, end) in enumerate(spans):
         at = width - (end - first)
         ids[j, at:], mask[j, at:] = part.input_ids[row, first:end], part.attention_mask[row, first:end]
         for (keys, values), layer in zip(buffers, _layers(part.cache)):
-            keys[j, :, :at], values[j, :, :at] = 0, 0  # masked, but must be finite (0 * inf is nan)
             keys[j, :, at: width - 1] = layer.keys[row, :, first: end - 1]
             values[j, :, at: width - 1] = layer.values[row, :, first: end - 1]
     cache = copy.copy(parts[0].cache)
     cache.layers = [GrowingLayer(keys, values, width - 1) for keys, values in buffers]
     return Decoding([r for p in parts for r in p.rows], ids, mask, cache, [n for p in parts for n in p.generated])
-
-
-def _buffer(like: torch.Tensor, shape: tuple[int, ...], spare: torch.Tensor | None) -> torch.Tensor:
-    """An uninitialised tensor of ``shape`` like ``like``: in ``spare``'s memory when it holds enough."""
-    numel = shape[0] * shape[1] * shape[2] * shape[3]
-    if spare is not None and spare.dtype == like.dtype and spare.device == like.device:
-        memory = spare.untyped_storage()
-        if memory.nbytes() >= numel * like.element_size():
-            return like.new_empty(0).set_(memory, 0, shape)
-    return like.new_empty(shape)
 
 
 def keep(d: Decoding, positions: list[int]) -> Decoding | None:
