@@ -232,19 +232,6 @@ def prefill_prefixes(model, prefixes: list[list[int]], pad_id: int, before=None,
     return Openings(parts, [where[d] for d in first])
 
 
-def split_at_openings(model, sequences: list[list[int]], openings: list[int], pad_id: int,
-                      before=None) -> tuple[Openings | None, dict[str, torch.Tensor]]:
-    """Each row split at its opening (``batch_openings``): the distinct openings prefilled (None when no row
-    has one), and every row's rest left-padded on the model's device (input_ids, attention_mask), ready
-    for ``forward_after``."""
-    prefix = None
-    if any(openings):
-        prefix = prefill_prefixes(model, [s[:n] for s, n in zip(sequences, openings)], pad_id, before)
-    rest = left_pad([s[n:] for s, n in zip(sequences, openings)], pad_id)
-    device = next(model.parameters()).device
-    return prefix, {"input_ids": rest["input_ids"].to(device), "attention_mask": rest["attention_mask"].to(device)}
-
-
 def length_runs(sizes: list[int], ratio: float = 0.75) -> list[list[int]]:
     """Positions grouped into runs of similar size, longest first: a run ends where a row is shorter than
     ``ratio`` times its first row, so left padding wastes little compute."""

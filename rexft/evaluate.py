@@ -350,7 +350,6 @@ class Scorer:
         texts, nlls = {}, {}
         queue = list(reversed(batches))
         pool: Decoding | None = None
-        spare: Decoding | None = None  # a batch done with, whose cache buffers the next join writes over
         waiting: list[Decoding] = []  # prefilled rows not decoding yet, where caches cannot be joined
         pooled = bool(batches) and self._joinable_cache(prompts[batches[0][0]][:1])
         while queue or waiting or pool is not None:
@@ -365,7 +364,7 @@ class Scorer:
                     if not pooled:  # e.g. sliding-window caches: each part decodes on its own, to its end
                         break
                 if pooled:
-                    pool, spare = join(parts, self.pad_id, spare), pool if pool is not None else spare
+                    pool = join(parts, self.pad_id)
                 else:
                     waiting += parts
                     pool = waiting.pop(0)
@@ -390,8 +389,6 @@ class Scorer:
                     bar.update()
                 else:
                     going.append(row)
-            if not going:
-                spare = pool
             pool = keep(pool, going)
         return texts, nlls
 

@@ -129,7 +129,7 @@ def embed_cached(texts: list[str], cfg: PriorConfig, embedder: Embedder | None =
         embeddings[missing] = fresh
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of one launch may race here
-    table = torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).view(len(texts), 16)
+    table = torch.tensor(list(b"".join(digests)), dtype=torch.uint8).view(len(texts), 16)
     save_file({"embeddings": embeddings.contiguous(), "digests": table}, str(tmp))
     tmp.replace(path)
     return embeddings
