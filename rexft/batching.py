@@ -255,6 +255,20 @@ def forward_after(model, prefix: Prefix | None, batch: dict[str, torch.Tensor], 
                  logits_to_keep=keep, **({} if prefix is None else {CACHE_KWARG: prefix.cache}))
 
 
+def forward_rests(model, sequences: list[list[int]], lengths: list[int], openings: Openings | None, pad_id: int,
+                  keep: int, before_run=None):
+    """Every row's tokens after its opening (``lengths``; 0: the whole row), in runs of similar length
+    (``length_runs``), each run continuing its rows' prefilled ``openings`` (None: no row has one). Yields
+    (run, output) per run; ``before_run(run)`` is called before each run's forward (per-row state)."""
+    device = next(model.parameters()).device
+    for run in length_runs([len(s) - n for s, n in zip(sequences, lengths)]):
+        if before_run is not None:
+            before_run(run)
+        rest = left_pad([sequences[r][lengths[r]:] for r in run], pad_id)
+        rest = {k: rest[k].to(device) for k in ("input_ids", "attention_mask")}
+        yield run, forward_after(model, openings and openings.rows(run), rest, keep)
+
+
 def last_logprobs(model, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
     """log-softmax of the logits at the last ``keep`` positions: (b, keep, V), float32."""
     try:

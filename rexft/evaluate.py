@@ -35,8 +35,9 @@ import torch
 
 from rexft.adapters import (adapter_layers, load_adapter, read_adapter_config, route_logs_paused, set_prior,
                             set_token_mask)
-from rexft.batching import (CACHE_KWARG, Decoding, batch_openings, forward_after, join, keep, last_logprobs, left_pad,
-                            length_runs, poolable, prefill_prefixes, shared_prefix_lengths, shared_prefix_order)
+from rexft.batching import (CACHE_KWARG, Decoding, batch_openings, forward_after, forward_rests, join, keep,
+                            last_logprobs, left_pad, length_runs, poolable, prefill_prefixes, shared_prefix_lengths,
+                            shared_prefix_order)
 from rexft.config import RunConfig
 from rexft.config import EvalConfig
 from rexft.data import (PromptFormat, build_splits, cap_examples, encode_example, encode_prompt, letter_token_ids,
@@ -99,13 +100,15 @@ class Scorer:
         set_token_mask(self.model, batch["attention_mask"])
         return last_logprobs(self.model, batch, keep)
 
-    def _openings(self, prompts: dict[int, list[int]], tasks: dict[int, str]) -> tuple[dict[int, int], list[int] | None]:
+    def _openings(self, prompts: dict[int, list[int]], tasks: dict[int, str],
+                  sizes: dict[int, int]) -> tuple[dict[int, int], list[int] | None]:
         """Where prompts may share their task's opening (``share_prefixes``, no per-row prior): how many
-        tokens each shares, and the batching order that keeps a task's rows together; else ({}, None)."""
+        tokens each shares, and the batching order (by ``sizes``) that keeps a task's rows together; else
+        ({}, None)."""
         if not (self.share_prefixes and self.priors is None):
             return {}, None
         shared = shared_prefix_lengths(prompts, tasks)
-        return shared, shared_prefix_order({i: len(p) for i, p in prompts.items()}, tasks, shared)
+        return shared, shared_prefix_order(sizes, tasks, shared)
 
     def _last_logprobs(self, index: list[int], prompts: dict[int, list[int]], shared: dict[int, int],
                        on_batch=None) -> torch.Tensor:
@@ -120,20 +123,18 @@ class Scorer:
             return logprobs
         self._set_prior(index)
         before = (lambda rows: self.row_state([index[r] for r in rows])) if self.row_state else None
+        sequences = [prompts[i] for i in index]
         with route_logs_paused(self.model):  # a routing heatmap counts each row once, from the passes below
-            openings = prefill_prefixes(self.model, [prompts[i][:n] for i, n in zip(index, lengths)], self.pad_id,
+            openings = prefill_prefixes(self.model, [s[:n] for s, n in zip(sequences, lengths)], self.pad_id,
                                         before, split=True)
-        rows = []
-        for run in length_runs([len(prompts[i]) - n for i, n in zip(index, lengths)]):
-            self._set_prior([index[r] for r in run])
-            rest = left_pad([prompts[index[r]][lengths[r]:] for r in run], self.pad_id)
-            rest = {k: rest[k].to(self.device) for k in ("input_ids", "attention_mask")}
-            logits = forward_after(self.model, openings.rows(run), rest, keep=1).logits[:, -1]
+        out = None
+        for run, output in forward_rests(self.model, sequences, lengths, openings, self.pad_id, 1,
+                                         lambda run: self._set_prior([index[r] for r in run])):
             if on_batch:
                 on_batch([index[r] for r in run])
-            rows.append((run, logits.float().log_softmax(-1)))
-        out = rows[0][1].new_empty(len(index), rows[0][1].shape[-1])
-        for run, logprobs in rows:
+            logprobs = output.logits[:, -1].float().log_softmax(-1)
+            if out is None:
+                out = logprobs.new_empty(len(index), logprobs.shape[-1])
             out[run] = logprobs
         return out
 
@@ -149,8 +150,9 @@ class Scorer:
             if ids is not None:
                 prompts[i] = ids + prefix
         results: list[dict] = [dropped(e) for e in examples]
-        shared, order = self._openings(prompts, {i: examples[i].task for i in prompts})
-        batches = list(self._batches({i: len(p) for i, p in prompts.items()}, order))
+        sizes = {i: len(p) for i, p in prompts.items()}
+        shared, order = self._openings(prompts, {i: examples[i].task for i in prompts}, sizes)
+        batches = list(self._batches(sizes, order))
         for index in tqdm(batches, desc="eval", disable=not self.progress, leave=False):
             logprobs = self._last_logprobs(index, prompts, shared, on_batch)  # (b, V)
             for row, i in enumerate(index):
@@ -308,9 +310,9 @@ class Scorer:
                     prompts[i] = ids
         config = self._generation_config(settings)
         tasks = {i: examples[i].task for i in prompts}
-        shared = self._openings(prompts, tasks)[0] if settings.num_beams == 1 else {}
         sizes = {i: len(p) + len(targets.get(i, ())) for i, p in prompts.items()}
-        batches = list(self._batches(sizes, shared_prefix_order(sizes, tasks, shared) if shared else None))
+        shared, order = self._openings(prompts, tasks, sizes) if settings.num_beams == 1 else ({}, None)
+        batches = list(self._batches(sizes, order))
         bar = tqdm(total=len(prompts), desc="generate", disable=not self.progress, leave=False)
         if settings.num_beams > 1:
             texts = self._generate_beams(batches, prompts, config, settings, bar)

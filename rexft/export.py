@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior
-from rexft.batching import (batch_openings, forward_after, left_pad, length_runs, prefill_prefixes,
-                            shared_prefix_lengths, shared_prefix_order)
+from rexft.batching import (batch_openings, forward_rests, prefill_prefixes, shared_prefix_lengths,
+                            shared_prefix_order)
 from rexft.config import RunConfig
 from rexft.data import PromptFormat, build_splits, encode_prompt
 from rexft.errors import RexftError
@@ -118,13 +118,10 @@ def example_routes(model, tokenizer, prompts: list[list[int]], priors: torch.Ten
         if any(lengths):  # only without priors: the opening runs once, its tokens' routes count for every row
             openings = prefill_prefixes(model, [prompts[i][:n] for i, n in zip(index, lengths)], pad_id)
             opening = {name: layer.route_log.pop()[[row for _, row in openings.which]] for name, layer in layers.items()}  # (b, E)
-        for run in length_runs([len(prompts[i]) - n for i, n in zip(index, lengths)]):  # little padding
+        set_rows = None if priors is None else (
+            lambda run: set_prior(model, priors[[index[r] for r in run]].to(device)))
+        for run, _ in forward_rests(model, [prompts[i] for i in index], lengths, openings, pad_id, 1, set_rows):
             rows = [index[r] for r in run]
-            if priors is not None:
-                set_prior(model, priors[rows].to(device))
-            rest = {k: v.to(device) for k, v in left_pad([prompts[i][lengths[r]:] for r, i in zip(run, rows)], pad_id).items()
-                    if k != "position_ids"}
-            forward_after(model, openings and openings.rows(run), rest, keep=1)
             weight = torch.tensor([[lengths[r] / len(prompts[i])] for r, i in zip(run, rows)])  # the opening's share
             for name, layer in layers.items():
                 per_row = layer.route_log.pop()  # (len(run), E) over each row's tokens after its opening

@@ -110,10 +110,10 @@ def embed_cached(texts: list[str], cfg: PriorConfig, embedder: Embedder | None =
     from safetensors.torch import load_file, save_file
 
     folder = cache_root() / "embeddings" / hashlib.sha256(_embedder_fingerprint(cfg).encode()).hexdigest()[:20]
-    path = folder / f"{data_fingerprint(texts)}.safetensors"
+    digests = [hashlib.sha256(text.encode()).digest()[:16] for text in texts]
+    path = folder / f"{hashlib.sha256(b''.join(digests)).hexdigest()[:16]}.safetensors"
     if path.is_file():
         return load_file(str(path))["embeddings"]
-    digests = [hashlib.sha256(text.encode()).digest()[:16] for text in texts]
     found = _cached_rows(folder, set(digests))
     missing = [i for i, d in enumerate(digests) if d not in found]
     fresh = None
