@@ -17,6 +17,7 @@ running every batch to its longest row. Both need a cache of plain per-layer key
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass
 
@@ -107,34 +108,43 @@ def poolable(cache) -> bool:
 
 if DynamicLayer is not None:
     class GrowingLayer(DynamicLayer):
-        """A dynamic cache layer whose keys and values live in buffers with room to grow: a decoding step
-        writes its token in place, where DynamicLayer concatenates a copy of the whole cache (on a CPU that
-        copy is half the time of a decoding step at batch 64)."""
+        """A dynamic cache layer whose keys and values live in buffers with room to grow, in tokens and in
+        rows: a decoding step writes its token in place (DynamicLayer concatenates a copy of the whole cache;
+        on a CPU that copy is half of a decoding step at batch 64), rows that leave are dropped by moving the
+        rest up (``keep``), and rows that join are written into the free rows (``join``)."""
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-            """``keys``, ``values``: (b, heads, capacity, d) buffers whose first ``length`` positions hold the cache."""
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: int, length: int):
+            """``keys``, ``values``: (row capacity, heads, token capacity, d) buffers whose first ``rows`` rows
+            and ``length`` positions hold the cache."""
             super().__init__()
-            self._keys, self._values, self.length = keys, values, length
+            self._keys, self._values, self.rows, self.length = keys, values, rows, length
             self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
 
-        keys = property(lambda self: None if self._keys is None else self._keys[:, :, : self.length],
+        keys = property(lambda self: None if self._keys is None else self._keys[: self.rows, :, : self.length],
                         lambda self, value: self._reset("_keys", value))
-        values = property(lambda self: None if self._values is None else self._values[:, :, : self.length],
+        values = property(lambda self: None if self._values is None else self._values[: self.rows, :, : self.length],
                           lambda self, value: self._reset("_values", value))
+
+        @property
+        def capacity(self) -> int:
+            return self._keys.shape[0]
 
         def _reset(self, name: str, value) -> None:  # DynamicLayer's own methods assign whole tensors
             setattr(self, name, value)
             if value is not None:
-                self.length = value.shape[-2]
+                self.rows, self.length = value.shape[0], value.shape[-2]
 
         def _write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            if self._keys is None:
+                self.rows = keys.shape[0]
             end = self.length + keys.shape[-2]
             if self._keys is None or end > self._keys.shape[-2]:
-                grown = [t.new_empty(*keys.shape[:2], end + GROWTH, keys.shape[-1]) for t in (keys, values)]
+                rows = max(self.rows, 0 if self._keys is None else self.capacity)
+                grown = [t.new_empty(rows, t.shape[1], end + GROWTH, t.shape[3]) for t in (keys, values)]
                 if self.length:
-                    grown[0][:, :, : self.length], grown[1][:, :, : self.length] = self.keys, self.values
+                    grown[0][: self.rows, :, : self.length], grown[1][: self.rows, :, : self.length] = self.keys, self.values
                 self._keys, self._values = grown
-            self._keys[:, :, self.length: end], self._values[:, :, self.length: end] = keys, values
+            self._keys[: self.rows, :, self.length: end], self._values[: self.rows, :, self.length: end] = keys, values
             self.length = end
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -232,17 +242,33 @@ def prefill_prefixes(model, prefixes: list[list[int]], pad_id: int, before=None,
     return Openings(parts, [where[d] for d in first])
 
 
-def length_runs(sizes: list[int], ratio: float = 0.75) -> list[list[int]]:
-    """Positions grouped into runs of similar size, longest first: a run ends where a row is shorter than
-    ``ratio`` times its first row, so left padding wastes little compute."""
+RUN_COST = 48  # a forward's fixed cost (every weight read once) in tokens: ~75 ms against ~1.6 ms a token (CPU, SmolLM2)
+
+
+def cheapest_split(widths: list[int], fixed: float) -> list[tuple[int, int]]:
+    """Contiguous groups [a, b) of items, each group costing ``fixed`` plus its items times its widest item:
+    the split with the least total cost (dynamic programming, O(n^2))."""
+    n = len(widths)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for b in range(1, n + 1):
+        widest = 0
+        for a in range(b - 1, -1, -1):
+            widest = max(widest, widths[a])
+            cost = best[a] + fixed + (b - a) * widest
+            if cost < best[b]:
+                best[b], cut[b] = cost, a
+    groups, b = [], n
+    while b:
+        groups.append((cut[b], b))
+        b = cut[b]
+    return groups[::-1]
+
+
+def length_runs(sizes: list[int]) -> list[list[int]]:
+    """Positions grouped into runs of similar size, longest first, each run one forward of its rows
+    left-padded to its longest: the runs that minimise padded tokens plus ``RUN_COST`` per forward."""
     order = sorted(range(len(sizes)), key=lambda r: -sizes[r])
-    runs: list[list[int]] = []
-    for r in order:
-        if runs and sizes[r] >= ratio * sizes[runs[-1][0]]:
-            runs[-1].append(r)
-        else:
-            runs.append([r])
-    return runs
+    return [order[a:b] for a, b in cheapest_split([sizes[r] for r in order], RUN_COST)]
 
 
 def forward_after(model, prefix: Prefix | None, batch: dict[str, torch.Tensor], keep: int):
@@ -298,34 +324,68 @@ class Decoding:
         return len(self.rows)
 
 
-def join(parts: list[Decoding], pad_id: int) -> Decoding:
-    """All parts' rows in one batch: each row's tokens (from its first real one to its end) right-aligned
-    and left-padded to the longest, its cache alike, written once into buffers with room for the tokens to
-    come (``GrowingLayer``)."""
-    spans = []  # (part, row, first real column, end)
+def _spans(parts: list[Decoding]) -> list[tuple[Decoding, int, int, int]]:
+    """(part, row, first real column, end) of every row, longest first."""
+    spans = []
     for part in parts:
         firsts = part.attention_mask.int().argmax(1).tolist()
         ends = part.ends or [part.input_ids.shape[1]] * len(part)
         spans += [(part, row, first, end) for row, (first, end) in enumerate(zip(firsts, ends))]
-    width = max(end - first for _, _, first, end in spans)
-    ids = parts[0].input_ids.new_full((len(spans), width), pad_id)
+    return sorted(spans, key=lambda span: span[2] - span[3])  # ``rows_sdpa`` groups rows of similar width
+
+
+def _write_rows(spans, layers, at_row: int, width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``at_row``.. of the cache buffers get the spans' caches right-aligned to ``width`` tokens (their
+    padding zeroed); returns their tokens and mask."""
+    part0 = spans[0][0]
+    ids = part0.input_ids.new_full((len(spans), width), pad_id)
     mask = torch.zeros_like(ids)
-    buffers = [tuple(t.new_zeros(len(spans), t.shape[1], width - 1 + GROWTH, t.shape[3]) for t in (layer.keys, layer.values))
-               for layer in _layers(parts[0].cache)]
     for j, (part, row, first, end) in enumerate(spans):
         at = width - (end - first)
         ids[j, at:], mask[j, at:] = part.input_ids[row, first:end], part.attention_mask[row, first:end]
-        for (keys, values), layer in zip(buffers, _layers(part.cache)):
-            keys[j, :, at: width - 1] = layer.keys[row, :, first: end - 1]
-            values[j, :, at: width - 1] = layer.values[row, :, first: end - 1]
-    cache = copy.copy(parts[0].cache)
-    cache.layers = [GrowingLayer(keys, values, width - 1) for keys, values in buffers]
-    return Decoding([r for p in parts for r in p.rows], ids, mask, cache, [n for p in parts for n in p.generated])
+        for layer, source in zip(layers, _layers(part.cache)):
+            for buffer, tensor in ((layer._keys, source.keys), (layer._values, source.values)):
+                buffer[at_row + j, :, :at] = 0  # masked, but read by attention: finite
+                buffer[at_row + j, :, at: width - 1] = tensor[row, :, first: end - 1]
+    return ids, mask
+
+
+def join(pool: Decoding | None, parts: list[Decoding], pad_id: int, capacity: int = 0, room: int = GROWTH) -> Decoding:
+    """A decoding batch (``pool``, or None) joined by prefilled rows (``parts``). Each row's tokens, from its
+    first real one to its end, right-aligned and left-padded, its cache alike. The parts' rows are written
+    into the pool's free rows when they fit its width and its buffers have ``room`` for the tokens to come:
+    the pool's own rows are not copied. Otherwise every row is copied, longest first, into new buffers with
+    room for ``capacity`` rows and for a quarter of the width more than ``room`` tokens, and the columns
+    that are padding in every row are dropped (``GrowingLayer``)."""
+    spans = _spans(parts)
+    if pool is not None:
+        layers = _layers(pool.cache)
+        width = pool.input_ids.shape[1]
+        if (all(type(layer) is GrowingLayer for layer in layers) and len(pool) + len(spans) <= layers[0].capacity
+                and width - 1 + room <= layers[0]._keys.shape[2] and all(end - first <= width for _, _, first, end in spans)):
+            ids, mask = _write_rows(spans, layers, len(pool), width, pad_id)
+            for layer in layers:
+                layer.rows += len(spans)
+            return Decoding(pool.rows + [part.rows[row] for part, row, _, _ in spans],
+                            torch.cat([pool.input_ids, ids]), torch.cat([pool.attention_mask, mask]), pool.cache,
+                            pool.generated + [part.generated[row] for part, row, _, _ in spans])
+        spans = _spans([pool] + parts)
+    width = max(end - first for _, _, first, end in spans)
+    sources = _layers(spans[0][0].cache)
+    rows = max(capacity, len(spans))
+    tokens = width - 1 + max(room, GROWTH) + width // 4  # a pool with room to decode and to take rows for a while
+    layers = [GrowingLayer(*(t.new_empty(rows, t.shape[1], tokens, t.shape[3]) for t in (layer.keys, layer.values)),
+                           len(spans), width - 1) for layer in sources]
+    ids, mask = _write_rows(spans, layers, 0, width, pad_id)
+    cache = copy.copy(spans[0][0].cache)
+    cache.layers = layers
+    return Decoding([part.rows[row] for part, row, _, _ in spans], ids, mask, cache,
+                    [part.generated[row] for part, row, _, _ in spans])
 
 
 def keep(d: Decoding, positions: list[int]) -> Decoding | None:
     """The rows at ``positions`` (None for none; ``d`` is used up): in a joined batch the kept rows move
-    up inside the cache's buffers, so nothing is reallocated (leading padding goes at the next ``join``)."""
+    up inside the cache's buffers, so nothing is reallocated and the freed rows take the next ``join``."""
     if not positions:
         return None
     index = torch.tensor(positions, device=d.input_ids.device)
@@ -333,7 +393,72 @@ def keep(d: Decoding, positions: list[int]) -> Decoding | None:
         for buffer in (layer._keys, layer._values):
             for j, p in enumerate(positions):
                 if j != p:  # j < p: a row moves up over rows that left
-                    buffer[j] = buffer[p]
-        layer._keys, layer._values = layer._keys[: len(positions)], layer._values[: len(positions)]
+                    buffer[j, :, : layer.length] = buffer[p, :, : layer.length]
+        layer.rows = len(positions)
     return Decoding([d.rows[p] for p in positions], d.input_ids[index], d.attention_mask[index], d.cache,
                     [d.generated[p] for p in positions])
+
+
+# ------------------------------------------------------------------ decoding attention over each row's own width
+ROWS_ATTENTION = "rexft_sdpa_rows"
+CALL_COST = 512  # one attention call costs about as much as this many (row, key position) pairs (CPU, measured)
+
+
+def row_groups(starts: list[int], width: int, call_cost: int = CALL_COST) -> list[tuple[int, int, int]]:
+    """Contiguous groups of rows (a, b, first key) for attention over ``width`` keys when row r's real keys
+    begin at ``starts[r]``: each group attends from its earliest start, and the groups minimise
+    sum(call_cost + rows * keys). Rows ordered longest first (``join``) make the groups tight."""
+    return [(a, b, min(starts[a:b])) for a, b in cheapest_split([width - s for s in starts], call_cost)]
+
+
+@functools.lru_cache(maxsize=64)
+def _row_groups_cached(starts: tuple[int, ...], width: int, call_cost: int) -> list[tuple[int, int, int]]:
+    return row_groups(list(starts), width, call_cost)
+
+
+def _groups_of(mask: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``row_groups`` of a decoding step's (b, 1, 1, t) attention mask (the plan is computed once per step:
+    every layer gets the same mask)."""
+    allowed = mask[:, 0, -1] if mask.dtype == torch.bool else mask[:, 0, -1] > torch.finfo(mask.dtype).min / 2
+    return _row_groups_cached(tuple(allowed.int().argmax(-1).tolist()), mask.shape[-1], CALL_COST)
+
+
+def rows_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, but a decoding step (one query per row) attends in groups of rows, each
+    from its rows' earliest real key (``row_groups``), not every row over the batch's widest: on a CPU a
+    decoding step's attention reads the whole KV cache, and the left padding of a batch mixing short and
+    long prompts was half of it. Keys before a row's first real one are masked anyway: same result."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or attention_mask is None or attention_mask.dim() != 4 or query.shape[0] == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    groups = _groups_of(attention_mask)
+    if len(groups) == 1 and groups[0][2] == 0:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outputs = [sdpa_attention_forward(module, query[a:b], key[a:b, :, s:], value[a:b, :, s:],
+                                      attention_mask[a:b, :, :, s:], **kwargs)[0] for a, b, s in groups]
+    return torch.cat(outputs), None
+
+
+class rows_attention:
+    """Within this context a model using SDPA attends with ``rows_sdpa`` (other implementations are left as
+    they are)."""
+
+    def __init__(self, model):
+        self.config = model.config
+        self.before = getattr(self.config, "_attn_implementation", None)
+
+    def __enter__(self):
+        if self.before == "sdpa":
+            from transformers import AttentionInterface
+            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+            if ROWS_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+                AttentionInterface.register(ROWS_ATTENTION, rows_sdpa)
+                AttentionMaskInterface.register(ROWS_ATTENTION, sdpa_mask)
+            self.config._attn_implementation = ROWS_ATTENTION
+        return self
+
+    def __exit__(self, *exc):
+        if self.before == "sdpa":
+            self.config._attn_implementation = self.before

@@ -36,8 +36,8 @@ import torch
 from rexft.adapters import (adapter_layers, load_adapter, read_adapter_config, route_logs_paused, set_prior,
                             set_token_mask)
 from rexft.batching import (CACHE_KWARG, Decoding, batch_openings, forward_after, forward_rests, join, keep,
-                            last_logprobs, left_pad, length_runs, poolable, prefill_prefixes, shared_prefix_lengths,
-                            shared_prefix_order)
+                            last_logprobs, left_pad, length_runs, poolable, prefill_prefixes, rows_attention,
+                            shared_prefix_lengths, shared_prefix_order)
 from rexft.config import RunConfig
 from rexft.config import EvalConfig
 from rexft.data import (PromptFormat, build_splits, cap_examples, encode_example, encode_prompt, letter_token_ids,
@@ -357,16 +357,17 @@ class Scorer:
         while queue or waiting or pool is not None:
             if pool is None and waiting:
                 pool = waiting.pop(0)
-            elif queue and (pool is None or pooled and 2 * len(pool) <= self.decode_batch_size):  # half empty: refill
-                parts = [] if pool is None else [pool]
-                while queue and (not parts or sum(map(len, parts)) + len(queue[-1]) <= self.decode_batch_size):
-                    batch_nlls, rows = self._prefill(queue.pop(), prompts, shared, targets, on_batch, aligned=pooled)
+            elif queue and (pool is None or pooled and len(pool) + len(queue[-1]) <= self.decode_batch_size):
+                parts, rows = [], 0 if pool is None else len(pool)  # room for a batch: refill
+                while queue and (not parts and not rows or rows + len(queue[-1]) <= self.decode_batch_size):
+                    batch_nlls, prefilled = self._prefill(queue.pop(), prompts, shared, targets, on_batch, aligned=pooled)
                     nlls.update(batch_nlls)
-                    parts += rows
+                    parts += prefilled
+                    rows += sum(map(len, prefilled))
                     if not pooled:  # e.g. sliding-window caches: each part decodes on its own, to its end
                         break
                 if pooled:
-                    pool = join(parts, self.pad_id)
+                    pool = join(pool, parts, self.pad_id, self.decode_batch_size, settings.max_new_tokens)
                 else:
                     waiting += parts
                     pool = waiting.pop(0)
@@ -375,7 +376,7 @@ class Scorer:
             budget = max(settings.max_new_tokens - n for n in pool.generated)
             config.max_new_tokens = min(DECODE_CHUNK, budget) if pooled else budget
             width = pool.input_ids.shape[1]
-            with route_logs_paused(self.model):
+            with route_logs_paused(self.model), rows_attention(self.model):
                 out = self.model.generate(input_ids=pool.input_ids, attention_mask=pool.attention_mask,
                                           **{CACHE_KWARG: pool.cache}, generation_config=config,
                                           tokenizer=self.tokenizer if settings.stop else None)

@@ -258,8 +258,10 @@ def test_score_examples_hands_each_protocol_its_rows_as_indices_of_all_examples(
 
 
 def test_rows_join_and_leave_the_decoding_batch_with_their_cache():
-    """join left-pads a narrower batch's tokens, mask and cache to the wider; keep drops rows and the columns
-    that are padding in every kept row; the cache stays one position shorter than the tokens."""
+    """join left-pads a narrower batch's tokens, mask and cache to the wider, longest rows first; keep drops
+    rows; a join into a batch with free rows writes only the new rows (the batch's own are not copied); a
+    fresh join drops the columns that are padding in every row; the cache stays one position shorter than
+    the tokens."""
     from rexft.batching import CACHE_KWARG, Decoding, join, keep, poolable
 
     model = tiny_model().eval()
@@ -273,13 +275,21 @@ def test_rows_join_and_leave_the_decoding_batch_with_their_cache():
         wide, narrow = rows([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]], 0), rows([[1, 2, 3]], 2)
         assert poolable(wide.cache)
         keys = [layer.keys.clone() for layer in narrow.cache.layers]
-        both = join([wide, narrow], pad_id=0)
-        assert both.rows == [0, 1, 2] and both.input_ids[2].tolist() == [0, 0, 1, 2, 3]
-        assert both.attention_mask[2].tolist() == [0, 0, 1, 1, 1]
-        for layer, before in zip(both.cache.layers, keys):
-            assert layer.keys.shape[2] == 4 and torch.equal(layer.keys[2, :, 2:], before[0])
-            assert not layer.keys[2, :, :2].any()
-        left = join([keep(both, [2])], pad_id=0)  # the narrow row alone: its padding columns go
+        wide_keys = [layer.keys.clone() for layer in wide.cache.layers]
+        for both in (join(None, [narrow, wide], pad_id=0),  # one fresh join, longest first
+                     join(join(None, [wide], pad_id=0, capacity=4), [narrow], pad_id=0)):  # into free rows
+            assert both.rows == [0, 1, 2] and both.input_ids[2].tolist() == [0, 0, 1, 2, 3]
+            assert both.attention_mask[2].tolist() == [0, 0, 1, 1, 1]
+            for layer, before, wide_before in zip(both.cache.layers, keys, wide_keys):
+                assert layer.keys.shape[:3] == (3, before.shape[1], 4) and torch.equal(layer.keys[2, :, 2:], before[0])
+                assert not layer.keys[2, :, :2].any() and torch.equal(layer.keys[:2], wide_before)
+        pool = join(None, [wide], pad_id=0, capacity=4)
+        buffer = pool.cache.layers[0]._keys
+        pool = join(pool, [narrow], pad_id=0)
+        assert pool.cache.layers[0]._keys is buffer  # the pool's own rows were not copied
+        longer = join(keep(pool, [0, 2]), [rows([[4, 4, 4, 4, 4, 4]], 3)], pad_id=0)  # wider than the pool: fresh
+        assert longer.rows == [3, 0, 2] and longer.cache.layers[0]._keys is not buffer
+        left = join(None, [keep(both, [2])], pad_id=0)  # the narrow row alone: its padding columns go
         assert left.rows == [2] and left.input_ids.tolist() == [[1, 2, 3]]
         assert all(torch.equal(layer.keys[0], before[0]) for layer, before in zip(left.cache.layers, keys))
         # a decoding step writes into the buffer's room: the same keys as a fresh forward of the whole row
@@ -287,6 +297,53 @@ def test_rows_join_and_leave_the_decoding_batch_with_their_cache():
                     use_cache=True, **{CACHE_KWARG: left.cache})
         fresh = model(input_ids=left.input_ids, use_cache=True)[CACHE_KWARG]
         assert torch.allclose(out[CACHE_KWARG].layers[0].keys, fresh.layers[0].keys, atol=1e-5)
+
+
+def test_row_groups_are_the_cheapest_split_into_contiguous_groups():
+    """Brute force over every split of up to 7 rows into contiguous groups: none costs less."""
+    import itertools
+
+    from rexft.batching import row_groups
+
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        n, width, call_cost = int(torch.randint(1, 8, (1,), generator=generator)), 50, int(torch.randint(0, 60, (1,), generator=generator))
+        starts = torch.randint(0, width, (n,), generator=generator).tolist()
+        cost = lambda groups: sum(call_cost + (b - a) * (width - s) for a, b, s in groups)
+        best = min(cost([(a, b, min(starts[a:b])) for a, b in zip((0,) + cuts, cuts + (n,))])
+                   for k in range(n) for cuts in itertools.combinations(range(1, n), k))
+        groups = row_groups(starts, width, call_cost)
+        assert [a for a, _, _ in groups] == [0] + [b for _, b, _ in groups[:-1]] and groups[-1][1] == n
+        assert all(s == min(starts[a:b]) for a, b, s in groups) and cost(groups) == best
+
+
+def test_rows_attention_attends_each_group_from_its_first_key_with_the_same_result(monkeypatch):
+    """A decoding step's attention in groups of rows (each from its earliest real key) equals SDPA over
+    the whole padded width; and batched greedy text still equals one example at a time when every row is
+    its own group."""
+    import rexft.batching as batching
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = type("Attention", (), {"num_key_value_groups": 3, "is_causal": True})()
+    starts = [0, 0, 3, 9, 9, 14]
+    mask = torch.ones(len(starts), 1, 1, 16, dtype=torch.bool)
+    for row, start in enumerate(starts):
+        mask[row, ..., :start] = False
+    query, key, value = torch.randn(6, 6, 1, 8), torch.randn(6, 2, 16, 8), torch.randn(6, 2, 16, 8)
+    monkeypatch.setattr(batching, "CALL_COST", 1)  # a group per distinct start
+    assert [s for _, _, s in batching._groups_of(mask)] == [0, 3, 9, 14]
+    grouped = batching.rows_sdpa(module, query, key, value, mask, scaling=0.3)[0]
+    whole = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)[0]
+    assert torch.allclose(grouped, whole, atol=1e-6)
+
+    priors = torch.rand(len(PROMPTS), 8)
+    model = trex_model()
+    single = greedy(model, priors, 1, decode_batch_size=1)
+    seen = []
+    monkeypatch.setattr(batching, "row_groups", lambda *args, _f=batching.row_groups: seen.append(_f(*args)) or seen[-1])
+    batched = greedy(model, priors, 8)
+    assert max(map(len, seen)) > 2  # rows attended in groups
+    assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
 
 
 def test_each_example_logs_one_route_in_the_order_reported():
