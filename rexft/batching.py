@@ -7,11 +7,16 @@ task usually open with the same instruction; ``prefill_prefixes`` runs each dist
 positions count real tokens only). That is exact only where the model computes the same for every row of a
 task on its opening: no per-row prior.
 
+Rows of different lengths run in runs of similar length (``length_runs``): on a CPU a forward has a fixed
+cost (every weight is read once) worth ~50 tokens, so the runs minimise padded tokens plus that cost.
+
 A ``Decoding`` holds rows in the middle of generation as generate() takes them (their tokens so far and the
-KV cache of all but each row's last token). ``join`` stacks two such batches (the narrower left-padded,
-cache included) and ``keep`` drops finished rows, so a decoding batch is refilled as rows finish instead of
-running every batch to its longest row. Both need a cache of plain per-layer key/value tensors
-(``poolable``); sliding-window and other caches decode each batch on its own.
+KV cache of all but each row's last token). ``join`` writes prefilled rows into a decoding batch's free rows
+(the narrower left-padded, cache included) and ``keep`` drops finished rows, so a decoding batch is refilled
+as rows finish instead of running every batch to its longest row. Both need a cache of plain per-layer
+key/value tensors (``poolable``); sliding-window and other caches decode each batch on its own. In such a
+batch short rows sit beside long ones: ``rows_sdpa`` has each group of rows attend from its own first real
+key, so a decoding step does not read the batch's widest padding for every row.
 """
 
 from __future__ import annotations

@@ -142,24 +142,43 @@ def mean_routes(routes: dict[str, torch.Tensor], tokens: torch.Tensor, index: li
 
 
 class GroupedLoRA(torch.nn.Module):
-    """Every static export of one layer at once: out = base(x) + B_g (A_g x), with g the group (task or
-    cluster) of each row, set per batch by :func:`set_groups`. For one group this is what PEFT computes
-    from that group's exported adapter; for a batch mixing groups it is PEFT's mixed-adapter batch, as two
-    batched matmuls."""
+    """Every static export of one layer at once, for inference: out = base(x) + B_g (A_g x), with g the
+    group (task or cluster) of each row, set per batch by :func:`set_groups`. For one group this is what
+    PEFT computes from that group's exported adapter; a batch mixing groups is PEFT's mixed-adapter batch.
+    Each group present runs its two thin matmuls on its own rows (a batch keeps a task's rows together, so
+    most batches hold one group), added in place into the base output."""
 
     def __init__(self, base: torch.nn.Module, A: torch.Tensor, B: torch.Tensor):
         super().__init__()
         self.base = base
         self.A, self.B = A, B  # (G, r, in), (G, out, r)
         self.groups: torch.Tensor | None = None  # (b,) group index of each row
+        self.members: list[tuple[int, torch.Tensor | None]] = []  # (group, its rows; None: every row)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
-        groups = self.groups
-        if groups.shape[0] != x.shape[0]:  # generate() with beams repeats rows
-            groups = groups.repeat_interleave(x.shape[0] // groups.shape[0])
-        z = torch.einsum("bsi,bri->bsr", x.to(self.A.dtype), self.A[groups])  # (b, s, r)
-        return out + torch.einsum("bsr,bor->bso", z, self.B[groups]).to(out.dtype)  # (b, s, out)
+        members = self.members
+        if self.groups.shape[0] != x.shape[0]:  # generate() with beams repeats rows
+            members = group_members(self.groups.repeat_interleave(x.shape[0] // self.groups.shape[0]))
+        if not out.is_contiguous():
+            out = out.contiguous()
+        for group, rows in members:
+            part = x if rows is None else x.index_select(0, rows)
+            z = torch.nn.functional.linear(part.to(self.A.dtype), self.A[group])  # (n, s, r)
+            delta = torch.nn.functional.linear(z, self.B[group]).to(out.dtype)  # (n, s, out)
+            if rows is None:
+                out.add_(delta)
+            else:
+                out.index_add_(0, rows, delta)
+        return out
+
+
+def group_members(groups: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    """(group, the rows in it) for each group present in ``groups`` (b,); the rows are None when all are."""
+    present = groups.unique().tolist()
+    if len(present) == 1:
+        return [(present[0], None)]
+    return [(g, (groups == g).nonzero().squeeze(1)) for g in present]
 
 
 def stack_static_factors(model: torch.nn.Module, per_group: list[dict]) -> list[GroupedLoRA]:
@@ -177,8 +196,9 @@ def stack_static_factors(model: torch.nn.Module, per_group: list[dict]) -> list[
 
 
 def set_groups(layers: list[GroupedLoRA], groups: torch.Tensor) -> None:
+    members = group_members(groups)
     for layer in layers:
-        layer.groups = groups
+        layer.groups, layer.members = groups, members
 
 
 def check_written(cfg: RunConfig, tokenizer, folder: Path, names: list[str], layers: list[GroupedLoRA], model,

@@ -71,11 +71,12 @@ def test_grouped_lora_scores_each_row_with_its_own_export(tmp_path):
     for g, factors in enumerate(per_group):
         write_peft_adapter(tmp_path / f"g{g}", factors, "tiny-random-llama", torch.float32)
     layers = stack_static_factors(model, per_group)
-    set_groups(layers, torch.tensor([1, 0]))  # row 0 uses export 1, row 1 export 0
-    mixed = model(input_ids=IDS).logits
-    for row, group in ((0, 1), (1, 0)):
-        alone = PeftModel.from_pretrained(tiny_model(), str(tmp_path / f"g{group}"))(input_ids=IDS[row:row + 1]).logits
-        torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-5, atol=1e-5)
+    for groups in ([1, 0], [0, 0], [1, 1]):  # mixed (row 0 uses export 1, row 1 export 0), then one group
+        set_groups(layers, torch.tensor(groups))
+        mixed = model(input_ids=IDS).logits
+        for row, group in enumerate(groups):
+            alone = PeftModel.from_pretrained(tiny_model(), str(tmp_path / f"g{group}"))(input_ids=IDS[row:row + 1]).logits
+            torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
