@@ -144,7 +144,7 @@ if DynamicLayer is not None:
                 self.rows = keys.shape[0]
             end = self.length + keys.shape[-2]
             if self._keys is None or end > self._keys.shape[-2]:
-                rows = max(self.rows, 0 if self._keys is None else self.capacity)
+                rows = self.rows if self._keys is None else self.capacity
                 grown = [t.new_empty(rows, t.shape[1], end + GROWTH, t.shape[3]) for t in (keys, values)]
                 if self.length:
                     grown[0][: self.rows, :, : self.length], grown[1][: self.rows, :, : self.length] = self.keys, self.values
@@ -342,8 +342,7 @@ def _spans(parts: list[Decoding]) -> list[tuple[Decoding, int, int, int]]:
 def _write_rows(spans, layers, at_row: int, width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``at_row``.. of the cache buffers get the spans' caches right-aligned to ``width`` tokens (their
     padding zeroed); returns their tokens and mask."""
-    part0 = spans[0][0]
-    ids = part0.input_ids.new_full((len(spans), width), pad_id)
+    ids = spans[0][0].input_ids.new_full((len(spans), width), pad_id)
     mask = torch.zeros_like(ids)
     for j, (part, row, first, end) in enumerate(spans):
         at = width - (end - first)
@@ -371,9 +370,9 @@ def join(pool: Decoding | None, parts: list[Decoding], pad_id: int, capacity: in
             ids, mask = _write_rows(spans, layers, len(pool), width, pad_id)
             for layer in layers:
                 layer.rows += len(spans)
-            return Decoding(pool.rows + [part.rows[row] for part, row, _, _ in spans],
-                            torch.cat([pool.input_ids, ids]), torch.cat([pool.attention_mask, mask]), pool.cache,
-                            pool.generated + [part.generated[row] for part, row, _, _ in spans])
+            joined = _decoding(spans, ids, mask, pool.cache)
+            return Decoding(pool.rows + joined.rows, torch.cat([pool.input_ids, ids]),
+                            torch.cat([pool.attention_mask, mask]), pool.cache, pool.generated + joined.generated)
         spans = _spans([pool] + parts)
     width = max(end - first for _, _, first, end in spans)
     sources = _layers(spans[0][0].cache)
@@ -384,6 +383,11 @@ def join(pool: Decoding | None, parts: list[Decoding], pad_id: int, capacity: in
     ids, mask = _write_rows(spans, layers, 0, width, pad_id)
     cache = copy.copy(spans[0][0].cache)
     cache.layers = layers
+    return _decoding(spans, ids, mask, cache)
+
+
+def _decoding(spans, ids: torch.Tensor, mask: torch.Tensor, cache) -> Decoding:
+    """The spans' rows as a Decoding (their examples and generated counts, in span order)."""
     return Decoding([part.rows[row] for part, row, _, _ in spans], ids, mask, cache,
                     [part.generated[row] for part, row, _, _ in spans])
 
@@ -437,12 +441,10 @@ def rows_sdpa(module, query, key, value, attention_mask, **kwargs):
 
     if query.shape[2] != 1 or attention_mask is None or attention_mask.dim() != 4 or query.shape[0] == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    groups = _groups_of(attention_mask)
-    if len(groups) == 1 and groups[0][2] == 0:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outputs = [sdpa_attention_forward(module, query[a:b], key[a:b, :, s:], value[a:b, :, s:],
-                                      attention_mask[a:b, :, :, s:], **kwargs)[0] for a, b, s in groups]
-    return torch.cat(outputs), None
+                                      attention_mask[a:b, :, :, s:], **kwargs)[0]
+               for a, b, s in _groups_of(attention_mask)]
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), None
 
 
 class rows_attention:
