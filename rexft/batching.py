@@ -5,7 +5,8 @@ Rows are left-padded with explicit position ids, so each row computes what it wo
 task usually open with the same instruction; ``prefill_prefixes`` runs each distinct opening once, and
 ``forward_after`` continues any rows from there (padding between a row's opening and its rest is masked,
 positions count real tokens only). That is exact only where the model computes the same for every row of a
-task on its opening: no per-row prior.
+task on its opening: no per-row prior. Where no per-row state differs between tasks either, the head all
+the openings share (a chat template's system turn) runs once and every opening continues from it.
 
 Rows of different lengths run in runs of similar length (``length_runs``): on a CPU a forward has a fixed
 cost (every weight is read once) worth ~50 tokens, so the runs minimise padded tokens plus that cost.
@@ -227,24 +228,46 @@ class Openings:
 def prefill_prefixes(model, prefixes: list[list[int]], pad_id: int, before=None, split: bool = False) -> Openings:
     """The distinct prefixes run once, left-padded: in one forward, or with ``split`` in runs of similar
     length (``length_runs``; where the cache allows stacking its rows again). ``before(rows)`` is called
-    with the first row using each distinct prefix of a forward (to set per-row state)."""
+    with the first row using each distinct prefix of a forward (to set per-row state). With ``split`` and no
+    per-row state, the head every distinct prefix opens with (a chat template's system turn) runs once
+    first, where that saves more than a forward costs (``RUN_COST``), and each run continues from it."""
     device = next(model.parameters()).device
     distinct: dict[tuple, int] = {}
     first = [distinct.setdefault(tuple(p), len(distinct)) for p in prefixes]
     keys = list(distinct)
+    head = _common_head(model, keys, pad_id) if split and before is None else None
+    skip = 0 if head is None else head.input_ids.shape[1]
     runs = length_runs([len(k) for k in keys]) if split else [list(range(len(keys)))]
     parts, where = [], {}
     for part, run in enumerate(runs):
-        batch = {k: v.to(device) for k, v in left_pad([list(keys[d]) for d in run], pad_id).items()}
+        batch = {k: v.to(device) for k, v in left_pad([list(keys[d][skip:]) for d in run], pad_id).items()}
         if before is not None:
             before([first.index(d) for d in run])
-        set_token_mask(model, batch["attention_mask"])
-        cache = model(**batch, use_cache=True, logits_to_keep=1)[CACHE_KWARG]
+        if head is None:
+            set_token_mask(model, batch["attention_mask"])
+            cache = model(**batch, use_cache=True, logits_to_keep=1)[CACHE_KWARG]
+        else:  # every row continues the head's cache (a copy of its one row each)
+            rows = torch.zeros(len(run), dtype=torch.long, device=device)
+            prefix = Prefix(head.input_ids[rows], head.attention_mask[rows], _take(head.cache, rows))
+            cache = forward_after(model, prefix, batch, 1)[CACHE_KWARG]
+            batch = {k: torch.cat([getattr(prefix, k), batch[k]], 1) for k in ("input_ids", "attention_mask")}
         if len(runs) > 1 and _layers(cache) is None:  # rows of this cache cannot be stacked: one forward
             return prefill_prefixes(model, prefixes, pad_id, before)
         parts.append((batch["input_ids"], batch["attention_mask"], cache))
         where.update((d, (part, row)) for row, d in enumerate(run))
     return Openings(parts, [where[d] for d in first])
+
+
+def _common_head(model, keys: list[tuple], pad_id: int) -> Prefix | None:
+    """The tokens every one of ``keys`` opens with (leaving each at least one token), run once as one row,
+    when running them once instead of per key saves more than a forward's fixed cost; else None."""
+    length = min(len(os.path.commonprefix(keys)), min(map(len, keys)) - 1) if len(keys) > 1 else 0
+    if (len(keys) - 1) * length <= RUN_COST:
+        return None
+    batch = {k: v.to(next(model.parameters()).device) for k, v in left_pad([list(keys[0][:length])], pad_id).items()}
+    set_token_mask(model, batch["attention_mask"])
+    cache = model(**batch, use_cache=True, logits_to_keep=1)[CACHE_KWARG]
+    return Prefix(batch["input_ids"], batch["attention_mask"], cache) if _layers(cache) is not None else None
 
 
 RUN_COST = 48  # a forward's fixed cost (every weight read once) in tokens: ~75 ms against ~1.6 ms a token (CPU, SmolLM2)

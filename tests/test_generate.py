@@ -98,6 +98,33 @@ def test_a_tasks_shared_instruction_is_computed_once_and_changes_nothing():
     assert runs[True, 16][1] < runs[False, 16][1] - 2 * len(instructions["opposite"])  # the instructions ran once
 
 
+def test_the_head_all_openings_share_runs_once_and_changes_nothing():
+    """Every task's instruction opens with the same system text (as a chat template's system turn does):
+    prefill runs that head once and each task's opening continues from it; text and target NLL are those of
+    whole prompts."""
+    model = randomize_adapters(rexft.inject_adapters(tiny_model(), AdapterConfig(type="mode", r=4, num_experts=3, dropout=0)),
+                               scale=0.3).eval()
+    system = "System: you are a careful assistant; answer briefly and exactly as asked.\n"
+    instructions = {"opposite": "Give the opposite of the word: ", "count": "Count the letters, then say them: ",
+                    "upper": "Write it in capitals: "}
+    words = {"opposite": ["hot", "up", "a long river"], "count": ["abc", "hello there"], "upper": ["only", "b"]}
+    data = [Example(task, i, system + instructions[task] + word, [], "ref " + word)
+            for task in words for i, word in enumerate(words[task])]
+    tokens = []
+    model.model.embed_tokens.register_forward_hook(lambda module, args, out: tokens.append(args[0].numel()))
+    runs = {}
+    for share in (False, True):
+        tokens.clear()
+        scorer = Scorer(model, TOK, FMT, 512, batch_size=16, progress=False, share_prefixes=share)
+        runs[share] = (scorer.generate(data, EvalConfig(max_new_tokens=6)), sum(tokens))
+    (whole, whole_tokens), (shared, shared_tokens) = runs[False], runs[True]
+    assert [r["prediction"] for r in shared] == [r["prediction"] for r in whole]
+    assert [r["target_nll"] for r in shared] == pytest.approx([r["target_nll"] for r in whole], abs=1e-4)
+    saved = whole_tokens - shared_tokens
+    openings = sum(len(system + instructions[t]) * (len(w) - 1) for t, w in words.items())  # a task's opening once
+    assert saved >= openings + (len(words) - 1) * len(system)  # and the system text once, not once per task
+
+
 def test_stop_strings_cut_the_text_and_match_per_example():
     priors = torch.rand(len(PROMPTS), 8)
     model = trex_model()
