@@ -241,6 +241,7 @@ def _check_choices(cfg: RunConfig) -> None:
         ("prior.backend", cfg.prior.backend, ["auto", "torch", "faiss"]),
         ("adapter.dtype", cfg.adapter.dtype, dtypes),
         ("export.dtype", cfg.export.dtype, ["auto"] + dtypes),
+        ("export.route_dtype", cfg.export.route_dtype, ["auto"] + dtypes),
     ]
     checks += [("trainer.report_to", item, ["tensorboard", "wandb"]) for item in cfg.trainer.report_to]
     for key, value, valid in checks:

@@ -309,6 +309,7 @@ class ExportConfig:
     fidelity: bool = True  # per_task / per_cluster: eval each static export vs the dynamic adapter on its examples
     fidelity_limit: Optional[int] = bounded(64, ge=1, allow=(None,))  # evaluation examples per task for the fidelity table (null: all)
     route_examples: int = bounded(64, ge=1)  # training examples per task / cluster whose routes are averaged into its export
+    route_dtype: str = "auto"  # the routes' pass computes in: auto (the model's dtype) | float32 | bfloat16 | float16 (autocast)
     max_shard_size: str = "2GB"
 
 

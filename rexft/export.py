@@ -21,6 +21,7 @@ failed export leaves nothing half-written and never replaces an existing export 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -94,14 +95,21 @@ def write_peft_adapter(directory: Path, factors: dict[str, tuple[torch.Tensor, t
 
 @torch.inference_mode()
 def example_routes(model, tokenizer, prompts: list[list[int]], priors: torch.Tensor | None, batch_size: int = 16,
-                   groups: list[str] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                   groups: list[str] | None = None, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per mixture layer: each prompt's route averaged over its tokens (n, E); and each prompt's token count (n,).
     Batches of length-sorted prompts, each in runs of similar length (``length_runs``). With ``groups`` (each
     prompt's task) and no priors, the opening a task's prompts share is run once per batch and its tokens'
-    routes counted for every prompt."""
+    routes counted for every prompt. ``dtype``: compute in it under autocast (e.g. bfloat16 for a float32
+    model: the routes are a mean over many tokens, so bf16's rounding is far below their sampling noise)."""
+    device = next(model.parameters()).device
+    autocast = dtype is not None and dtype != next(model.parameters()).dtype
+    with torch.autocast(device.type, dtype=dtype) if autocast else contextlib.nullcontext():
+        return _routes(model, tokenizer, prompts, priors, batch_size, groups, device)
+
+
+def _routes(model, tokenizer, prompts, priors, batch_size, groups, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     layers = {n: m for n, m in adapter_layers(model).items() if m.is_mixture}
     routes = {n: [None] * len(prompts) for n in layers}
-    device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     shared = {}
     if groups is not None and priors is None:
@@ -354,9 +362,11 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
     kept = [i for i in used if prompts[i] is not None]
     position = {i: p for p, i in enumerate(kept)}
     clock = time.perf_counter()
+    route_dtype = None if cfg.export.route_dtype == "auto" else torch_dtype(cfg.export.route_dtype)
     routes, tokens = example_routes(model, tokenizer, [prompts[i] for i in kept], None if priors is None else priors[kept],
-                                    cfg.eval.batch_size, groups=[train[i].task for i in kept])
-    log.info("routes of %d training prompts in %.1fs", len(kept), time.perf_counter() - clock)
+                                    cfg.eval.batch_size, groups=[train[i].task for i in kept], dtype=route_dtype)
+    log.info("routes of %d training prompts in %.1fs%s", len(kept), time.perf_counter() - clock,
+             "" if route_dtype is None else f" (computed in {cfg.export.route_dtype})")
     folder = tmp / by
     written, factors = {}, {}
     for name, index in tqdm(sorted(route_index.items()), desc=f"export {by}", leave=False):
@@ -366,7 +376,8 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
         factors[name] = static_factors(model, group_routes)
         write_peft_adapter(folder / name, factors[name], cfg.model.name_or_path, dtype)
         written[name] = len(index)
-    result = {by: written, "dtype": str(dtype).replace("torch.", ""), "route_examples": cfg.export.route_examples}
+    result = {by: written, "dtype": str(dtype).replace("torch.", ""), "route_examples": cfg.export.route_examples,
+              "route_dtype": str(route_dtype or next(model.parameters()).dtype).replace("torch.", "")}
     if checked:
         result["fidelity"], result["fidelity_dynamic_from_eval"] = _fidelity(cfg, model, tokenizer, fmt, folder, written, factors, dtype, checked,
                                        keys[len(train):], None if priors is None else priors[len(train):], by)

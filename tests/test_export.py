@@ -108,3 +108,21 @@ def test_routes_of_a_batch_equal_routes_of_each_prompt_alone():
         alone, _ = example_routes(model, byte_tokenizer(), [prompt], priors[i:i + 1])
         for name in batched:
             torch.testing.assert_close(batched[name][i], alone[name][0], rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_routes_computed_in_bfloat16_are_close_to_float32_routes():
+    """export.route_dtype=bfloat16 on a float32 model: the routes' pass runs its matmuls in bf16 (autocast)
+    and each prompt's mean route stays within bf16's rounding of the float32 one."""
+    model = randomized("trex")
+    prompts = [torch.randint(3, 259, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 3, 17)]
+    priors = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(4))
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    exact, _ = example_routes(model, byte_tokenizer(), prompts, priors)
+    rounded, _ = example_routes(model, byte_tokenizer(), prompts, priors, dtype=torch.bfloat16)
+    hook.remove()
+    assert seen[0] == torch.float32 and seen[-1] == torch.bfloat16
+    for name in exact:
+        assert not torch.equal(rounded[name], exact[name])
+        torch.testing.assert_close(rounded[name], exact[name], rtol=0, atol=2e-2)
