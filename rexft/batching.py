@@ -236,20 +236,16 @@ def prefill_prefixes(model, prefixes: list[list[int]], pad_id: int, before=None,
     first = [distinct.setdefault(tuple(p), len(distinct)) for p in prefixes]
     keys = list(distinct)
     head = _common_head(model, keys, pad_id) if split and before is None else None
-    skip = 0 if head is None else head.input_ids.shape[1]
+    skip = 0 if head is None else head.parts[0][0].shape[1]
     runs = length_runs([len(k) for k in keys]) if split else [list(range(len(keys)))]
     parts, where = [], {}
     for part, run in enumerate(runs):
         batch = {k: v.to(device) for k, v in left_pad([list(keys[d][skip:]) for d in run], pad_id).items()}
         if before is not None:
             before([first.index(d) for d in run])
-        if head is None:
-            set_token_mask(model, batch["attention_mask"])
-            cache = model(**batch, use_cache=True, logits_to_keep=1)[CACHE_KWARG]
-        else:  # every row continues the head's cache (a copy of its one row each)
-            rows = torch.zeros(len(run), dtype=torch.long, device=device)
-            prefix = Prefix(head.input_ids[rows], head.attention_mask[rows], _take(head.cache, rows))
-            cache = forward_after(model, prefix, batch, 1)[CACHE_KWARG]
+        prefix = None if head is None else head.rows([0] * len(run))  # each row continues its copy of the head
+        cache = forward_after(model, prefix, batch, 1)[CACHE_KWARG]
+        if prefix is not None:
             batch = {k: torch.cat([getattr(prefix, k), batch[k]], 1) for k in ("input_ids", "attention_mask")}
         if len(runs) > 1 and _layers(cache) is None:  # rows of this cache cannot be stacked: one forward
             return prefill_prefixes(model, prefixes, pad_id, before)
@@ -258,16 +254,14 @@ def prefill_prefixes(model, prefixes: list[list[int]], pad_id: int, before=None,
     return Openings(parts, [where[d] for d in first])
 
 
-def _common_head(model, keys: list[tuple], pad_id: int) -> Prefix | None:
+def _common_head(model, keys: list[tuple], pad_id: int) -> Openings | None:
     """The tokens every one of ``keys`` opens with (leaving each at least one token), run once as one row,
     when running them once instead of per key saves more than a forward's fixed cost; else None."""
     length = min(len(os.path.commonprefix(keys)), min(map(len, keys)) - 1) if len(keys) > 1 else 0
     if (len(keys) - 1) * length <= RUN_COST:
         return None
-    batch = {k: v.to(next(model.parameters()).device) for k, v in left_pad([list(keys[0][:length])], pad_id).items()}
-    set_token_mask(model, batch["attention_mask"])
-    cache = model(**batch, use_cache=True, logits_to_keep=1)[CACHE_KWARG]
-    return Prefix(batch["input_ids"], batch["attention_mask"], cache) if _layers(cache) is not None else None
+    head = prefill_prefixes(model, [list(keys[0][:length])], pad_id)
+    return head if _layers(head.parts[0][2]) is not None else None
 
 
 RUN_COST = 48  # a forward's fixed cost (every weight read once) in tokens: ~75 ms against ~1.6 ms a token (CPU, SmolLM2)

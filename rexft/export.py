@@ -101,15 +101,16 @@ def example_routes(model, tokenizer, prompts: list[list[int]], priors: torch.Ten
     prompt's task) and no priors, the opening a task's prompts share is run once per batch and its tokens'
     routes counted for every prompt. ``dtype``: compute in it under autocast (e.g. bfloat16 for a float32
     model: the routes are a mean over many tokens, so bf16's rounding is far below their sampling noise)."""
-    device = next(model.parameters()).device
-    autocast = dtype is not None and dtype != next(model.parameters()).dtype
-    with torch.autocast(device.type, dtype=dtype) if autocast else contextlib.nullcontext():
-        return _routes(model, tokenizer, prompts, priors, batch_size, groups, device)
+    weight = next(model.parameters())
+    autocast = dtype is not None and dtype != weight.dtype
+    with torch.autocast(weight.device.type, dtype=dtype) if autocast else contextlib.nullcontext():
+        return _routes(model, tokenizer, prompts, priors, batch_size, groups)
 
 
-def _routes(model, tokenizer, prompts, priors, batch_size, groups, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _routes(model, tokenizer, prompts, priors, batch_size, groups) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     layers = {n: m for n, m in adapter_layers(model).items() if m.is_mixture}
     routes = {n: [None] * len(prompts) for n in layers}
+    device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     shared = {}
     if groups is not None and priors is None:
