@@ -146,7 +146,7 @@ if DynamicLayer is not None:
             end = self.length + keys.shape[-2]
             if self._keys is None or end > self._keys.shape[-2]:
                 rows = self.rows if self._keys is None else self.capacity
-                grown = [t.new_empty(rows, t.shape[1], end + GROWTH, t.shape[3]) for t in (keys, values)]
+                grown = [_buffer(t, rows, end + GROWTH) for t in (keys, values)]
                 if self.length:
                     grown[0][: self.rows, :, : self.length], grown[1][: self.rows, :, : self.length] = self.keys, self.values
                 self._keys, self._values = grown
@@ -158,6 +158,11 @@ if DynamicLayer is not None:
             return self.keys, self.values
 else:
     GrowingLayer = None
+
+
+def _buffer(t: torch.Tensor, rows: int, tokens: int) -> torch.Tensor:
+    """An uninitialised (rows, heads, tokens, d) buffer for keys or values like ``t``."""
+    return t.new_empty(rows, t.shape[1], tokens, t.shape[3])
 
 
 def _with_tensors(cache, tensors: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -225,17 +230,19 @@ class Openings:
         return Prefix(ids, mask, _with_tensors(self.parts[0][2], tensors))
 
 
-def prefill_prefixes(model, prefixes: list[list[int]], pad_id: int, before=None, split: bool = False) -> Openings:
+def prefill_prefixes(model, prefixes: list[list[int]], pad_id: int, before=None, split: bool = False,
+                     heads: dict | None = None) -> Openings:
     """The distinct prefixes run once, left-padded: in one forward, or with ``split`` in runs of similar
     length (``length_runs``; where the cache allows stacking its rows again). ``before(rows)`` is called
     with the first row using each distinct prefix of a forward (to set per-row state). With ``split`` and no
     per-row state, the head every distinct prefix opens with (a chat template's system turn) runs once
-    first, where that saves more than a forward costs (``RUN_COST``), and each run continues from it."""
+    first, where that saves more than a forward costs (``RUN_COST``), and each run continues from it;
+    ``heads`` (by their tokens) keeps the heads run for the next calls, which start from them."""
     device = next(model.parameters()).device
     distinct: dict[tuple, int] = {}
     first = [distinct.setdefault(tuple(p), len(distinct)) for p in prefixes]
     keys = list(distinct)
-    head = _common_head(model, keys, pad_id) if split and before is None else None
+    head = _common_head(model, keys, pad_id, {} if heads is None else heads) if split and before is None else None
     skip = 0 if head is None else head.parts[0][0].shape[1]
     runs = length_runs([len(k) for k in keys]) if split else [list(range(len(keys)))]
     parts, where = [], {}
@@ -254,28 +261,35 @@ def prefill_prefixes(model, prefixes: list[list[int]], pad_id: int, before=None,
     return Openings(parts, [where[d] for d in first])
 
 
-def _common_head(model, keys: list[tuple], pad_id: int) -> Openings | None:
-    """The tokens every one of ``keys`` opens with (leaving each at least one token), run once as one row,
-    when running them once instead of per key saves more than a forward's fixed cost; else None."""
+def _common_head(model, keys: list[tuple], pad_id: int, heads: dict) -> Openings | None:
+    """The tokens every one of ``keys`` opens with (leaving each at least one token), run once as one row
+    (or taken from ``heads``, which keeps it), when running them once instead of per key saves more than a
+    forward's fixed cost; else None."""
     length = min(len(os.path.commonprefix(keys)), min(map(len, keys)) - 1) if len(keys) > 1 else 0
     if (len(keys) - 1) * length <= RUN_COST:
         return None
-    head = prefill_prefixes(model, [list(keys[0][:length])], pad_id)
-    return head if _layers(head.parts[0][2]) is not None else None
+    tokens = keys[0][:length]
+    if tokens not in heads:
+        head = prefill_prefixes(model, [list(tokens)], pad_id)
+        heads[tokens] = head if _layers(head.parts[0][2]) is not None else None
+    return heads[tokens]
 
 
 RUN_COST = 48  # a forward's fixed cost (every weight read once) in tokens: ~75 ms against ~1.6 ms a token (CPU, SmolLM2)
 
 
-def cheapest_split(widths: list[int], fixed: float) -> list[tuple[int, int]]:
-    """Contiguous groups [a, b) of items, each group costing ``fixed`` plus its items times its widest item:
-    the split with the least total cost (dynamic programming, O(n^2))."""
+def cheapest_split(widths: list[int], fixed: float, spread: float = float("inf")) -> list[tuple[int, int]]:
+    """Contiguous groups [a, b) of items, each group costing ``fixed`` plus its items times its widest item,
+    no group's widths differing by more than ``spread``: the split with the least total cost (dynamic
+    programming, O(n^2))."""
     n = len(widths)
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for b in range(1, n + 1):
-        widest = 0
+        widest, narrowest = 0, float("inf")
         for a in range(b - 1, -1, -1):
-            widest = max(widest, widths[a])
+            widest, narrowest = max(widest, widths[a]), min(narrowest, widths[a])
+            if widest - narrowest > spread:
+                break
             cost = best[a] + fixed + (b - a) * widest
             if cost < best[b]:
                 best[b], cut[b] = cost, a
@@ -357,8 +371,8 @@ def _spans(parts: list[Decoding]) -> list[tuple[Decoding, int, int, int]]:
 
 
 def _write_rows(spans, layers, at_row: int, width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``at_row``.. of the cache buffers get the spans' caches right-aligned to ``width`` tokens (their
-    padding zeroed); returns their tokens and mask."""
+    """Rows ``at_row``.. of the cache buffers get the spans' caches right-aligned to ``width`` tokens (the
+    ``READ_MARGIN`` columns of padding before each zeroed); returns their tokens and mask."""
     ids = spans[0][0].input_ids.new_full((len(spans), width), pad_id)
     mask = torch.zeros_like(ids)
     for j, (part, row, first, end) in enumerate(spans):
@@ -366,7 +380,7 @@ def _write_rows(spans, layers, at_row: int, width: int, pad_id: int) -> tuple[to
         ids[j, at:], mask[j, at:] = part.input_ids[row, first:end], part.attention_mask[row, first:end]
         for layer, source in zip(layers, _layers(part.cache)):
             for buffer, tensor in ((layer._keys, source.keys), (layer._values, source.values)):
-                buffer[at_row + j, :, :at] = 0  # masked, but read by attention: finite
+                buffer[at_row + j, :, max(0, at - READ_MARGIN): at] = 0  # masked, but attention may read them
                 buffer[at_row + j, :, at: width - 1] = tensor[row, :, first: end - 1]
     return ids, mask
 
@@ -395,8 +409,8 @@ def join(pool: Decoding | None, parts: list[Decoding], pad_id: int, capacity: in
     sources = _layers(spans[0][0].cache)
     rows = max(capacity, len(spans))
     tokens = width - 1 + max(room, GROWTH) + width // 4  # a pool with room to decode and to take rows for a while
-    layers = [GrowingLayer(*(t.new_empty(rows, t.shape[1], tokens, t.shape[3]) for t in (layer.keys, layer.values)),
-                           len(spans), width - 1) for layer in sources]
+    layers = [GrowingLayer(*(_buffer(t, rows, tokens) for t in (layer.keys, layer.values)), len(spans), width - 1)
+              for layer in sources]
     ids, mask = _write_rows(spans, layers, 0, width, pad_id)
     cache = copy.copy(spans[0][0].cache)
     cache.layers = layers
@@ -411,15 +425,18 @@ def _decoding(spans, ids: torch.Tensor, mask: torch.Tensor, cache) -> Decoding:
 
 def keep(d: Decoding, positions: list[int]) -> Decoding | None:
     """The rows at ``positions`` (None for none; ``d`` is used up): in a joined batch the kept rows move
-    up inside the cache's buffers, so nothing is reallocated and the freed rows take the next ``join``."""
+    up inside the cache's buffers, so nothing is reallocated and the freed rows take the next ``join``. A
+    row moves from ``READ_MARGIN`` columns before its first real one: no decoding step reads further left."""
     if not positions:
         return None
     index = torch.tensor(positions, device=d.input_ids.device)
+    firsts = d.attention_mask.int().argmax(1).tolist()
     for layer in _layers(d.cache):
         for buffer in (layer._keys, layer._values):
             for j, p in enumerate(positions):
                 if j != p:  # j < p: a row moves up over rows that left
-                    buffer[j, :, : layer.length] = buffer[p, :, : layer.length]
+                    at = max(0, firsts[p] - READ_MARGIN)
+                    buffer[j, :, at: layer.length] = buffer[p, :, at: layer.length]
         layer.rows = len(positions)
     return Decoding([d.rows[p] for p in positions], d.input_ids[index], d.attention_mask[index], d.cache,
                     [d.generated[p] for p in positions])
@@ -428,35 +445,44 @@ def keep(d: Decoding, positions: list[int]) -> Decoding | None:
 # ------------------------------------------------------------------ decoding attention over each row's own width
 ROWS_ATTENTION = "rexft_sdpa_rows"
 CALL_COST = 512  # one attention call costs about as much as this many (row, key position) pairs (CPU, measured)
+# Padding keys a decoding step may read before a row's first real key (masked, so they must be finite): ``join``
+# zeroes that many, not the row's whole padding (a pool as wide as its longest row would write, and page in,
+# mostly zeros), ``keep`` moves them with the row, and ``row_groups`` keeps every row within them.
+READ_MARGIN = 64
 
 
-def row_groups(starts: list[int], width: int, call_cost: int = CALL_COST) -> list[tuple[int, int, int]]:
+def row_groups(starts: list[int], width: int, call_cost: int = CALL_COST, margin: int | None = None) -> list[tuple[int, int, int]]:
     """Contiguous groups of rows (a, b, first key) for attention over ``width`` keys when row r's real keys
-    begin at ``starts[r]``: each group attends from its earliest start, and the groups minimise
-    sum(call_cost + rows * keys). Rows ordered longest first (``join``) make the groups tight."""
-    return [(a, b, min(starts[a:b])) for a, b in cheapest_split([width - s for s in starts], call_cost)]
+    begin at ``starts[r]``: each group attends from its earliest start, no row reads more than ``margin``
+    (``READ_MARGIN``) keys before its own, and the groups minimise sum(call_cost + rows * keys). Rows ordered
+    longest first (``join``) make the groups tight."""
+    spread = READ_MARGIN if margin is None else margin
+    return [(a, b, min(starts[a:b])) for a, b in cheapest_split([width - s for s in starts], call_cost, spread)]
 
 
 @functools.lru_cache(maxsize=64)
-def _row_groups_cached(starts: tuple[int, ...], width: int, call_cost: int) -> list[tuple[int, int, int]]:
-    return row_groups(list(starts), width, call_cost)
+def _row_groups_cached(starts: tuple[int, ...], width: int, call_cost: int, margin: int) -> list[tuple[int, int, int]]:
+    return row_groups(list(starts), width, call_cost, margin)
 
 
 def _groups_of(mask: torch.Tensor) -> list[tuple[int, int, int]]:
     """``row_groups`` of a decoding step's (b, 1, 1, t) attention mask (the plan is computed once per step:
     every layer gets the same mask)."""
     allowed = mask[:, 0, -1] if mask.dtype == torch.bool else mask[:, 0, -1] > torch.finfo(mask.dtype).min / 2
-    return _row_groups_cached(tuple(allowed.int().argmax(-1).tolist()), mask.shape[-1], CALL_COST)
+    return _row_groups_cached(tuple(allowed.int().argmax(-1).tolist()), mask.shape[-1], CALL_COST, READ_MARGIN)
 
 
 def rows_sdpa(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA attention, but a decoding step (one query per row) attends in groups of rows, each
     from its rows' earliest real key (``row_groups``), not every row over the batch's widest: on a CPU a
     decoding step's attention reads the whole KV cache, and the left padding of a batch mixing short and
-    long prompts was half of it. Keys before a row's first real one are masked anyway: same result."""
+    long prompts was half of it. Keys before a row's first real one are masked anyway: same result.
+    Several queries per row under a mask (a prefill) on a CPU: ``masked_gqa_sdpa``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.shape[2] != 1 or attention_mask is None or attention_mask.dim() != 4 or query.shape[0] == 1:
+    if query.shape[2] != 1:
+        return masked_gqa_sdpa(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is None or attention_mask.dim() != 4:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outputs = [sdpa_attention_forward(module, query[a:b], key[a:b, :, s:], value[a:b, :, s:],
                                       attention_mask[a:b, :, :, s:], **kwargs)[0]
@@ -464,12 +490,28 @@ def rows_sdpa(module, query, key, value, attention_mask, **kwargs):
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), None
 
 
+def masked_gqa_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention; but where it would copy each key/value head once per query head it
+    shares (grouped-query attention under a mask: SmolLM2's 3 key/value heads serve 9 query heads), on a CPU
+    SDPA reads the shared heads itself (``enable_gqa``): the same result without the copy, 5% of a
+    prefill's time after a task's opening."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    simple = (query.device.type == "cpu" and attention_mask is not None and query.shape[1] != key.shape[1]
+              and not kwargs.get("dropout") and all(kwargs.get(k) is None for k in ("softcap", "position_bias", "s_aux")))
+    if not simple:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           scale=kwargs.get("scaling"), enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
 class rows_attention:
     """Within this context a model using SDPA attends with ``rows_sdpa`` (other implementations are left as
-    they are)."""
+    they are; nested, the outer one holds)."""
 
     def __init__(self, model):
-        self.config = model.config
+        self.config = getattr(model, "config", None)
         self.before = getattr(self.config, "_attn_implementation", None)
 
     def __enter__(self):

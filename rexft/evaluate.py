@@ -25,6 +25,7 @@ adapters routing.png (mean routing weight per task x expert at one layer).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -50,6 +51,16 @@ from rexft.tasks.common import LETTERS, Example
 log = logging.getLogger(__name__)
 MAX_ROWS = 40  # tasks shown in a heatmap or bar chart before it summarises
 DECODE_CHUNK = 4  # generate: tokens decoded between the moments rows leave and join the decoding batch
+
+
+def attending_by_rows(method):
+    """The method's forwards attend with ``batching.rows_sdpa``: decoding steps per group of rows, prefills on a
+    CPU without copying shared key/value heads. Same results as the model's own SDPA."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with rows_attention(self.model):
+            return method(self, *args, **kwargs)
+    return wrapped
 
 
 def dropped(example: Example) -> dict:
@@ -111,10 +122,10 @@ class Scorer:
         return shared, shared_prefix_order(sizes, tasks, shared)
 
     def _last_logprobs(self, index: list[int], prompts: dict[int, list[int]], shared: dict[int, int],
-                       on_batch=None) -> torch.Tensor:
+                       on_batch=None, heads: dict | None = None) -> torch.Tensor:
         """log-softmax at each row's last position (b, V): the batch's distinct openings once, then the rows'
         rests in runs of similar length (a batch keeps a task's rows together, whatever their lengths).
-        ``on_batch`` gets the examples of each forward that logs routes."""
+        ``on_batch`` gets the examples of each forward that logs routes; ``heads``: ``prefill_prefixes``'."""
         lengths = batch_openings(index, prompts, shared)
         if not any(lengths):
             logprobs = self._forward([prompts[i] for i in index], index, 1)[:, -1]
@@ -126,7 +137,7 @@ class Scorer:
         sequences = [prompts[i] for i in index]
         with route_logs_paused(self.model):  # a routing heatmap counts each row once, from the passes below
             openings = prefill_prefixes(self.model, [s[:n] for s, n in zip(sequences, lengths)], self.pad_id,
-                                        before, split=True)
+                                        before, split=True, heads=heads)
         out = None
         for run, output in forward_rests(self.model, sequences, lengths, openings, self.pad_id, 1,
                                          lambda run: self._set_prior([index[r] for r in run])):
@@ -139,6 +150,7 @@ class Scorer:
         return out
 
     @torch.inference_mode()
+    @attending_by_rows
     def first_token(self, examples: list[Example], restricted: bool = True, on_batch=None) -> list[dict]:
         from tqdm.auto import tqdm
 
@@ -152,9 +164,9 @@ class Scorer:
         results: list[dict] = [dropped(e) for e in examples]
         sizes = {i: len(p) for i, p in prompts.items()}
         shared, order = self._openings(prompts, {i: examples[i].task for i in prompts}, sizes)
-        batches = list(self._batches(sizes, order))
+        batches, heads = list(self._batches(sizes, order)), {}  # heads: the openings' common head, run once
         for index in tqdm(batches, desc="eval", disable=not self.progress, leave=False):
-            logprobs = self._last_logprobs(index, prompts, shared, on_batch)  # (b, V)
+            logprobs = self._last_logprobs(index, prompts, shared, on_batch, heads)  # (b, V)
             for row, i in enumerate(index):
                 example = examples[i]
                 ids = letter_ids[: len(example.options)]
@@ -170,6 +182,7 @@ class Scorer:
         return results
 
     @torch.inference_mode()
+    @attending_by_rows
     def loglik(self, examples: list[Example], on_batch=None) -> list[dict]:
         from tqdm.auto import tqdm
 
@@ -208,6 +221,7 @@ class Scorer:
         return results
 
     @torch.inference_mode()
+    @attending_by_rows
     def target_nll(self, examples: list[Example], prior_rows: list[int] | None = None, on_batch=None) -> list[float | None]:
         """Mean nats per target token (the target text and EOS, as trained) under teacher forcing; None
         for an example that cannot fit data.max_length. ``prior_rows[i]``: example i's row of self.priors
@@ -231,21 +245,23 @@ class Scorer:
         return out
 
     def _prefill(self, index: list[int], prompts: dict[int, list[int]], shared: dict[int, int],
-                 targets: dict[int, list[int]], on_batch=None, aligned: bool = True) -> tuple[dict[int, float], list[Decoding]]:
+                 targets: dict[int, list[int]], on_batch=None, aligned: bool = True,
+                 heads: dict | None = None) -> tuple[dict[int, float], list[Decoding]]:
         """Fill the KV cache of a batch's prompts but their last token (generate() feeds that itself): each
         distinct shared opening once, then, in runs of rows of similar length, every row's remaining prompt
         tokens followed by its target when it has one (its target NLL, mean nats per token). ``aligned``:
         each row's target right after its prompt, rows left-padded as a whole (no padding between prompts
         and targets; the rows' prompts end at different columns, which ``join`` aligns); else targets
         right-padded after the left-padded prompts and the cache cropped to them (for caches ``join``
-        cannot rebuild). Returns the NLLs and the rows ready for generate(), one part per run."""
+        cannot rebuild); ``heads``: ``prefill_prefixes``'. Returns the NLLs and the rows ready for generate(),
+        one part per run."""
         before = (lambda rows: self.row_state([index[r] for r in rows])) if self.row_state else None
         lengths = batch_openings(index, prompts, shared)
         openings = None
         if any(lengths):
             with route_logs_paused(self.model):  # a routing heatmap counts each row once, from the pass below
                 openings = prefill_prefixes(self.model, [prompts[i][:n] for i, n in zip(index, lengths)], self.pad_id,
-                                            before, split=aligned)
+                                            before, split=aligned, heads=heads)
         nlls, parts = {}, []
         sizes = [len(prompts[i]) - n + len(targets.get(i, ())) for i, n in zip(index, lengths)]
         for run in length_runs(sizes):
@@ -290,6 +306,7 @@ class Scorer:
         return nlls, parts
 
     @torch.inference_mode()
+    @attending_by_rows
     def generate(self, examples: list[Example], settings: EvalConfig, on_batch=None) -> list[dict]:
         """Batched decoding with generate(); each row scored by ROUGE-L and exact match against its references,
         and by its target NLL. Greedy or sampled with one sequence per row, the prompts' KV cache is filled
@@ -354,13 +371,14 @@ class Scorer:
         pool: Decoding | None = None
         waiting: list[Decoding] = []  # prefilled rows not decoding yet, where caches cannot be joined
         pooled = bool(batches) and self._joinable_cache(prompts[batches[0][0]][:1])
+        heads: dict = {}  # the openings' common head, run once for every batch
         while queue or waiting or pool is not None:
             if pool is None and waiting:
                 pool = waiting.pop(0)
             elif queue and (pool is None or pooled and len(pool) + len(queue[-1]) <= self.decode_batch_size):
                 parts, rows = [], 0 if pool is None else len(pool)  # room for a batch: refill
                 while queue and (not parts and not rows or rows + len(queue[-1]) <= self.decode_batch_size):
-                    batch_nlls, prefilled = self._prefill(queue.pop(), prompts, shared, targets, on_batch, aligned=pooled)
+                    batch_nlls, prefilled = self._prefill(queue.pop(), prompts, shared, targets, on_batch, pooled, heads)
                     nlls.update(batch_nlls)
                     parts += prefilled
                     rows += sum(map(len, prefilled))
@@ -376,7 +394,7 @@ class Scorer:
             budget = max(settings.max_new_tokens - n for n in pool.generated)
             config.max_new_tokens = min(DECODE_CHUNK, budget) if pooled else budget
             width = pool.input_ids.shape[1]
-            with route_logs_paused(self.model), rows_attention(self.model):
+            with route_logs_paused(self.model):
                 out = self.model.generate(input_ids=pool.input_ids, attention_mask=pool.attention_mask,
                                           **{CACHE_KWARG: pool.cache}, generation_config=config,
                                           tokenizer=self.tokenizer if settings.stop else None)

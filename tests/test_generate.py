@@ -327,21 +327,25 @@ def test_rows_join_and_leave_the_decoding_batch_with_their_cache():
 
 
 def test_row_groups_are_the_cheapest_split_into_contiguous_groups():
-    """Brute force over every split of up to 7 rows into contiguous groups: none costs less."""
+    """Brute force over every split of up to 7 rows into contiguous groups in which no row reads more than
+    ``margin`` keys before its own: none costs less."""
     import itertools
 
     from rexft.batching import row_groups
 
     generator = torch.Generator().manual_seed(1)
-    for _ in range(40):
+    for _ in range(60):
         n, width, call_cost = int(torch.randint(1, 8, (1,), generator=generator)), 50, int(torch.randint(0, 60, (1,), generator=generator))
+        margin = int(torch.randint(0, 60, (1,), generator=generator))
         starts = torch.randint(0, width, (n,), generator=generator).tolist()
         cost = lambda groups: sum(call_cost + (b - a) * (width - s) for a, b, s in groups)
-        best = min(cost([(a, b, min(starts[a:b])) for a, b in zip((0,) + cuts, cuts + (n,))])
-                   for k in range(n) for cuts in itertools.combinations(range(1, n), k))
-        groups = row_groups(starts, width, call_cost)
+        within = lambda groups: all(max(starts[a:b]) - s <= margin for a, b, s in groups)
+        splits = [[(a, b, min(starts[a:b])) for a, b in zip((0,) + cuts, cuts + (n,))]
+                  for k in range(n) for cuts in itertools.combinations(range(1, n), k)]
+        groups = row_groups(starts, width, call_cost, margin)
         assert [a for a, _, _ in groups] == [0] + [b for _, b, _ in groups[:-1]] and groups[-1][1] == n
-        assert all(s == min(starts[a:b]) for a, b, s in groups) and cost(groups) == best
+        assert all(s == min(starts[a:b]) for a, b, s in groups) and within(groups)
+        assert cost(groups) == min(cost(split) for split in splits if within(split))
 
 
 def test_rows_attention_attends_each_group_from_its_first_key_with_the_same_result(monkeypatch):
@@ -371,6 +375,28 @@ def test_rows_attention_attends_each_group_from_its_first_key_with_the_same_resu
     batched = greedy(model, priors, 8)
     assert max(map(len, seen)) > 2  # rows attended in groups
     assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
+
+
+def test_padding_beyond_the_read_margin_is_never_read(monkeypatch):
+    """``join`` writes a row's padding only ``READ_MARGIN`` keys deep: the rest of a pool's buffers stays as
+    allocated (here NaN) and no decoding step reads it, so batched text still equals one example at a
+    time. Groups that ignored the margin would read the NaN."""
+    import rexft.batching as batching
+
+    nan_buffer = lambda t, rows, tokens: torch.full((rows, t.shape[1], tokens, t.shape[3]), float("nan"), dtype=t.dtype)
+    monkeypatch.setattr(batching, "_buffer", nan_buffer)
+    monkeypatch.setattr(batching, "READ_MARGIN", 2)
+    priors = torch.rand(len(PROMPTS), 8)
+    model = trex_model()
+    single = [r["prediction"] for r in greedy(model, priors, 1, decode_batch_size=1)]
+    batching._row_groups_cached.cache_clear()
+    assert [r["prediction"] for r in greedy(model, priors, 8)] == single
+
+    beyond = lambda starts, width, call_cost, margin=None, _f=batching.row_groups: _f(starts, width, call_cost, 10**6)
+    monkeypatch.setattr(batching, "row_groups", beyond)
+    batching._row_groups_cached.cache_clear()
+    assert [r["prediction"] for r in greedy(model, priors, 8)] != single
+    batching._row_groups_cached.cache_clear()
 
 
 def test_each_example_logs_one_route_in_the_order_reported():
