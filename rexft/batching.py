@@ -17,7 +17,9 @@ KV cache of all but each row's last token). ``join`` writes prefilled rows into 
 as rows finish instead of running every batch to its longest row. Both need a cache of plain per-layer
 key/value tensors (``poolable``); sliding-window and other caches decode each batch on its own. In such a
 batch short rows sit beside long ones: ``rows_sdpa`` has each group of rows attend from its own first real
-key, so a decoding step does not read the batch's widest padding for every row.
+key, so a decoding step does not read the batch's widest padding for every row, and ``join`` writes only
+the padding a step may read (``READ_MARGIN``). Prefills on a CPU attend without copying the key/value heads
+that grouped-query attention shares (``masked_gqa_sdpa``).
 """
 
 from __future__ import annotations
@@ -493,7 +495,7 @@ def rows_sdpa(module, query, key, value, attention_mask, **kwargs):
 def masked_gqa_sdpa(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA attention; but where it would copy each key/value head once per query head it
     shares (grouped-query attention under a mask: SmolLM2's 3 key/value heads serve 9 query heads), on a CPU
-    SDPA reads the shared heads itself (``enable_gqa``): the same result without the copy, 5% of a
+    SDPA reads the shared heads itself (``enable_gqa``): the same result without the copy, 3-5% of a
     prefill's time after a task's opening."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
