@@ -125,6 +125,28 @@ def test_the_head_all_openings_share_runs_once_and_changes_nothing():
     assert saved >= openings + (len(words) - 1) * len(system)  # and the system text once, not once per task
 
 
+def test_a_kept_head_runs_once_for_every_batch_and_changes_nothing():
+    """``prefill_prefixes`` with ``heads``: a later batch whose openings share the head kept from an earlier
+    one runs only what follows it, and its openings' caches equal those of a batch that runs the head."""
+    from rexft.batching import RUN_COST, prefill_prefixes
+
+    model = tiny_model().eval()
+    head = list(range(5, 7 + RUN_COST))  # long enough that running it once saves a forward's cost
+    batches = [[head + [70, 71, 72], head + [80, 81]], [head + [90, 91, 92, 93], head + [60]]]
+    tokens, heads = [], {}
+    model.model.embed_tokens.register_forward_hook(lambda module, args, out: tokens.append(args[0].numel()))
+    with torch.inference_mode():
+        prefill_prefixes(model, batches[0], 0, split=True, heads=heads)
+        tokens.clear()
+        kept = prefill_prefixes(model, batches[1], 0, split=True, heads=heads)
+        kept_tokens = sum(tokens)
+        tokens.clear()
+        alone = prefill_prefixes(model, batches[1], 0, split=True)
+    assert list(heads) == [tuple(head)] and sum(tokens) - kept_tokens == len(head)
+    for mine, theirs in zip(kept.rows([0, 1]).cache.layers, alone.rows([0, 1]).cache.layers):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+
+
 def test_stop_strings_cut_the_text_and_match_per_example():
     priors = torch.rand(len(PROMPTS), 8)
     model = trex_model()
