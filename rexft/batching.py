@@ -362,11 +362,16 @@ class Decoding:
         return len(self.rows)
 
 
+def _firsts(mask: torch.Tensor) -> list[int]:
+    """Each row's first real column in a (b, t) mask."""
+    return mask.int().argmax(-1).tolist()
+
+
 def _spans(parts: list[Decoding]) -> list[tuple[Decoding, int, int, int]]:
     """(part, row, first real column, end) of every row, longest first."""
     spans = []
     for part in parts:
-        firsts = part.attention_mask.int().argmax(1).tolist()
+        firsts = _firsts(part.attention_mask)
         ends = part.ends or [part.input_ids.shape[1]] * len(part)
         spans += [(part, row, first, end) for row, (first, end) in enumerate(zip(firsts, ends))]
     return sorted(spans, key=lambda span: span[2] - span[3])  # ``rows_sdpa`` groups rows of similar width
@@ -432,13 +437,12 @@ def keep(d: Decoding, positions: list[int]) -> Decoding | None:
     if not positions:
         return None
     index = torch.tensor(positions, device=d.input_ids.device)
-    firsts = d.attention_mask.int().argmax(1).tolist()
+    firsts = _firsts(d.attention_mask)
+    moves = [(j, p, max(0, firsts[p] - READ_MARGIN)) for j, p in enumerate(positions) if j != p]  # j < p: up over rows that left
     for layer in _layers(d.cache):
         for buffer in (layer._keys, layer._values):
-            for j, p in enumerate(positions):
-                if j != p:  # j < p: a row moves up over rows that left
-                    at = max(0, firsts[p] - READ_MARGIN)
-                    buffer[j, :, at: layer.length] = buffer[p, :, at: layer.length]
+            for j, p, at in moves:
+                buffer[j, :, at: layer.length] = buffer[p, :, at: layer.length]
         layer.rows = len(positions)
     return Decoding([d.rows[p] for p in positions], d.input_ids[index], d.attention_mask[index], d.cache,
                     [d.generated[p] for p in positions])
@@ -471,7 +475,7 @@ def _groups_of(mask: torch.Tensor) -> list[tuple[int, int, int]]:
     """``row_groups`` of a decoding step's (b, 1, 1, t) attention mask (the plan is computed once per step:
     every layer gets the same mask)."""
     allowed = mask[:, 0, -1] if mask.dtype == torch.bool else mask[:, 0, -1] > torch.finfo(mask.dtype).min / 2
-    return _row_groups_cached(tuple(allowed.int().argmax(-1).tolist()), mask.shape[-1], CALL_COST, READ_MARGIN)
+    return _row_groups_cached(tuple(_firsts(allowed)), mask.shape[-1], CALL_COST, READ_MARGIN)
 
 
 def rows_sdpa(module, query, key, value, attention_mask, **kwargs):
