@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("rexft.data:prepare_data", "format, mix and tokenize the datasets; write data/ and stats"),
     "cluster-prior": ("rexft.prior:cluster_prior", "embed training prompts, k-means, write prior/"),
     "train": ("rexft.train:train", "inject adapters and train; write adapter/ and checkpoints/"),
-    "eval": ("rexft.evaluate:evaluate", "score the validation sets; write eval/results.json"),
+    "eval": ("rexft.eval.stage:evaluate", "score the validation sets; write eval/results.json"),
     "merge-export": ("rexft.export:merge_export", "merge or export adapters for standard tools; write export/"),
 }
 
@@ -237,6 +237,7 @@ def _check_choices(cfg: RunConfig) -> None:
         ("trainer.mixed_precision", cfg.trainer.mixed_precision, ["auto", "no", "bf16", "fp16"]),
         ("trainer.optimizer", cfg.trainer.optimizer, ["adamw", "adafactor", "adamw_8bit", "paged_adamw_8bit"]),
         ("eval.protocol", cfg.eval.protocol, ["first_token", "loglik"]),
+        ("eval.engine", cfg.eval.engine, ["auto", "plain", "pool"]),
         ("export.mode", cfg.export.mode, ["auto", "merged", "per_task", "per_cluster", "adapter"]),
         ("prior.backend", cfg.prior.backend, ["auto", "torch", "faiss"]),
         ("adapter.dtype", cfg.adapter.dtype, dtypes),
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, args = argv[0], argv[1:]
     if command == "eval" and args and args[0] == "compare":
-        from rexft.evaluate import compare_runs
+        from rexft.eval.report import compare_runs
 
         compare_runs([Path(a) for a in args[1:]])
         return 0

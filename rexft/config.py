@@ -289,9 +289,15 @@ class EvalConfig:
     bootstrap: int = bounded(1000, ge=0)  # bootstrap resamples for the 95% intervals of ROUGE-L / exact match (0: none)
     restricted: bool = True  # first_token: argmax over option letters (false: greedy over the vocabulary)
     batch_size: int = bounded(16, ge=1)  # rows scored, or whose prompts are prefilled, in one forward
-    # generate: rows decoding together; finished rows leave and new ones join every few tokens. The KV cache of
-    # this many prompts (plus max_new_tokens) is held at once.
-    decode_batch_size: int = bounded(64, ge=1)
+    # auto (pool on a CPU, plain elsewhere) | plain (transformers' generate() and cache on length-sorted
+    # batches) | pool (a task's shared opening once; rows join and leave a decoding batch): same scores
+    engine: str = "auto"
+    # generate, pool engine: rows decoding together; finished rows leave and new ones join every few tokens.
+    # The KV cache of this many prompts (plus max_new_tokens) is held at once (null: the device profile's).
+    decode_batch_size: Optional[int] = bounded(None, ge=1, allow=(None,))
+    # pool engine: overrides of the device profile (rexft/eval/pool.py DeviceProfile: run_cost, call_cost,
+    # read_margin, decode_chunk, decode_batch_size), e.g. {decode_chunk: 8}
+    profile: dict[str, int] = field(default_factory=dict)
     model: Optional[str] = None  # evaluate this merged export instead of base (+ run_dir adapter)
     use_adapter: bool = True  # false: evaluate the base model
     # Block index for the routing heatmap, Python-style (-1: the last); an index past the end also
@@ -309,7 +315,9 @@ class ExportConfig:
     fidelity: bool = True  # per_task / per_cluster: eval each static export vs the dynamic adapter on its examples
     fidelity_limit: Optional[int] = bounded(64, ge=1, allow=(None,))  # evaluation examples per task for the fidelity table (null: all)
     route_examples: int = bounded(64, ge=1)  # training examples per task / cluster whose routes are averaged into its export
-    route_dtype: str = "auto"  # the routes' pass computes in: auto (the model's dtype) | float32 | bfloat16 | float16 (autocast)
+    # the routes' pass computes in (autocast): auto (bfloat16 where the CPU or GPU computes it natively, e.g.
+    # AVX512-BF16 / AMX; else the model's dtype) | float32 | bfloat16 | float16
+    route_dtype: str = "auto"
     max_shard_size: str = "2GB"
 
 

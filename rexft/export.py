@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 
 from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior
-from rexft.batching import (batch_openings, forward_rests, prefill_prefixes, shared_prefix_lengths,
-                            shared_prefix_order)
+from rexft.eval.pool import (batch_openings, forward_rests, prefill_prefixes, shared_prefix_lengths,
+                             shared_prefix_order)
 from rexft.config import RunConfig
 from rexft.data import PromptFormat, build_splits, encode_prompt
 from rexft.errors import RexftError
-from rexft.modeling import load_model, load_tokenizer, torch_dtype
+from rexft.modeling import compute_dtype, load_model, load_tokenizer, torch_dtype
 
 log = logging.getLogger(__name__)
 LOADING = """# Loading this dynamic rexft adapter
@@ -323,7 +323,7 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
     from tqdm.auto import tqdm
 
     from rexft.data import cap_examples
-    from rexft.evaluate import adapter_priors
+    from rexft.eval.stage import adapter_priors
     from rexft.prior import load_prior, priors_from
 
     adapter_dir = cfg.path / "adapter"
@@ -363,11 +363,11 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
     kept = [i for i in used if prompts[i] is not None]
     position = {i: p for p, i in enumerate(kept)}
     clock = time.perf_counter()
-    route_dtype = None if cfg.export.route_dtype == "auto" else torch_dtype(cfg.export.route_dtype)
+    route_dtype = compute_dtype(cfg.export.route_dtype, model)
     routes, tokens = example_routes(model, tokenizer, [prompts[i] for i in kept], None if priors is None else priors[kept],
                                     cfg.eval.batch_size, groups=[train[i].task for i in kept], dtype=route_dtype)
     log.info("routes of %d training prompts in %.1fs%s", len(kept), time.perf_counter() - clock,
-             "" if route_dtype is None else f" (computed in {cfg.export.route_dtype})")
+             "" if route_dtype is None else f" (computed in {str(route_dtype).replace('torch.', '')})")
     folder = tmp / by
     written, factors = {}, {}
     for name, index in tqdm(sorted(route_index.items()), desc=f"export {by}", leave=False):
@@ -395,7 +395,12 @@ def _fidelity(cfg: RunConfig, model, tokenizer, fmt: PromptFormat, folder: Path,
     """Each static export vs the dynamic adapter on its evaluation examples (those of its task, or those
     whose prior puts them in its cluster): accuracy for choice examples, ROUGE-L for generative ones.
     Returns the table's rows and how many dynamic scores came from rexft eval's predictions."""
-    from rexft.evaluate import Scorer, headline, reusable_predictions, score_examples, summarize
+    from dataclasses import replace
+
+    from rexft.eval.engine import RowState, make_engine, prior_state
+    from rexft.eval.protocols import Prompts, score_examples
+    from rexft.eval.report import headline, summarize
+    from rexft.eval.stage import reusable_predictions
 
     index = [i for i, key in enumerate(keys) if key in written]
     examples, keys = [examples[i] for i in index], [keys[i] for i in index]
@@ -403,13 +408,14 @@ def _fidelity(cfg: RunConfig, model, tokenizer, fmt: PromptFormat, folder: Path,
     clock = time.perf_counter()
     # The dynamic side: rexft eval's predictions where it scored these examples with this adapter and these
     # settings (the fidelity examples are the first of eval's own per-task sample), the rest scored here.
+    prompts = Prompts(tokenizer, fmt, cfg.data.max_length)
     known = reusable_predictions(cfg)
     dynamic = [known.get((e.task, e.row)) for e in examples]
     todo = [i for i, row in enumerate(dynamic) if row is None]
     if todo:
-        scorer = Scorer(model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size,
-                        None if priors is None else priors[todo], False, decode_batch_size=cfg.eval.decode_batch_size)
-        for i, row in zip(todo, score_examples(scorer, [examples[i] for i in todo], cfg.eval)):
+        engine = make_engine(cfg.eval.engine, model, tokenizer, prior_state(model, None if priors is None else priors[todo]),
+                             cfg.eval.batch_size, cfg.eval.profile)
+        for i, row in zip(todo, score_examples(engine, prompts, [examples[i] for i in todo], cfg.eval)):
             dynamic[i] = row
     log.info("fidelity: the dynamic adapter on %d examples in %.1fs (%d from rexft eval's predictions)",
              len(examples), time.perf_counter() - clock, len(examples) - len(todo))
@@ -418,10 +424,10 @@ def _fidelity(cfg: RunConfig, model, tokenizer, fmt: PromptFormat, folder: Path,
     names = list(written)
     group_of = torch.tensor([names.index(key) for key in keys])
     layers = stack_static_factors(model, [factors[name] for name in names])
-    scorer = Scorer(model, tokenizer, fmt, cfg.data.max_length, cfg.eval.batch_size, None, False,
-                    row_state=lambda rows: set_groups(layers, group_of[rows]), share_prefixes=by == "per_task",
-                    decode_batch_size=cfg.eval.decode_batch_size)
-    static = score_examples(scorer, examples, cfg.eval)
+    # Each row's group: the same for a task's rows per task (they may share their opening), per row per cluster.
+    rows = RowState(lambda ids: set_groups(layers, group_of[ids]), "group" if by == "per_task" else "row")
+    engine = make_engine(cfg.eval.engine, model, tokenizer, rows, cfg.eval.batch_size, cfg.eval.profile)
+    static = score_examples(engine, prompts, examples, cfg.eval)
     log.info("fidelity: %d static exports on the same examples in %.1fs", len(written), time.perf_counter() - clock)
     check_written(cfg, tokenizer, folder, names, layers, model, dtype)
     rows, table = {}, []
@@ -431,10 +437,9 @@ def _fidelity(cfg: RunConfig, model, tokenizer, fmt: PromptFormat, folder: Path,
             chosen = [i for i in members if examples[i].kind == kind]
             if not chosen:
                 continue
-            for p in [dynamic[i] for i in chosen] + [static[i] for i in chosen]:
-                p["task"] = name  # summarise per group (a cluster mixes tasks)
-            d = summarize([dynamic[i] for i in chosen], [name], resamples=0)["tasks"][name]
-            s = summarize([static[i] for i in chosen], [name], resamples=0)["tasks"][name]
+            # summarised per group (a cluster mixes tasks)
+            d = summarize([replace(dynamic[i], task=name) for i in chosen], [name], resamples=0)["tasks"][name]
+            s = summarize([replace(static[i], task=name) for i in chosen], [name], resamples=0)["tasks"][name]
             if not d["n"]:
                 continue
             metric, dynamic_value = headline(d)

@@ -112,6 +112,42 @@ def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: bf16 matmuls are emulated, slower than float32
+_ONEDNN_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def native_bf16(device) -> bool:
+    """Whether ``device`` computes bfloat16 matmuls natively (faster than float32): a CUDA GPU with bf16
+    support, or a CPU with AVX512-BF16 or AMX whose kernels torch is allowed to use (``ATEN_CPU_CAPABILITY``
+    and ``ONEDNN_MAX_CPU_ISA`` can hold it to AVX2). Elsewhere torch emulates bf16, far slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        return False
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_WITHOUT_BF16:
+        return False
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def compute_dtype(name: str, model) -> torch.dtype | None:
+    """The dtype a pass of ``model`` computes in under autocast (None: the model's own). ``auto``: bfloat16
+    where the device computes it natively (``native_bf16``) and the model is in float32, else the model's."""
+    weight = next(model.parameters())
+    if name != "auto":
+        return torch_dtype(name)
+    return torch.bfloat16 if weight.dtype == torch.float32 and native_bf16(weight.device) else None
+
+
 def load_model(cfg: ModelConfig, vocab_size: int | None = None, device: str = "cpu"):
     """The frozen base model. ``quantization=nf4`` loads it in 4-bit through bitsandbytes (CUDA only)."""
     if cfg.name_or_path == TINY:

@@ -29,7 +29,8 @@ import torch
 
 from rexft.cli import compose
 from rexft.data import PromptFormat, build_splits, encode_prompt, letter_token_ids
-from rexft.evaluate import Scorer
+from rexft.eval.engine import make_engine, prior_state
+from rexft.eval.protocols import Prompts, first_token, generate
 from rexft.modeling import load_model, load_tokenizer
 from rexft.tasks.common import LETTERS
 
@@ -46,6 +47,7 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=32, help="--protocol generate: eval.max_new_tokens")
     parser.add_argument("--tasks", type=int, default=None, help="--protocol generate: use the first N tasks (all: default)")
     parser.add_argument("--decode-batch-size", type=int, default=64, help="--protocol generate: eval.decode_batch_size")
+    parser.add_argument("--engine", default="auto", choices=["auto", "plain", "pool"], help="eval.engine")
     args = parser.parse_args()
     if args.protocol == "generate":
         return bench_generate(args)
@@ -57,10 +59,11 @@ def main():
     fmt = PromptFormat.for_model(tokenizer, cfg.model)
     examples = [e for s in build_splits(cfg.data) for e in s.eval[: args.per_task]]
 
-    scorer = Scorer(model, tokenizer, fmt, cfg.data.max_length, args.batch_size, progress=False)
-    scorer.first_token(examples[:4])  # warm-up
+    engine = make_engine(args.engine, model, tokenizer, prior_state(model, None), args.batch_size)
+    prompts_of = Prompts(tokenizer, fmt, cfg.data.max_length)
+    first_token(engine, prompts_of, examples[:4])  # warm-up
     start = time.perf_counter()
-    batched = scorer.first_token(examples)
+    batched = [vars(r) for r in first_token(engine, prompts_of, examples)]
     batched_s = time.perf_counter() - start
 
     prefix, letter_ids = letter_token_ids(tokenizer, fmt, 5)
@@ -87,7 +90,7 @@ def main():
                if t in letter_ids[: len(e.options)]]
     agree, compared = sum(a == b for a, b in letters), len(letters)
     n = len(examples)
-    print(f"model {cfg.model.name_or_path} on {device}; {n} examples ({args.per_task} per task), protocol first_token")
+    print(f"model {cfg.model.name_or_path} on {device}, engine {type(engine).__name__}; {n} examples ({args.per_task} per task), protocol first_token")
     print("| method | examples/s | seconds | rexft eval speed-up |")
     print("|---|---|---|---|")
     print(f"| rexft eval (batch {args.batch_size}, one forward per batch) | {n / batched_s:.1f} | {batched_s:.1f} | - |")
@@ -98,7 +101,7 @@ def main():
 
 def bench_generate(args) -> None:
     from rexft.config import EvalConfig
-    from rexft.batching import left_pad as left_pad_ids
+    from rexft.eval.engine import left_pad as left_pad_ids
 
     recipe = args.model if args.model != "demo" else "demo-sni"
     overrides = [f"recipe={recipe}", f"data.sources.sni.max_tasks={args.tasks or 'null'}", f"data.eval_per_task={args.per_task}"]
@@ -108,16 +111,16 @@ def bench_generate(args) -> None:
     model = load_model(cfg.model, len(tokenizer), device).to(device).eval()
     fmt = PromptFormat.for_model(tokenizer, cfg.model)
     examples = [e for s in build_splits(cfg.data) for e in s.eval[: args.per_task]]
-    settings = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    scorer = Scorer(model, tokenizer, fmt, cfg.data.max_length, args.batch_size, progress=False,
-                    decode_batch_size=args.decode_batch_size)
-    scorer.generate(examples[:4], settings)  # warm-up
+    settings = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, decode_batch_size=args.decode_batch_size)
+    engine = make_engine(args.engine, model, tokenizer, prior_state(model, None), args.batch_size)
+    prompts_of = Prompts(tokenizer, fmt, cfg.data.max_length)
+    generate(engine, prompts_of, examples[:4], settings)  # warm-up
     start = time.perf_counter()
-    ours = [row["prediction"] for row in scorer.generate(examples, settings)]
+    ours = [row.prediction for row in generate(engine, prompts_of, examples, settings)]
     ours_s = time.perf_counter() - start
-    scorer.share_prefixes = False
+    engine.share_prefixes = False  # the pool engine's openings (the plain engine has none)
     start = time.perf_counter()
-    unshared = [row["prediction"] for row in scorer.generate(examples, settings)]
+    unshared = [row.prediction for row in generate(engine, prompts_of, examples, settings)]
     unshared_s = time.perf_counter() - start
 
     prompts = [encode_prompt(e, tokenizer, fmt, cfg.data.max_length)[0] for e in examples]
@@ -133,13 +136,13 @@ def bench_generate(args) -> None:
             for i in range(0, len(prompts), batch_size):
                 batch = {k: v.to(device) for k, v in left_pad_ids(prompts[i:i + batch_size], pad).items()}
                 out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **common)
-                texts += [scorer.decode(row[batch["input_ids"].shape[1]:].tolist(), []) for row in out]
+                texts += [prompts_of.text(row[batch["input_ids"].shape[1]:].tolist(), []) for row in out]
         return time.perf_counter() - start, texts
 
     single_s, single = peer(1)
     unsorted_s, unsorted = peer(args.batch_size)
     n = len(examples)
-    print(f"model {cfg.model.name_or_path} on {device}; {n} SNI validation examples ({args.per_task} per task, "
+    print(f"model {cfg.model.name_or_path} on {device}, engine {type(engine).__name__}; {n} SNI validation examples ({args.per_task} per task, "
           f"{len({e.task for e in examples})} tasks), greedy, max_new_tokens {args.max_new_tokens}")
     print("| method | examples/s | seconds | rexft speed-up | same text as rexft |")
     print("|---|---|---|---|---|")

@@ -149,7 +149,7 @@ def report(results, params, wall, commands, args) -> str:
     def pooled(name):
         preds = results[name]["predictions"]
         correct = sum(p["predicted"] == p["gold"] for p in preds)
-        from rexft.evaluate import wilson
+        from rexft.metrics import wilson
 
         low, high = wilson(correct, len(preds))
         return f"{correct / len(preds):.3f} [{low:.3f}, {high:.3f}]"

@@ -1,4 +1,4 @@
-"""Eval scoring: batched == unbatched, hand-checkable logits, letter positions for every task."""
+"""Eval scoring: batched == unbatched on both engines, hand-checkable logits, letter positions for every task."""
 
 import math
 from types import SimpleNamespace
@@ -10,12 +10,23 @@ import rexft
 from conftest import randomize_adapters, tiny_model
 from rexft.config import AdapterConfig, DataConfig, ModelConfig
 from rexft.data import PromptFormat, build_splits, letter_token_ids
-from rexft.evaluate import Scorer, summarize, wilson
+from rexft.eval.engine import make_engine, prior_state
+from rexft.eval.protocols import Prompts, first_token, loglik
+from rexft.eval.report import summarize
+from rexft.metrics import wilson
 from rexft.modeling import byte_tokenizer
 from rexft.tasks import task_names
 
 TOK = byte_tokenizer()
 FMT = PromptFormat.for_model(TOK, ModelConfig(use_chat_template=False))
+PROTOCOLS = {"first_token": first_token, "loglik": loglik}
+
+
+def score(protocol, model, examples, engine="pool", priors=None, batch_size=16, max_length=768, share_prefixes=True, **kwargs):
+    """``protocol``'s records on ``engine`` (plain or pool) for a model whose adapters take ``priors``."""
+    engine = make_engine(engine, model, TOK, prior_state(model, priors), batch_size)
+    engine.share_prefixes = engine.share_prefixes and share_prefixes
+    return PROTOCOLS[protocol](engine, Prompts(TOK, FMT, max_length), examples, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +39,21 @@ def trained_like_model():
     return randomize_adapters(rexft.inject_adapters(tiny_model(), AdapterConfig(type="trex", prior_dim=8, dropout=0)), seed=0)
 
 
+@pytest.mark.parametrize("engine", ["plain", "pool"])
 @pytest.mark.parametrize("protocol", ["first_token", "loglik"])
-def test_batched_scores_equal_unbatched(examples, protocol):
+def test_batched_scores_equal_unbatched(examples, protocol, engine):
+    """Batched on either engine == one example at a time on the plain engine (per-row priors)."""
     model = trained_like_model()
     priors = torch.rand(len(examples), 8)
-    batched = Scorer(model, TOK, FMT, 768, batch_size=16, priors=priors, progress=False)
-    single = Scorer(model, TOK, FMT, 768, batch_size=1, priors=priors, progress=False)
-    a = getattr(batched, protocol)(examples)
-    b = getattr(single, protocol)(examples)
+    a = score(protocol, model, examples, engine, priors, batch_size=16)
+    b = score(protocol, model, examples, "plain", priors, batch_size=1)
     for x, y in zip(a, b):
-        assert (x["task"], x["id"]) == (y["task"], y["id"])
-        assert x.get("dropped") == y.get("dropped")  # too long for max_length: dropped alike, never cut
-        if x.get("dropped"):
+        assert (x.task, x.id) == (y.task, y.id)
+        assert type(x) is type(y)  # too long for max_length: dropped alike, never cut
+        if hasattr(x, "dropped"):
             continue
-        assert x["scores"] == pytest.approx(y["scores"], rel=1e-6, abs=2e-4)  # loglik sums reach ~1e3: float32 relative error
+        assert (x.predicted, x.predicted_norm) == (y.predicted, y.predicted_norm)
+        assert x.scores == pytest.approx(y.scores, rel=1e-6, abs=2e-4)  # loglik sums reach ~1e3: float32 relative error
 
 
 def test_a_tasks_shared_opening_is_computed_once_and_changes_no_score(examples):
@@ -54,13 +66,12 @@ def test_a_tasks_shared_opening_is_computed_once_and_changes_no_score(examples):
     runs = {}
     for share, batch_size in ((False, 1), (True, 16), (True, 4)):
         tokens.clear()
-        scorer = Scorer(model, TOK, FMT, 768, batch_size=batch_size, progress=False, share_prefixes=share)
-        runs[share, batch_size] = scorer.first_token(examples), sum(tokens)
+        runs[share, batch_size] = score("first_token", model, examples, batch_size=batch_size, share_prefixes=share), sum(tokens)
     reference = runs[False, 1][0]
     for rows, _ in runs.values():
-        assert [r.get("predicted") for r in rows] == [r.get("predicted") for r in reference]
+        assert [getattr(r, "predicted", None) for r in rows] == [getattr(r, "predicted", None) for r in reference]
         for x, y in zip(rows, reference):
-            assert x.get("scores") == pytest.approx(y.get("scores"), abs=2e-4)
+            assert getattr(x, "scores", None) == pytest.approx(getattr(y, "scores", None), abs=2e-4)
     prompts = [e.prompt for e in examples]
     assert runs[True, 16][1] < sum(len(TOK(p)["input_ids"]) for p in prompts)  # fewer tokens than whole prompts
 
@@ -81,22 +92,23 @@ class FavouriteToken(torch.nn.Module):
         return SimpleNamespace(logits=logits)
 
 
-def test_hand_checkable_first_token_scores(examples):
+@pytest.mark.parametrize("engine", ["plain", "pool"])
+def test_hand_checkable_first_token_scores(examples, engine):
     _, (id_a, id_b) = letter_token_ids(TOK, FMT, 2)
     binary = [e for e in examples if len(e.options) == 2]
-    out = Scorer(FavouriteToken(id_b, id_a), TOK, FMT, 2048, progress=False, share_prefixes=False).first_token(binary)
+    out = score("first_token", FavouriteToken(id_b, id_a), binary, engine, max_length=2048, share_prefixes=False)
     norm = math.log(math.exp(5) + math.exp(1) + 257)
     for row in out:
-        assert row["predicted"] == "B"
-        assert row["scores"] == pytest.approx([1 - norm, 5 - norm], abs=1e-4)
+        assert row.predicted == "B"
+        assert row.scores == pytest.approx([1 - norm, 5 - norm], abs=1e-4)
     results = summarize(out, sorted({e.task for e in binary}))
     gold_b = [e.answer == "B" for e in binary]
     assert sum(r["accuracy"] * r["n"] for r in results["tasks"].values()) == pytest.approx(sum(gold_b), abs=0.01)
 
 
 def test_unrestricted_greedy_counts_non_letters_as_wrong(examples):
-    out = Scorer(FavouriteToken(ord("z") + 3, 0), TOK, FMT, 2048, progress=False, share_prefixes=False).first_token(examples, restricted=False)
-    assert all(row["predicted"] is None for row in out)
+    out = score("first_token", FavouriteToken(ord("z") + 3, 0), examples, max_length=2048, share_prefixes=False, restricted=False)
+    assert all(row.predicted is None for row in out)
 
 
 @pytest.mark.parametrize("task", task_names())
@@ -106,11 +118,11 @@ def test_every_task_scores_each_option_letter(task, data_dir):
     _, ids = letter_token_ids(TOK, FMT, n)
     hits = 0
     for letter_index, token in enumerate(ids):
-        out = Scorer(FavouriteToken(token, 0), TOK, FMT, 4096, progress=False, share_prefixes=False).first_token(split.eval)
-        assert not any(row.get("dropped") for row in out)
-        assert all(len(row["scores"]) == n for row in out)
-        assert all(row["predicted"] == "ABCDE"[letter_index] for row in out)
-        hits += sum(row["predicted"] == row["gold"] for row in out)
+        out = score("first_token", FavouriteToken(token, 0), split.eval, "plain", max_length=4096)
+        assert not any(hasattr(row, "dropped") for row in out)
+        assert all(len(row.scores) == n for row in out)
+        assert all(row.predicted == "ABCDE"[letter_index] for row in out)
+        hits += sum(row.predicted == row.gold for row in out)
     assert hits == len(split.eval)  # each example is right under exactly one letter
 
 

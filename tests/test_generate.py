@@ -1,5 +1,6 @@
-"""The generate protocol: batched decoding == one example at a time, stop rules, the prior at every step,
-ROUGE-L / exact match, target NLL, and mixed / unseen-task eval through the CLI."""
+"""The generate protocol: batched decoding == one example at a time on both engines, stop rules, the prior
+at every step, ROUGE-L / exact match, target NLL, padding safe whatever the allocator returns, and mixed /
+unseen-task eval through the CLI."""
 
 import json
 
@@ -10,7 +11,9 @@ import rexft
 from conftest import randomize_adapters, run_cli, tiny_model
 from rexft.config import AdapterConfig, EvalConfig, ModelConfig
 from rexft.data import PromptFormat, encode_example
-from rexft.evaluate import Scorer, summarize
+from rexft.eval.engine import RowState, make_engine, prior_state
+from rexft.eval.protocols import ChoicePrediction, Dropped, GeneratedPrediction, Prompts, generate, target_nll
+from rexft.eval.report import summarize
 from rexft.metrics import bootstrap_ci, exact_match, normalize_answer, rouge_l
 from rexft.modeling import byte_tokenizer
 from rexft.tasks.common import Example
@@ -41,10 +44,17 @@ def trex_model(eos_like: int | None = None):
     return model.eval()
 
 
-def greedy(model, priors, batch_size, decode_batch_size=64, on_batch=None, **settings):
-    cfg = EvalConfig(max_new_tokens=12, **settings)
-    return Scorer(model, TOK, FMT, 512, batch_size=batch_size, priors=priors, progress=False,
-                  decode_batch_size=decode_batch_size).generate(examples(), cfg, on_batch)
+def engine_for(model, priors=None, batch_size=16, engine="pool", rows=None, share_prefixes=True, **profile):
+    """An engine for ``model`` whose adapters take ``priors`` (or with the hook ``rows``)."""
+    made = make_engine(engine, model, TOK, rows or prior_state(model, priors), batch_size, profile)
+    made.share_prefixes = made.share_prefixes and share_prefixes
+    return made
+
+
+def greedy(model, priors, batch_size, decode_batch_size=64, engine="pool", rows=None, data=None, profile=None, **settings):
+    cfg = EvalConfig(max_new_tokens=settings.pop("max_new_tokens", 12), decode_batch_size=decode_batch_size, **settings)
+    made = engine_for(model, priors, batch_size, engine, rows, **(profile or {}))
+    return generate(made, Prompts(TOK, FMT, 512), data or examples(), cfg)
 
 
 def test_batched_generation_equals_one_example_at_a_time():
@@ -63,13 +73,13 @@ def test_batched_generation_equals_one_example_at_a_time():
     stopping = trex_model(eos_like=token)
     single = greedy(stopping, priors, 1, decode_batch_size=1)
     batched = greedy(stopping, priors, 8)
-    assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
+    assert [r.prediction for r in batched] == [r.prediction for r in single]
     # rows join the decoding batch as others finish (2 prefilled at a time, up to 3 decoding): same text
     joining = greedy(stopping, priors, 2, decode_batch_size=3)
-    assert [r["prediction"] for r in joining] == [r["prediction"] for r in single]
-    assert all(f["prediction"].startswith(s["prediction"]) for s, f in zip(single, free))
-    assert any(len(s["prediction"]) < len(f["prediction"]) for s, f in zip(single, free))  # stopped at EOS
-    assert any(s["prediction"] == f["prediction"] for s, f in zip(single, free))  # ran to max_new_tokens
+    assert [r.prediction for r in joining] == [r.prediction for r in single]
+    assert all(f.prediction.startswith(s.prediction) for s, f in zip(single, free))
+    assert any(len(s.prediction) < len(f.prediction) for s, f in zip(single, free))  # stopped at EOS
+    assert any(s.prediction == f.prediction for s, f in zip(single, free))  # ran to max_new_tokens
     assert all(set(r) >= {"prediction", "references", "rouge_l", "exact_match"} for r in batched)
 
 
@@ -88,13 +98,13 @@ def test_a_tasks_shared_instruction_is_computed_once_and_changes_nothing():
     for share in (False, True):
         for batch_size, decode_batch_size in ((2, 64), (16, 64), (3, 4)):
             tokens.clear()
-            scorer = Scorer(model, TOK, FMT, 512, batch_size=batch_size, progress=False, share_prefixes=share,
-                            decode_batch_size=decode_batch_size)
-            runs[share, batch_size] = (scorer.generate(data, EvalConfig(max_new_tokens=6)), sum(tokens))
+            rows = greedy(model, None, batch_size, decode_batch_size, data=data, max_new_tokens=6,
+                          rows=RowState(lambda ids: None, None if share else "row"))
+            runs[share, batch_size] = (rows, sum(tokens))
     reference = runs[False, 2][0]
     for (share, batch_size), (rows, _) in runs.items():
-        assert [r["prediction"] for r in rows] == [r["prediction"] for r in reference], (share, batch_size)
-        assert [r["target_nll"] for r in rows] == pytest.approx([r["target_nll"] for r in reference], abs=1e-4)
+        assert [r.prediction for r in rows] == [r.prediction for r in reference], (share, batch_size)
+        assert [r.target_nll for r in rows] == pytest.approx([r.target_nll for r in reference], abs=1e-4)
     assert runs[True, 16][1] < runs[False, 16][1] - 2 * len(instructions["opposite"])  # the instructions ran once
 
 
@@ -115,11 +125,11 @@ def test_the_head_all_openings_share_runs_once_and_changes_nothing():
     runs = {}
     for share in (False, True):
         tokens.clear()
-        scorer = Scorer(model, TOK, FMT, 512, batch_size=16, progress=False, share_prefixes=share)
-        runs[share] = (scorer.generate(data, EvalConfig(max_new_tokens=6)), sum(tokens))
+        runs[share] = (greedy(model, None, 16, data=data, max_new_tokens=6,
+                              rows=RowState(lambda ids: None, None if share else "row")), sum(tokens))
     (whole, whole_tokens), (shared, shared_tokens) = runs[False], runs[True]
-    assert [r["prediction"] for r in shared] == [r["prediction"] for r in whole]
-    assert [r["target_nll"] for r in shared] == pytest.approx([r["target_nll"] for r in whole], abs=1e-4)
+    assert [r.prediction for r in shared] == [r.prediction for r in whole]
+    assert [r.target_nll for r in shared] == pytest.approx([r.target_nll for r in whole], abs=1e-4)
     saved = whole_tokens - shared_tokens
     openings = sum(len(system + instructions[t]) * (len(w) - 1) for t, w in words.items())  # a task's opening once
     assert saved >= openings + (len(words) - 1) * len(system)  # and the system text once, not once per task
@@ -128,10 +138,10 @@ def test_the_head_all_openings_share_runs_once_and_changes_nothing():
 def test_a_kept_head_runs_once_for_every_batch_and_changes_nothing():
     """``prefill_prefixes`` with ``heads``: a later batch whose openings share the head kept from an earlier
     one runs only what follows it, and its openings' caches equal those of a batch that runs the head."""
-    from rexft.batching import RUN_COST, prefill_prefixes
+    from rexft.eval.pool import DeviceProfile, prefill_prefixes
 
     model = tiny_model().eval()
-    head = list(range(5, 7 + RUN_COST))  # long enough that running it once saves a forward's cost
+    head = list(range(5, 7 + DeviceProfile().run_cost))  # long enough that running it once saves a forward's cost
     batches = [[head + [70, 71, 72], head + [80, 81]], [head + [90, 91, 92, 93], head + [60]]]
     tokens, heads = [], {}
     model.model.embed_tokens.register_forward_hook(lambda module, args, out: tokens.append(args[0].numel()))
@@ -151,14 +161,14 @@ def test_stop_strings_cut_the_text_and_match_per_example():
     priors = torch.rand(len(PROMPTS), 8)
     model = trex_model()
     free = greedy(model, priors, 8)
-    marker = next(r["prediction"][3:5] for r in free if len(r["prediction"].strip()) > 6)
+    marker = next(r.prediction[3:5] for r in free if len(r.prediction.strip()) > 6)
     single = greedy(model, priors, 1, stop=[marker])
     batched = greedy(model, priors, 8, stop=[marker])
-    assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
+    assert [r.prediction for r in batched] == [r.prediction for r in single]
     for stopped, full in zip(batched, free):
-        assert marker not in stopped["prediction"]
-        assert full["prediction"].startswith(stopped["prediction"])
-    assert any(len(s["prediction"]) < len(f["prediction"]) for s, f in zip(batched, free))
+        assert marker not in stopped.prediction
+        assert full.prediction.startswith(stopped.prediction)
+    assert any(len(s.prediction) < len(f.prediction) for s, f in zip(batched, free))
 
 
 def test_the_prior_is_set_at_every_decoding_step():
@@ -172,7 +182,7 @@ def test_the_prior_is_set_at_every_decoding_step():
     # and it matters at every step: other priors change the generated texts
     a = greedy(model, priors, 8)
     b = greedy(model, torch.rand(len(PROMPTS), 8) * 5, 8)
-    assert [r["prediction"] for r in a] != [r["prediction"] for r in b]
+    assert [r.prediction for r in a] != [r.prediction for r in b]
 
 
 def test_rouge_l_and_exact_match_on_hand_checkable_strings():
@@ -200,8 +210,7 @@ def test_target_nll_equals_a_hand_computation():
     model = trex_model()
     priors = torch.rand(3, 8)
     chosen = examples()[:3]
-    scorer = Scorer(model, TOK, FMT, 512, batch_size=3, priors=priors, progress=False)
-    nlls = scorer.target_nll(chosen)
+    nlls = target_nll(engine_for(model, priors, 3), Prompts(TOK, FMT, 512), chosen)
     for example, prior, nll in zip(chosen, priors, nlls):
         row = encode_example(example, TOK, FMT, 512)
         rexft.set_prior(model, prior[None])
@@ -210,17 +219,18 @@ def test_target_nll_equals_a_hand_computation():
         target = row["input_ids"][row["prompt_length"]:]  # " reference text" + EOS
         picked = [logprobs[row["prompt_length"] - 1 + j, t] for j, t in enumerate(target)]
         assert nll == pytest.approx(-float(sum(picked)) / len(target), abs=1e-4)
-    # generate() takes the target NLL from the pass that fills the prompt cache: the same numbers
-    generated = scorer.generate(chosen, EvalConfig(max_new_tokens=4))
-    assert [row["target_nll"] for row in generated] == pytest.approx(nlls, abs=1e-4)
-    beams = scorer.generate(chosen, EvalConfig(max_new_tokens=4, num_beams=2))  # no shared cache with beams
-    assert [row["target_nll"] for row in beams] == pytest.approx(nlls, abs=1e-4)
+    # the pool takes the target NLL from the pass that fills the prompt cache, the plain engine from a pass of
+    # its own, beams too: the same numbers
+    for engine in ("pool", "plain"):
+        for beams in (1, 2):
+            generated = greedy(model, priors, 3, engine=engine, data=chosen, max_new_tokens=4, num_beams=beams)
+            assert [row.target_nll for row in generated] == pytest.approx(nlls, abs=1e-4)
 
 
 def test_summary_reports_generative_and_unseen_tasks_apart():
-    rows = [{"task": "a", "id": i, "rouge_l": r, "exact_match": e, "target_nll": 1.0} for i, (r, e) in enumerate([(1, 1), (0.5, 0)])]
-    rows += [{"task": "b", "id": 0, "rouge_l": 0.2, "exact_match": 0.0, "target_nll": 3.0}, {"task": "b", "id": 1, "dropped": True}]
-    rows += [{"task": "c", "id": 0, "gold": "A", "predicted": "A", "nll": 0.1}]
+    rows = [GeneratedPrediction("a", i, "", [], r, e, 1.0) for i, (r, e) in enumerate([(1, 1), (0.5, 0)])]
+    rows += [GeneratedPrediction("b", 0, "", [], 0.2, 0.0, 3.0), Dropped("b", 1)]
+    rows += [ChoicePrediction("c", 0, "A", "A", [0.0], 0.1)]
     results = summarize(rows, ["a", "b", "c"], unseen={"b"})
     assert results["tasks"]["a"]["rouge_l"] == 0.75 and results["tasks"]["a"]["exact_match"] == 0.5
     assert results["tasks"]["b"]["unseen"] and results["tasks"]["b"]["dropped"] == 1 and results["tasks"]["b"]["n"] == 1
@@ -248,7 +258,7 @@ def test_mixed_and_unseen_eval_through_the_cli(tmp_path, data_dir):
     assert all(0 <= results[k] <= 1 for k in ("mean_accuracy", "mean_rouge_l", "unseen_mean_rouge_l", "unseen_mean_exact_match"))
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     generated = [p for p in predictions if "prediction" in p]
-    assert len(generated) == 4 * 3 + 2 * 3 and all(p["references"] and "target_nll" in p for p in generated)
+    assert len(generated) == 4 * 3 + 2 * 3 and all(p.references and "target_nll" in p for p in generated)
     assert "unseen generative task" in (tmp_path / "eval" / "results.md").read_text() and "ROUGE-L" in result.stdout
     # two processes, each generating for its shard, give the same predictions and scores as one
     import os
@@ -294,13 +304,13 @@ def test_demo_sni_recipe_end_to_end_on_a_tiny_model(tmp_path, data_dir):
 
 def test_score_examples_hands_each_protocol_its_rows_as_indices_of_all_examples():
     """A mixed list: per-row state (e.g. each row's static export) is set with indices into the whole list."""
-    from rexft.evaluate import score_examples
+    from rexft.eval.protocols import score_examples
 
     mixed = [Example("pick", 0, "Pick one: A. yes B. no", ["yes", "no"], "A"), *examples()[:3],
              Example("pick", 1, "Pick again: A. up B. down", ["up", "down"], "B")]
     seen = []
-    scorer = Scorer(tiny_model(), TOK, FMT, 512, batch_size=2, progress=False, row_state=seen.append)
-    score_examples(scorer, mixed, EvalConfig(max_new_tokens=3))
+    engine = engine_for(tiny_model(), batch_size=2, rows=RowState(seen.append, "row"))
+    score_examples(engine, Prompts(TOK, FMT, 512), mixed, EvalConfig(max_new_tokens=3))
     choice = {0, 4}
     assert all(set(rows) <= choice or not set(rows) & choice for rows in seen)
     assert set().union(*map(set, seen)) == set(range(len(mixed)))
@@ -311,7 +321,7 @@ def test_rows_join_and_leave_the_decoding_batch_with_their_cache():
     rows; a join into a batch with free rows writes only the new rows (the batch's own are not copied); a
     fresh join drops the columns that are padding in every row; the cache stays one position shorter than
     the tokens."""
-    from rexft.batching import CACHE_KWARG, Decoding, join, keep, poolable
+    from rexft.eval.pool import CACHE_KWARG, Decoding, join, keep, poolable
 
     model = tiny_model().eval()
     with torch.inference_mode():
@@ -353,7 +363,7 @@ def test_row_groups_are_the_cheapest_split_into_contiguous_groups():
     ``margin`` keys before its own: none costs less."""
     import itertools
 
-    from rexft.batching import row_groups
+    from rexft.eval.pool import row_groups
 
     generator = torch.Generator().manual_seed(1)
     for _ in range(60):
@@ -374,7 +384,7 @@ def test_rows_attention_attends_each_group_from_its_first_key_with_the_same_resu
     """A decoding step's attention in groups of rows (each from its earliest real key) equals SDPA over
     the whole padded width; and batched greedy text still equals one example at a time when every row is
     its own group."""
-    import rexft.batching as batching
+    import rexft.eval.pool as pool
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = type("Attention", (), {"num_key_value_groups": 3, "is_causal": True})()
@@ -383,9 +393,10 @@ def test_rows_attention_attends_each_group_from_its_first_key_with_the_same_resu
     for row, start in enumerate(starts):
         mask[row, ..., :start] = False
     query, key, value = torch.randn(6, 6, 1, 8), torch.randn(6, 2, 16, 8), torch.randn(6, 2, 16, 8)
-    monkeypatch.setattr(batching, "CALL_COST", 1)  # a group per distinct start
-    assert [s for _, _, s in batching._groups_of(mask)] == [0, 3, 9, 14]
-    grouped = batching.rows_sdpa(module, query, key, value, mask, scaling=0.3)[0]
+    plan = pool.row_groups(starts, 16, call_cost=1, margin=64)  # a group per distinct start
+    assert [s for _, _, s in plan] == [0, 3, 9, 14]
+    with pool.decode_plan(plan):
+        grouped = pool.rows_sdpa(module, query, key, value, mask, scaling=0.3)[0]
     whole = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)[0]
     assert torch.allclose(grouped, whole, atol=1e-6)
 
@@ -393,56 +404,119 @@ def test_rows_attention_attends_each_group_from_its_first_key_with_the_same_resu
     model = trex_model()
     single = greedy(model, priors, 1, decode_batch_size=1)
     seen = []
-    monkeypatch.setattr(batching, "row_groups", lambda *args, _f=batching.row_groups: seen.append(_f(*args)) or seen[-1])
-    batched = greedy(model, priors, 8)
+    monkeypatch.setattr(pool, "row_groups", lambda *args, _f=pool.row_groups: seen.append(_f(*args)) or seen[-1])
+    batched = greedy(model, priors, 8, profile={"call_cost": 1})
     assert max(map(len, seen)) > 2  # rows attended in groups
-    assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
+    assert [r.prediction for r in batched] == [r.prediction for r in single]
+
+
+def nan_filled(monkeypatch):
+    """Fresh memory holds NaN (as stale memory from a GPU's caching allocator might hold anything): the
+    pool's cache buffers and every floating ``new_empty`` / ``torch.empty`` / ``empty_like``."""
+    import rexft.eval.pool as pool
+
+    def nan(make):
+        def made(*args, **kwargs):
+            out = make(*args, **kwargs)
+            return out.fill_(float("nan")) if out.is_floating_point() else out
+        return made
+
+    monkeypatch.setattr(pool, "_buffer", lambda t, rows, tokens: torch.full((rows, t.shape[1], tokens, t.shape[3]), float("nan"), dtype=t.dtype))
+    monkeypatch.setattr(torch.Tensor, "new_empty", nan(torch.Tensor.new_empty))
+    monkeypatch.setattr(torch, "empty", nan(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", nan(torch.empty_like))
 
 
 def test_padding_beyond_the_read_margin_is_never_read(monkeypatch):
-    """``join`` writes a row's padding only ``READ_MARGIN`` keys deep: the rest of a pool's buffers stays as
-    allocated (here NaN) and no decoding step reads it, so batched text still equals one example at a
-    time. Groups that ignored the margin would read the NaN."""
-    import rexft.batching as batching
+    """``join`` writes a row's padding only the profile's ``read_margin`` keys deep: the rest of a pool's
+    buffers stays as allocated (here NaN) and no decoding step reads it, so batched text still equals one
+    example at a time. Groups that ignored the margin would read the NaN."""
+    import rexft.eval.pool as pool
 
-    nan_buffer = lambda t, rows, tokens: torch.full((rows, t.shape[1], tokens, t.shape[3]), float("nan"), dtype=t.dtype)
-    monkeypatch.setattr(batching, "_buffer", nan_buffer)
-    monkeypatch.setattr(batching, "READ_MARGIN", 2)
     priors = torch.rand(len(PROMPTS), 8)
     model = trex_model()
-    single = [r["prediction"] for r in greedy(model, priors, 1, decode_batch_size=1)]
-    batching._row_groups_cached.cache_clear()
-    assert [r["prediction"] for r in greedy(model, priors, 8)] == single
+    single = [r.prediction for r in greedy(model, priors, 1, decode_batch_size=1)]
+    nan_filled(monkeypatch)
+    assert [r.prediction for r in greedy(model, priors, 8, profile={"read_margin": 2})] == single
 
-    beyond = lambda starts, width, call_cost, margin=None, _f=batching.row_groups: _f(starts, width, call_cost, 10**6)
-    monkeypatch.setattr(batching, "row_groups", beyond)
-    batching._row_groups_cached.cache_clear()
-    assert [r["prediction"] for r in greedy(model, priors, 8)] != single
-    batching._row_groups_cached.cache_clear()
+    beyond = lambda starts, width, call_cost, margin, _f=pool.row_groups: _f(starts, width, call_cost, 10**6)
+    monkeypatch.setattr(pool, "row_groups", beyond)
+    assert [r.prediction for r in greedy(model, priors, 8, profile={"read_margin": 2})] != single
 
 
-def test_each_example_logs_one_route_in_the_order_reported():
-    """The routing heatmap pairs each logged route with the example on_batch reported: generate logs one
-    route per example (openings and decoding steps log none), with rows joining mid-decode and with beams."""
+def test_every_protocol_on_both_engines_gives_the_same_text_and_scores_with_nan_filled_memory(monkeypatch):
+    """first_token, loglik, generate (greedy, with rows joining; and beams) and target NLL on the plain
+    engine and the pool, with per-row priors and without (shared openings): the same text and scores, and
+    the same again when every fresh buffer holds NaN."""
+    from rexft.eval.protocols import first_token, loglik, score_examples
+
+    choice = [Example("pick", i, f"Question {i}: which is {w}? A. {w} B. not {w} C. neither", [w, f"not {w}", "neither"], "ABC"[i % 3])
+              for i, w in enumerate(["warm", "a long word here", "up", "x"])]
+    mixed = choice + examples()
+    models = {"trex": (trex_model(), torch.rand(len(mixed), 8)),
+              "mode": (randomize_adapters(rexft.inject_adapters(tiny_model(), AdapterConfig(type="mode", r=4, num_experts=3, dropout=0)),
+                                          scale=0.3).eval(), None)}
+    prompts = Prompts(TOK, FMT, 512)
+
+    def everything(model, priors, engine):
+        made = lambda: engine_for(model, priors, 3, engine)
+        settings = EvalConfig(max_new_tokens=8, decode_batch_size=4)
+        return [score_examples(made(), prompts, mixed, settings),
+                loglik(made(), prompts, choice), first_token(made(), prompts, choice, restricted=False),
+                generate(made(), prompts, examples(), EvalConfig(max_new_tokens=6, num_beams=2)),
+                target_nll(made(), prompts, examples())]
+
+    def same(a, b):
+        for x, y in zip(a, b):
+            if isinstance(x, list):
+                same(x, y)
+            elif isinstance(x, GeneratedPrediction):
+                assert (x.prediction, x.rouge_l) == (y.prediction, y.rouge_l)
+                assert x.target_nll == pytest.approx(y.target_nll, abs=1e-4)
+            elif isinstance(x, ChoicePrediction):
+                assert (x.predicted, x.predicted_norm) == (y.predicted, y.predicted_norm)
+                assert x.scores == pytest.approx(y.scores, abs=2e-4)
+            else:
+                assert x == pytest.approx(y, abs=1e-4)
+
+    for model, priors in models.values():
+        plain = everything(model, priors, "plain")
+        assert all(isinstance(r, GeneratedPrediction) for r in plain[0][len(choice):])
+        same(everything(model, priors, "pool"), plain)
+        with monkeypatch.context() as patched:
+            nan_filled(patched)
+            same(everything(model, priors, "pool"), plain)
+            same(everything(model, priors, "plain"), plain)
+
+
+def test_each_example_logs_one_route_paired_with_its_example():
+    """The routing heatmap pairs each logged route with its example (``RouteRecorder``): one route per
+    example (openings and decoding steps log none), with rows joining mid-decode, with beams and on the plain
+    engine, and the same route for an example whichever way it was batched."""
+    from rexft.eval.report import RouteRecorder
+
     priors = torch.rand(len(PROMPTS), 8)
     model = trex_model()
     layer = next(m for m in rexft.adapters.adapter_layers(model).values() if m.is_mixture)
-    for settings in ({"decode_batch_size": 3}, {"num_beams": 2}):
-        layer.route_log, order = [], []
-        greedy(model, priors, 2, on_batch=order.extend, **settings)
-        assert sorted(order) == list(range(len(PROMPTS)))
-        assert torch.cat(layer.route_log).shape[0] == len(order)
-    layer.route_log = None
+    runs = []
+    for settings in ({"decode_batch_size": 3}, {"num_beams": 2}, {"engine": "plain"}, {"decode_batch_size": 64}):
+        recorder = RouteRecorder(layer, prior_state(model, priors))
+        greedy(model, priors, settings.pop("batch_size", 2), rows=RowState(recorder.set, "row"), **settings)
+        routes, order = recorder.routes()
+        assert sorted(order) == list(range(len(PROMPTS))) and routes.shape[0] == len(order)
+        runs.append(routes[torch.tensor(order).argsort()])
+    assert all(torch.allclose(run, runs[0], atol=1e-5) for run in runs)
+    assert layer.route_log is None
 
 
 def test_caches_that_cannot_be_joined_decode_each_batch_alone(monkeypatch):
     """Sliding-window and other caches whose rows cannot be stacked: each prefilled part decodes on its own
     to its end, with the same text."""
-    import rexft.evaluate
+    import rexft.eval.pool
 
     priors = torch.rand(len(PROMPTS), 8)
     model = trex_model()
     reference = greedy(model, priors, 1, decode_batch_size=1)
-    monkeypatch.setattr(rexft.evaluate, "poolable", lambda cache: False)
+    monkeypatch.setattr(rexft.eval.pool, "poolable", lambda cache: False)
     alone = greedy(model, priors, 4, decode_batch_size=8)
-    assert [r["prediction"] for r in alone] == [r["prediction"] for r in reference]
+    assert [r.prediction for r in alone] == [r.prediction for r in reference]

@@ -82,7 +82,7 @@ def test_eval_predictions_are_reused_only_for_the_same_adapter_and_settings(run_
     import shutil
 
     from rexft.cli import compose
-    from rexft.evaluate import reusable_predictions
+    from rexft.eval.stage import reusable_predictions
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
