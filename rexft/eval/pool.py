@@ -538,6 +538,13 @@ PROFILES = {"cpu": DeviceProfile(),
 
 def device_profile(device, overrides: dict | None = None) -> DeviceProfile:
     """The profile of ``device``'s type (every type but the CPU: an accelerator's), with ``overrides``."""
+    from dataclasses import fields
+
+    from rexft.errors import RexftError
+
+    unknown = set(overrides or {}) - {f.name for f in fields(DeviceProfile)}
+    if unknown:
+        raise RexftError(f"eval.profile has unknown key(s) {sorted(unknown)}; valid: {[f.name for f in fields(DeviceProfile)]}")
     base = PROFILES["cpu" if torch.device(device).type == "cpu" else "accelerator"]
     return replace(base, **(overrides or {}))
 
