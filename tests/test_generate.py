@@ -503,7 +503,7 @@ def test_each_example_logs_one_route_paired_with_its_example():
     runs = []
     for settings in ({"decode_batch_size": 3}, {"num_beams": 2}, {"engine": "plain"}, {"decode_batch_size": 64}):
         recorder = RouteRecorder(layer, prior_state(model, priors))
-        greedy(model, priors, settings.pop("batch_size", 2), rows=RowState(recorder.set, "row"), **settings)
+        greedy(model, priors, 2, rows=recorder, **settings)
         routes, order = recorder.routes()
         assert sorted(order) == list(range(len(PROMPTS))) and routes.shape[0] == len(order)
         runs.append(routes[torch.tensor(order).argsort()])

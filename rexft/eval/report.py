@@ -112,12 +112,13 @@ def routing_layer(model, index: int):
 
 
 class RouteRecorder:
-    """The per-row state hook, wrapped to pair each route a layer logs with its example: the engines run
-    every forward that logs routes right after setting its rows' state (``rexft.eval.engine``), so the
+    """A per-row state hook (``rexft.eval.engine.RowState``) wrapped to pair each route a layer logs with its
+    example: the engines run every forward that logs routes right after setting its rows' state, so the
     routes logged between two calls belong to the rows of the first."""
 
     def __init__(self, layer, rows):
-        self.layer, self.rows, self.order, self.seen, self.last = layer, rows, [], 0, []
+        self.layer, self.rows, self.varies = layer, rows, rows.varies
+        self.order, self.seen, self.last = [], 0, []
         layer.route_log = []
 
     def set(self, ids: list[int]) -> None:

@@ -17,7 +17,7 @@ from rexft.adapters import load_adapter, read_adapter_config
 from rexft.config import RunConfig
 from rexft.data import PromptFormat, build_splits, cap_examples, select_splits
 from rexft.errors import RexftError
-from rexft.eval.engine import RowState, make_engine, prior_state
+from rexft.eval.engine import make_engine, prior_state
 from rexft.eval.protocols import Prediction, Prompts, as_row, from_row, score_examples
 from rexft.eval.report import RouteRecorder, routing_heatmap, routing_layer, results_table, summarize, summary_lines
 from rexft.modeling import load_model, load_tokenizer
@@ -130,8 +130,8 @@ def evaluate(cfg: RunConfig) -> Path:
     layer = routing_layer(model, cfg.eval.routing_layer)
     recorder = RouteRecorder(layer[1], rows) if layer is not None else None
     bar = tqdm(total=len(mine), desc="eval", disable=not state.is_main_process, leave=False)
-    engine = make_engine(cfg.eval.engine, model, tokenizer, RowState(recorder.set, rows.varies) if recorder else rows,
-                         cfg.eval.batch_size, cfg.eval.profile, bar.update)
+    engine = make_engine(cfg.eval.engine, model, tokenizer, recorder or rows, cfg.eval.batch_size, cfg.eval.profile,
+                         bar.update)
     prompts = Prompts(tokenizer, PromptFormat.for_model(tokenizer, cfg.model), cfg.data.max_length)
     predictions = score_examples(engine, prompts, mine, cfg.eval)
     bar.close()
