@@ -3,6 +3,7 @@
     python scripts/bench_eval.py [--model demo|tiny] [--per-task 8] [--batch-size 16] [--new-tokens 1]
     python scripts/bench_eval.py --protocol generate [--model demo-sni] [--tasks 40] [--per-task 4] [--max-new-tokens 32]
         (--max-new-tokens 128: recipes/sni.yaml's setting, Tk-Instruct's; 32: the CPU demo's)
+    --engine plain|pool|auto: which eval engine rexft uses (auto: the pool on a CPU, plain elsewhere)
 
 --protocol generate (generative tasks, real SNI validation examples): rexft's generate protocol (prompts
 prefilled in batches of --batch-size, each task's shared instruction once per batch, the rest in runs of
