@@ -158,7 +158,9 @@ class TaskSpec:
     format: str = "instruction"  # instruction (prompt -> response) | chat (messages) | choice (multiple choice)
     # Source: a local file (.jsonl .json .csv .parquet) or a folder of split files, and/or a hub dataset.
     # With both, `path` is read when data.local_dir is set (offline) and `hub` when data.local_dir=null.
-    path: Optional[str] = None  # relative paths are tried in the working directory, then under data.local_dir
+    # Relative paths are tried in the working directory, under data.local_dir, then beside the recipe file that sets them.
+    # A folder holds split files named as `datasets` names splits: train.jsonl, validation.csv, dev.json, val.parquet ...
+    path: Optional[str] = None
     hub: Optional[str] = None  # Hugging Face dataset id, read with datasets.load_dataset
     subset: Optional[str] = None  # hub config name
     train_split: Optional[str] = "train"  # split name (hub) or file name in `path` (a folder); null: eval only
@@ -167,9 +169,13 @@ class TaskSpec:
     # Column map: format field -> the records' column (defaults: the field's own name). Fields per format:
     #   instruction: instruction, input (optional), output (a string, or a list of references), system (optional)
     #   chat: messages (OpenAI {role, content} or ShareGPT {from, value} turns), system (optional)
-    #   choice: question, options (a list column, or a list of columns), answer (index, letter or option text),
+    #   choice: question, options (a list column, or a list of columns), answer (see answer_format),
     #           context (optional passage, trimmed first when too long)
     columns: dict[str, Any] = field(default_factory=dict)
+    # choice: how an answer names the gold option: index (0-based number) | letter (A, B, ...) | text (an option's
+    # exact text) | auto (whichever reading applies; an answer whose readings point at different options is an error)
+    answer_format: str = "auto"
+    encoding: str = "utf-8"  # text encoding of .jsonl / .json / .csv files (e.g. cp1252, latin-1)
     task_column: Optional[str] = None  # one task per distinct value of this column (null: one task named like the source)
     include: Optional[list[str]] = bounded(None, min_items=1, allow=(None,))  # with task_column: keep only these tasks
     exclude: list[str] = unbounded(default_factory=list)  # with task_column: drop these tasks

@@ -47,12 +47,16 @@ def read_records(task: str, split: str, local_dir: str | None) -> tuple[list[dic
         if not path.is_file():
             return None
         records = []
-        with open(path) as handle:
-            for row, line in enumerate(handle):
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise RexftError(f"{task}: {path} row {row}: not valid JSON ({err.msg})") from None
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise RexftError(f"{task}: {path} is not UTF-8 text (byte offset {err.start}); restore the file") from None
+        # One record per line (not splitlines(): U+2028 may sit inside a string), so line N is record N.
+        for number, line in enumerate(text.removesuffix("\n").split("\n"), 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise RexftError(f"{task}: {path} line {number} column {err.colno}: not valid JSON ({err.msg})") from None
         return records, str(path)
     import datasets  # the hub path, for online users
 
@@ -72,8 +76,9 @@ def load_examples(task: str, split: str, local_dir: str | None) -> list[Example]
     records, source = loaded
     module = get_task(task)
     examples = []
+    unit = "record" if source.startswith("hub ") else "line"  # a local file holds one record per line
     for row, record in enumerate(records):
-        check = Checker(task, source, row)
+        check = Checker(task, source, row, f"{unit} {row + 1}")
         if not isinstance(record, dict):
             check.fail("record is not a JSON object")
         check.fields(record, module.FIELDS)
@@ -91,6 +96,15 @@ class TaskSplit:
     train_source: str  # "train" | "validation (first part of a seeded shuffle)" | "train (held-out part ...)" | "none"
     source: str = ""  # the data.tasks entry it came from: a built-in task or a data.sources name
     kind: str = "choice"  # choice | generate (what its examples are)
+    answers: str = ""  # a choice source: how its answers were read (index, letter, text; "letter=text": both agreed)
+
+    @property
+    def eval_from(self) -> str:
+        """Where the evaluation rows come from, in words."""
+        if self.train_source in ("train", "none"):
+            return "validation"
+        return ("validation rows held out from training" if self.train_source.startswith("validation")
+                else "train rows held out from training")
 
 
 def _seeded_order(n: int, seed: int, task: str) -> list[int]:
@@ -131,7 +145,7 @@ def source_splits(name: str, cfg: DataConfig) -> list[TaskSplit]:
             origin = f"train rows (seeded {1 - spec.holdout:.0%} part; eval on the held-out rest)"
         examples = train or evaluation
         kind = examples[0].kind if examples else ("choice" if spec.format == "choice" else "generate")
-        splits.append(TaskSplit(found.task, train, evaluation, origin, name, kind))
+        splits.append(TaskSplit(found.task, train, evaluation, origin, name, kind, ", ".join(found.readings)))
     return splits
 
 
@@ -142,9 +156,19 @@ def cap_examples(examples: list[Example], cap: int | None, seed: int, task: str)
     return [examples[i] for i in keep]
 
 
-def build_splits(cfg: DataConfig, entries: list[str] | None = None) -> list[TaskSplit]:
+def as_unseen(split: TaskSplit) -> TaskSplit:
+    """A task never trained on is evaluated on all its rows, unless it has a validation split of its own."""
+    if split.eval_from != "validation":
+        split.eval = sorted(split.train + split.eval, key=lambda e: e.row)  # one file's rows: distinct
+        split.train_source = "none (unseen: evaluated on all its rows)"
+    split.train = []
+    return split
+
+
+def build_splits(cfg: DataConfig, entries: list[str] | None = None, unseen: bool = False) -> list[TaskSplit]:
     """Per task: capped train and eval examples, for the data.tasks entries (built-ins and sources; a source
-    with a task column expands into many tasks). Deterministic from data.seed."""
+    with a task column expands into many tasks), or for ``entries`` evaluated unseen (:func:`as_unseen`).
+    Deterministic from data.seed."""
     splits, origin = [], {}
     for entry in entries if entries is not None else cfg.tasks:
         if entry in cfg.sources:
@@ -161,6 +185,7 @@ def build_splits(cfg: DataConfig, entries: list[str] | None = None) -> list[Task
                 raise RexftError(f"two tasks are named '{split.task}' (from {origin[split.task]} and {entry}); "
                                  "rename one (a source's task column values are task names)")
             origin[split.task] = entry
+            split = as_unseen(split) if unseen else split
             split.train = cap_examples(split.train, caps[0], cfg.seed, split.task)
             split.eval = cap_examples(split.eval, caps[1], cfg.seed + 1, split.task)
             splits.append(split)
@@ -294,9 +319,35 @@ def encode_prompt(example: Example, tokenizer, fmt: PromptFormat, max_length: in
     return (ids, True) if len(ids) <= budget else (None, True)
 
 
+def plain_assistant_spans(tokenizer, fmt: PromptFormat, messages: list[dict], ids: list[int]) -> list[tuple[int, int]]:
+    """Without a chat template: the tokens of each earlier assistant turn's text ("Assistant: <text>"), found
+    through the tokenizer's character offsets (a slow tokenizer: by tokenizing the text up to each turn)."""
+    text = fmt.render(tokenizer, messages)
+    fast = getattr(tokenizer, "is_fast", False)
+    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"] if fast else []
+    start = fmt.plain_template.format(prompt="\0").index("\0")
+    spans = []
+    for message in messages:
+        start += len(f"{message['role'].capitalize()}: ")
+        end = start + len(message["content"])
+        if message["role"] == "assistant" and end > start:
+            if fast:
+                inside = [i for i, (a, b) in enumerate(offsets) if b > a and a >= start and b <= end]
+                if inside:
+                    spans.append((inside[0], inside[-1] + 1))
+            else:
+                before, through = tokenizer(text[:start]).input_ids, tokenizer(text[:end]).input_ids
+                if through[: len(before)] == before and ids[: len(through)] == through:
+                    spans.append((len(before), len(through)))
+        start = end + 2  # the "\n\n" between turns
+    return spans
+
+
 def assistant_spans(tokenizer, fmt: PromptFormat, messages: list[dict], ids: list[int]) -> list[tuple[int, int]]:
     """Token spans of the earlier assistant turns inside a chat prompt's ids (they are trained on too).
     A template that does not render prefixes consistently gets no span (loss on the last turn only)."""
+    if not fmt.chat:
+        return plain_assistant_spans(tokenizer, fmt, messages, ids)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i == 0:
@@ -505,42 +556,33 @@ def percentile(values: list[int], q: float) -> int:
 
 
 def prepare_data(cfg: RunConfig) -> Path:
-    """``rexft data``: write data/{train,validation}.jsonl, data/stats.json and print the table."""
+    """``rexft data``: write data/{train,validation}.jsonl, the split record data/split.json (rexft/splits.py),
+    data/stats.json and print the table."""
     from rexft.modeling import load_tokenizer
     from rexft.rundir import atomic_write_text, write_json, write_jsonl
+    from rexft.splits import prepared_splits, record_path, split_record
 
-    splits = build_splits(cfg.data)
+    splits, unseen = prepared_splits(cfg)
     train = mixture(splits, cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     fmt = PromptFormat.for_model(tokenizer, cfg.model)
     encoded_train = tokenize_examples(train, tokenizer, fmt, cfg.data.max_length, desc="tokenize train")
     check_dropped(train, encoded_train, cfg.data)
-    train_by_task: dict[str, list[dict | None]] = {}
-    for example, row in zip(train, encoded_train):
-        train_by_task.setdefault(example.task, []).append(row)
-    out = cfg.path / "data"
+    evaluation = [e for split in splits + unseen for e in split.eval]
+    encoded_eval = tokenize_examples(evaluation, tokenizer, fmt, cfg.data.max_length, desc="tokenize eval")
     stats = {"train_examples": sum(r is not None for r in encoded_train), "max_length": cfg.data.max_length,
-             "template": "chat" if fmt.chat else "plain", "tasks": {}}
-    evaluation = [e for split in splits for e in split.eval]
-    eval_by_task: dict[str, list[dict | None]] = {}
-    for example, row in zip(evaluation, tokenize_examples(evaluation, tokenizer, fmt, cfg.data.max_length, desc="tokenize eval")):
-        eval_by_task.setdefault(example.task, []).append(row)
-    for split in splits:
-        task_train = train_by_task.get(split.task, [])
-        rows = task_train + eval_by_task.get(split.task, [])
-        lengths = [len(r["input_ids"]) for r in rows if r is not None]
-        stats["tasks"][split.task] = {
-            "source": split.source, "kind": split.kind,
-            "train": sum(r is not None for r in task_train), "eval": len(split.eval),
-            "train_source": split.train_source,
-            "tokens_p50": percentile(lengths, 50), "tokens_p90": percentile(lengths, 90),
-            "tokens_p99": percentile(lengths, 99), "tokens_max": max(lengths, default=0),
-            "truncated": sum(r["truncated"] for r in rows if r is not None),
-            "dropped": sum(r is None for r in rows),
-        }
+             "template": "chat" if fmt.chat else "plain",
+             "tasks": task_stats(splits, unseen, train + evaluation, encoded_train + encoded_eval)}
+    kept = [e for e, r in zip(train, encoded_train) if r is not None]
+    record = split_record(cfg, splits, unseen, kept, [e for e, r in zip(evaluation, encoded_eval) if r is None])
+    empty = [s.task for s in splits + unseen if not s.eval]
+    if empty:
+        log.warning("no held-out rows for %s: eval reports these tasks as not scored", ", ".join(empty))
     # Everything is computed before anything is written, so a bad record leaves no half-written data/.
-    write_jsonl(out / "train.jsonl", [e.to_dict() for e, r in zip(train, encoded_train) if r is not None])
+    out = cfg.path / "data"
+    write_jsonl(out / "train.jsonl", [e.to_dict() for e in kept])
     write_jsonl(out / "validation.jsonl", [e.to_dict() for e in evaluation])
+    write_json(record_path(cfg.path), record)
     write_json(out / "stats.json", stats)
     table = stats_table(stats)
     atomic_write_text(out / "stats.md", table + "\n")
@@ -548,17 +590,42 @@ def prepare_data(cfg: RunConfig) -> Path:
     return out
 
 
+def task_stats(splits: list[TaskSplit], unseen: list[TaskSplit], examples: list[Example],
+               encoded: list[dict | None]) -> dict[str, dict]:
+    """Per task: counts, token lengths, truncated and dropped examples (training and evaluation together)."""
+    by_task: dict[str, list[tuple[Example, dict | None]]] = {}
+    for example, row in zip(examples, encoded):
+        by_task.setdefault(example.task, []).append((example, row))
+    stats, unseen_tasks = {}, {s.task for s in unseen}
+    for split in splits + unseen:
+        pairs = by_task.get(split.task, [])
+        rows = [r for _, r in pairs]
+        lengths = [len(r["input_ids"]) for r in rows if r is not None]
+        trained = len(pairs) - len(split.eval)  # a task's training examples come first in ``examples``
+        stats[split.task] = {
+            "source": split.source, "kind": split.kind, "unseen": split.task in unseen_tasks,
+            "train": sum(r is not None for r in rows[:trained]), "eval": len(split.eval),
+            "train_source": split.train_source, "answers": split.answers,
+            "tokens_p50": percentile(lengths, 50), "tokens_p90": percentile(lengths, 90),
+            "tokens_p99": percentile(lengths, 99), "tokens_max": max(lengths, default=0),
+            "truncated": sum(r["truncated"] for r in rows if r is not None),
+            "dropped": sum(r is None for r in rows),
+        }
+    return stats
+
+
 def stats_table(stats: dict) -> str:
     """One row per task (every task: the file is the record), and totals per kind of task."""
-    header = "| task | kind | train | eval | train from | p50 | p90 | p99 | max | truncated | dropped |"
-    lines = [header, "|" + "---|" * 11]
+    header = "| task | kind | answers read as | train | eval | train from | p50 | p90 | p99 | max | truncated | dropped |"
+    lines = [header, "|" + "---|" * 12]
     for task, s in stats["tasks"].items():
-        lines.append(f"| {task} | {s['kind']} | {s['train']} | {s['eval']} | {s['train_source'].split(' (')[0]} | "
+        lines.append(f"| {task} | {s['kind']} | {s.get('answers') or '-'} | {s['train']} | {s['eval']} | "
+                     f"{s['train_source'].split(' (')[0]}{' (unseen)' if s.get('unseen') else ''} | "
                      f"{s['tokens_p50']} | {s['tokens_p90']} | {s['tokens_p99']} | {s['tokens_max']} | {s['truncated']} | "
                      f"{s['dropped']} |")
     for kind in sorted({s["kind"] for s in stats["tasks"].values()}):
         rows = [s for s in stats["tasks"].values() if s["kind"] == kind]
-        lines.append(f"| **{len(rows)} {kind} tasks** | {kind} | {sum(s['train'] for s in rows)} | {sum(s['eval'] for s in rows)} "
-                     f"| | | | | {max(s['tokens_max'] for s in rows)} | {sum(s['truncated'] for s in rows)} | "
+        lines.append(f"| **{len(rows)} {kind} task{'s' * (len(rows) != 1)}** | {kind} | | {sum(s['train'] for s in rows)} | "
+                     f"{sum(s['eval'] for s in rows)} | | | | | {max(s['tokens_max'] for s in rows)} | {sum(s['truncated'] for s in rows)} | "
                      f"{sum(s['dropped'] for s in rows)} |")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ import torch
 from rexft.adapters import (aux_loss, format_parameter_report, inject_adapters, is_adapter_param,
                             parameter_report, routing_stats, save_adapter, set_prior, set_token_mask)
 from rexft.config import RunConfig, TrainerConfig
-from rexft.data import (IGNORE_INDEX, PromptFormat, build_splits, check_dropped, collate, collate_packed, length_grouped_order, mixture,
+from rexft.data import (IGNORE_INDEX, PromptFormat, check_dropped, collate, collate_packed, length_grouped_order,
                          pack_rows, tokenize_examples)
 from rexft.errors import RexftError
 from rexft.modeling import load_model, load_tokenizer
@@ -121,8 +121,9 @@ def enable_checkpointing(model) -> None:
 def training_rows(cfg: RunConfig, tokenizer) -> tuple[list[dict], dict | None]:
     """Tokenized training examples, each with its prior when the adapter uses one."""
     from rexft.prior import priors_for
+    from rexft.splits import frozen_mixture
 
-    examples = mixture(build_splits(cfg.data), cfg.data)
+    examples = frozen_mixture(cfg)  # the rows `rexft data` recorded, never re-derived from the sources
     if not examples:
         raise RexftError("the training mixture is empty (data.tasks, data.train_per_task, data.no_train_split)")
     fmt = PromptFormat.for_model(tokenizer, cfg.model)

@@ -129,7 +129,7 @@ def test_bad_records_name_task_file_and_column(tmp_path, case, rows, overrides, 
 
 def test_unreadable_file_and_duplicate_task_names(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "answer": "b"}\n{not json\n')
-    with pytest.raises(RexftError, match=r"data.sources.mine: cannot read .*broken.jsonl"):
+    with pytest.raises(RexftError, match=r"data.sources.mine: .*broken.jsonl line 2 column 2: not valid JSON"):
         splits_of(tmp_path, mine=spec(path="broken.jsonl", columns={"instruction": "prompt", "output": "answer"}))
     write(tmp_path / "a.jsonl", INSTRUCTION_ROWS)
     with pytest.raises(RexftError, match="two tasks are named 'reverse'"):
