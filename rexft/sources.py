@@ -134,7 +134,7 @@ def csv_rows(text: str, path: Path, name: str) -> Records:
             elif len(cells) > len(header):
                 raise RexftError(f"data.sources.{name}: {path} line {start}: {len(cells)} cells, but the header (line 1) "
                                  f"names {len(header)} columns")
-            elif any(cell != "" for cell in cells):
+            elif cells:  # a blank line is no record; a row of empty cells is one
                 rows.append(dict(zip(header, cells)))
                 positions.append(f"line {start}")
             start = reader.line_num + 1
