@@ -10,7 +10,8 @@
          context (a passage, an input, old turns) is trimmed to fit data.max_length, and an example that
          still does not fit is dropped and counted, never cut into
 
-``rexft data`` writes run_dir/data/{train,validation}.jsonl, stats.json and stats.md and prints the table.
+``rexft data`` writes run_dir/data/{train,validation}.jsonl, the split record split.json (rexft/splits.py: what
+every later stage trains on and scores), stats.json and stats.md, and prints the table.
 """
 
 from __future__ import annotations

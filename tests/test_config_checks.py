@@ -186,16 +186,28 @@ def test_prior_none_makes_trex_the_intuition_ablation():
     assert compose(["recipe=smoke", "prior=none", "adapter=lora"])[0].adapter.type == "lora"
 
 
-def test_train_runs_cluster_prior_first_only_when_the_prior_is_missing(tmp_path):
-    cfg, _ = compose(["recipe=smoke", f"run_dir={tmp_path}"])
-    assert _stages("train", cfg) == ["cluster-prior", "train"]
-    assert _stages("eval", cfg) == ["eval"]
+def test_train_runs_data_and_cluster_prior_first_only_when_they_are_missing(tmp_path):
+    import json
+
+    from rexft.data import prepare_data
+    from rexft.prior import data_fingerprint, training_texts
+
+    cfg, _ = compose(["recipe=smoke", f"run_dir={tmp_path}", "data.tasks=[copa]"])
+    stages = _stages("train", cfg)
+    assert next(stages) == "data"  # no split record yet
+    prepare_data(cfg)  # what that stage does; the stages after it are decided once it has run
+    assert list(stages) == ["cluster-prior", "train"]
+    assert list(_stages("eval", cfg)) == ["eval"]
     (tmp_path / "prior").mkdir()
-    (tmp_path / "prior" / "meta.json").write_text("{}")
-    assert _stages("train", cfg) == ["train"]
+    (tmp_path / "prior" / "meta.json").write_text(json.dumps({"data_fingerprint": data_fingerprint(training_texts(cfg)[0])}))
+    assert list(_stages("train", cfg)) == ["train"]
+    (tmp_path / "prior" / "meta.json").write_text(json.dumps({"data_fingerprint": "other rows"}))
+    assert list(_stages("train", cfg)) == ["cluster-prior", "train"]
+    other_data, _ = compose(["recipe=smoke", f"run_dir={tmp_path}", "data.tasks=[copa]", "data.train_per_task=4"])
+    assert next(_stages("cluster-prior", other_data)) == "data"  # a record made with other data settings
     for no_prior in (["prior=none"], ["adapter=lora"], ["adapter.use_prior=false"]):
         cfg, _ = compose(["recipe=smoke", f"run_dir={tmp_path / 'fresh'}", *no_prior])
-        assert _stages("train", cfg) == ["train"]
+        assert list(_stages("train", cfg)) == ["data", "train"]
 
 
 # -------------------------------------------------------------------------------------- through the CLI

@@ -136,6 +136,7 @@ def prepared(tmp_path, *extra):
 
 
 def test_eval_scores_the_frozen_held_out_rows_after_the_source_changes(tmp_path, caplog):
+    from rexft.prior import data_fingerprint, prior_is_stale, training_texts
     from rexft.splits import eval_set, frozen_mixture
 
     args = prepared(tmp_path)
@@ -143,6 +144,14 @@ def test_eval_scores_the_frozen_held_out_rows_after_the_source_changes(tmp_path,
     held_out = [e.to_dict() for e in eval_set(cfg).examples]
     trained = {e.prompt for e in frozen_mixture(cfg)}
     assert held_out and not trained & {e["prompt"] for e in held_out}
+    texts, _ = training_texts(cfg)  # what cluster-prior embeds: the rows train uses
+    assert texts == [e.prompt for e in frozen_mixture(cfg)]
+    meta = tmp_path / "run" / "prior" / "meta.json"
+    meta.parent.mkdir()
+    meta.write_text(json.dumps({"data_fingerprint": data_fingerprint(texts[1:])}))
+    assert prior_is_stale(cfg)  # clustered from other rows: train runs cluster-prior again
+    meta.write_text(json.dumps({"data_fingerprint": data_fingerprint(texts)}))
+    assert not prior_is_stale(cfg)
     lines = (tmp_path / "i.jsonl").read_text()
     (tmp_path / "i.jsonl").write_text("".join(json.dumps({"prompt": f"New {i}.", "answer": "x"}) + "\n" for i in range(7)) + lines)
     with caplog.at_level(logging.WARNING):
