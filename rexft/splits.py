@@ -148,15 +148,21 @@ def frozen_mixture(cfg: RunConfig) -> list[Example]:
     return _examples(cfg.path / "data" / "train.jsonl")
 
 
+def _not_scored(example: Example, record: dict) -> bool:
+    return example.row in record["tasks"][example.task]["not_scored"]
+
+
 def frozen_splits(cfg: RunConfig, record: dict | None = None, unseen: bool = False) -> list[TaskSplit]:
-    """The held-in (or unseen) tasks of the record with their trained examples (by row) and evaluation examples."""
+    """The held-in (or unseen) tasks of the record with their trained examples (by row) and the evaluation
+    examples to score (those `rexft data` found too long are left out: see :func:`eval_set`)."""
     record = record or read_record(cfg)
     train: dict[str, dict[int, Example]] = {}
     for example in _examples(cfg.path / "data" / "train.jsonl"):
         train.setdefault(example.task, {})[example.row] = example
     evaluation: dict[str, list[Example]] = {}
     for example in _examples(cfg.path / "data" / "validation.jsonl"):
-        evaluation.setdefault(example.task, []).append(example)
+        if not _not_scored(example, record):
+            evaluation.setdefault(example.task, []).append(example)
     return [TaskSplit(task, [e for _, e in sorted(train.get(task, {}).items())], evaluation.get(task, []),
                       entry["train_source"], entry["source"], entry["kind"])
             for task, entry in record["tasks"].items() if entry["unseen"] == unseen]
@@ -175,17 +181,16 @@ class EvalSet:
 
 def eval_set(cfg: RunConfig) -> EvalSet:
     """Held-in tasks (eval.tasks, or all of data.tasks) and unseen tasks (eval.unseen_tasks): the recorded
-    held-out rows, capped at eval.limit, less those `rexft data` dropped."""
+    held-out rows, less those `rexft data` found too long (counted, not scored), capped at eval.limit."""
     record = read_record(cfg)
     held = select_splits(frozen_splits(cfg, record), cfg.eval.tasks)
     unseen = frozen_splits(cfg, record, unseen=True)
-    out = EvalSet([], [], [], {}, {s.task for s in unseen})
+    out = EvalSet([], [], [s.task for s in held + unseen], {}, {s.task for s in unseen})
     for split in held + unseen:
-        dropped = set(record["tasks"][split.task]["not_scored"])
-        for example in cap_examples(split.eval, cfg.eval.limit, cfg.data.seed + 2, split.task):
-            (out.not_scored if example.row in dropped else out.examples).append(example)
-        out.tasks.append(split.task)
+        out.examples += cap_examples(split.eval, cfg.eval.limit, cfg.data.seed + 2, split.task)
         out.sources[split.task] = record["tasks"][split.task]["eval_from"]
+    out.not_scored = [e for e in _examples(cfg.path / "data" / "validation.jsonl")
+                      if e.task in out.tasks and _not_scored(e, record)]
     empty = [t for t in out.tasks if not record["tasks"][t]["eval_rows"]]
     if empty:
         log.warning("no held-out rows to score for %s (its validation split has none of its rows)", ", ".join(empty))
