@@ -380,7 +380,8 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
         factors[name] = static_factors(model, group_routes)
         write_peft_adapter(folder / folder_name(name), factors[name], cfg.model.name_or_path, dtype)
         written[name] = len(index)
-    result = {by: written, "folders": {name: folder_name(name) for name in written}, "dtype": str(dtype).replace("torch.", ""), "route_examples": cfg.export.route_examples,
+    result = {by: written, "folders": {name: folder_name(name) for name in written},  # task -> its folder under by/
+              "dtype": str(dtype).replace("torch.", ""), "route_examples": cfg.export.route_examples,
               "route_dtype": str(route_dtype or next(model.parameters()).dtype).replace("torch.", "")}
     if checked:
         result["fidelity"], result["fidelity_dynamic_from_eval"] = _fidelity(cfg, model, tokenizer, fmt, folder, written, factors, dtype, checked,
