@@ -268,7 +268,8 @@ export: {{mode: per_task, fidelity_limit: 2}}
 """)
     common = [f"recipe={recipe}", f"run_dir={tmp_path / 'run'}"]
     data = run_cli("data", *common)
-    assert "| reverse | generate |" in data.stdout and "| pick | choice |" in data.stdout and "| talk | generate |" in data.stdout
+    assert "| reverse | generate |" in data.stdout and "| talk | generate |" in data.stdout
+    assert "| pick | choice | text, letter |" in data.stdout  # how its answers were read: option texts and letters
     run_cli("train", *common, "data.packing=true")  # generative and choice examples packed together
     run_cli("eval", *common)
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
