@@ -15,6 +15,8 @@ keys (top_k against the expert count, ...) live in the CLI.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import pkgutil
 import typing
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
@@ -29,10 +31,10 @@ def config_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def _adapter_types() -> list[str]:
-    from rexft.adapters import adapter_types
-
-    return adapter_types()
+@functools.lru_cache(maxsize=None)
+def adapter_types() -> list[str]:
+    """The adapter registry is the file tree: every module under rexft/adapters/ but their shared base."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "adapters")]) if m.name != "base")
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -257,7 +259,7 @@ class DataConfig:
 
 @dataclass
 class AdapterConfig:
-    type: str = one_of("trex", choices=_adapter_types)  # a module under rexft/adapters/: lora, molora, hydralora, trex, mode
+    type: str = one_of("trex", choices=adapter_types)  # a module under rexft/adapters/: lora, molora, hydralora, trex, mode
     target_modules: list[str] = bounded(default_factory=lambda: [".*"], min_items=1)  # regexes on module names
     exclude_modules: list[str] = unbounded(default_factory=lambda: ["lm_head"])  # regexes; win over targets ([]: none)
     r: int = bounded(8, ge=1)  # rank (lora, molora, hydralora, mode)
