@@ -18,7 +18,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from rexft.config import RunConfig, expert_count, range_violations, schema_fields
+from rexft.config import RunConfig, choice_violations, config_root, expert_count, range_violations, schema_fields
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 class ConfigError(Exception):
     """A user mistake in the composed configuration: printed as one line, exit status 2."""
-
-
-def config_root() -> Path:
-    """Folder holding configs/ and recipes/: inside the installed wheel, else the checkout."""
-    packaged = Path(__file__).parent / "_configs"
-    if (packaged / "configs").is_dir():
-        return packaged
-    return Path(__file__).resolve().parent.parent
 
 
 def options(group: str) -> list[str]:
@@ -92,6 +84,8 @@ def _task_specs(sources: dict) -> dict:
             raise ConfigError(f"config key 'data.sources.{name}.{key}': {str(err).strip().splitlines()[0]}") from None
         for key, value, valid in range_violations(specs[name]):
             raise ConfigError(f"config key 'data.sources.{name}.{key}': {value!r} is out of range (must be {valid})")
+        for key, value, valid in choice_violations(specs[name]):
+            raise ConfigError(f"config key 'data.sources.{name}.{key}': '{value}' is not one of {', '.join(valid)}")
     return specs
 
 
@@ -247,35 +241,14 @@ def _validate(cfg: RunConfig, derived: set[str] = frozenset()) -> None:
 
 
 def _check_choices(cfg: RunConfig) -> None:
-    from rexft.adapters import adapter_types
-    from rexft.formats import FIELDS
+    from rexft.formats import FIELDS, FORMATS
     from rexft.tasks import task_names
 
-    dtypes = ["float32", "bfloat16", "float16"]
-    checks = [
-        ("model.dtype", cfg.model.dtype, ["auto"] + dtypes),
-        ("model.quantization", cfg.model.quantization, [None, "nf4"]),
-        ("adapter.type", cfg.adapter.type, adapter_types()),
-        ("adapter.mode", cfg.adapter.mode, ["rank1", "rank1_flex"]),
-        ("data.mixture", cfg.data.mixture, ["proportional", "temperature"]),
-        ("data.no_train_split", cfg.data.no_train_split, ["split_validation", "skip"]),
-        ("trainer.scheduler", cfg.trainer.scheduler, ["cosine", "linear", "constant"]),
-        ("trainer.mixed_precision", cfg.trainer.mixed_precision, ["auto", "no", "bf16", "fp16"]),
-        ("trainer.optimizer", cfg.trainer.optimizer, ["adamw", "adafactor", "adamw_8bit", "paged_adamw_8bit"]),
-        ("eval.protocol", cfg.eval.protocol, ["first_token", "loglik"]),
-        ("export.mode", cfg.export.mode, ["auto", "merged", "per_task", "per_cluster", "adapter"]),
-        ("prior.backend", cfg.prior.backend, ["auto", "torch", "faiss"]),
-        ("adapter.dtype", cfg.adapter.dtype, dtypes),
-        ("export.dtype", cfg.export.dtype, ["auto"] + dtypes),
-        ("export.route_dtype", cfg.export.route_dtype, ["auto"] + dtypes),
-    ]
-    checks += [("trainer.report_to", item, ["tensorboard", "wandb"]) for item in cfg.trainer.report_to]
-    for key, value, valid in checks:
-        if value not in valid:
-            names = ["null" if v is None else v for v in valid]
-            raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(names)}")
-    from rexft.formats import ANSWER_FORMATS, FORMATS
-
+    violations = choice_violations(cfg)
+    if violations:
+        key, value, valid = violations[0]
+        names = ["null" if v is None else v for v in valid]
+        raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(names)}")
     for name, spec in cfg.data.sources.items():
         if spec.format not in FORMATS:
             raise ConfigError(f"config key 'data.sources.{name}.format': '{spec.format}' is not one of {', '.join(FORMATS)}")
@@ -283,9 +256,6 @@ def _check_choices(cfg: RunConfig) -> None:
             raise ConfigError(f"data.sources.{name} names no source: give a local `path` or a `hub` dataset id")
         if name in task_names():
             raise ConfigError(f"data.sources.{name} has the name of a built-in task; rename the source")
-        if spec.answer_format not in ANSWER_FORMATS:
-            raise ConfigError(f"config key 'data.sources.{name}.answer_format': '{spec.answer_format}' is not one of "
-                              f"{', '.join(ANSWER_FORMATS)}")
         try:
             codecs.lookup(spec.encoding)
         except LookupError:

@@ -130,7 +130,6 @@ def choice(record: dict, spec: TaskSpec, check: Checker, task: str, row: int) ->
     return Example(task, row, prompt, options, LETTERS[gold], context_chars)
 
 
-ANSWER_FORMATS = ["auto", "index", "letter", "text"]
 
 
 def answer_readings(answer: Any, options: list[str]) -> dict[str, int]:
