@@ -324,7 +324,7 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
     from peft import PeftModel
     from tqdm.auto import tqdm
 
-    from rexft.data import cap_examples
+    from rexft.splits import cap_examples
     from rexft.evaluate import adapter_priors
     from rexft.prior import load_prior, priors_from
     from rexft.splits import frozen_splits

@@ -1,4 +1,5 @@
-"""The run's frozen split: what ``rexft data`` trained on and held out, read by every later stage.
+"""Splits: each task's records read (built-ins and sources), split into train and held-out rows, mixed; and the
+run's frozen split, what ``rexft data`` trained on and held out, read by every later stage.
 
 ``rexft data`` writes, beside data/train.jsonl (the training mixture, the examples that fit data.max_length) and
 data/validation.jsonl (every evaluation example: held-in tasks' held-out rows, unseen tasks' rows),
@@ -17,18 +18,215 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rexft.config import DataConfig, RunConfig
-from rexft.data import TaskSplit, build_splits, cap_examples, select_splits
 from rexft.errors import RexftError
-from rexft.tasks.common import Example
+from rexft.tasks import get_task
+from rexft.tasks.common import LETTERS, Checker, Example
 
 log = logging.getLogger(__name__)
 VERSION = 1
 TRAINING_ONLY = ("packing", "max_dropped_fraction")  # data keys that change no row of the split
 
+
+# ---------------------------------------------------------------------------------------------- loading
+def read_records(task: str, split: str, local_dir: str | None) -> tuple[list[dict], str] | None:
+    """Raw records of one split and a name for error messages; None if the split does not exist."""
+    module = get_task(task)
+    if local_dir is not None:
+        folder = Path(local_dir) / task
+        if not folder.is_dir():
+            raise RexftError(f"{task}: no folder {folder} (data.local_dir={local_dir})")
+        path = folder / f"{split}.jsonl"
+        if not path.is_file():
+            return None
+        records = []
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise RexftError(f"{task}: {path} is not UTF-8 text (byte offset {err.start}); restore the file") from None
+        # One record per line (not splitlines(): U+2028 may sit inside a string), so line N is record N.
+        for number, line in enumerate(text.removesuffix("\n").split("\n"), 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise RexftError(f"{task}: {path} line {number} column {err.colno}: not valid JSON ({err.msg})") from None
+        return records, str(path)
+    import datasets  # the hub path, for online users
+
+    hub_path, hub_name = module.HUB
+    hub_split = module.HUB_SPLITS[split]
+    try:
+        dataset = datasets.load_dataset(hub_path, hub_name, split=hub_split)
+    except ValueError:  # unknown split
+        return None
+    return [dict(r) for r in dataset], f"hub {hub_path}/{hub_name or ''}[{hub_split}]"
+
+
+def load_examples(task: str, split: str, local_dir: str | None) -> list[Example] | None:
+    loaded = read_records(task, split, local_dir)
+    if loaded is None:
+        return None
+    records, source = loaded
+    module = get_task(task)
+    examples = []
+    unit = "record" if source.startswith("hub ") else "line"  # a local file holds one record per line
+    for row, record in enumerate(records):
+        check = Checker(task, source, row, f"{unit} {row + 1}")
+        if not isinstance(record, dict):
+            check.fail("record is not a JSON object")
+        check.fields(record, module.FIELDS)
+        prompt, options, gold, context_chars = module.to_example(record, check)
+        examples.append(Example(task, row, prompt, options, LETTERS[gold], context_chars))
+    return examples
+
+
+# ------------------------------------------------------------------------------------------- splitting
+@dataclass
+class TaskSplit:
+    task: str
+    train: list[Example]
+    eval: list[Example]
+    train_source: str  # "train" | "validation (first part of a seeded shuffle)" | "train (held-out part ...)" | "none"
+    source: str = ""  # the data.tasks entry it came from: a built-in task or a data.sources name
+    kind: str = "choice"  # choice | generate (what its examples are)
+    answers: str = ""  # a choice source: how its answers were read (index, letter, text; "letter=text": both agreed)
+
+    @property
+    def eval_from(self) -> str:
+        """Where the evaluation rows come from, in words."""
+        if self.train_source in ("train", "none"):
+            return "validation"
+        return ("validation rows held out from training" if self.train_source.startswith("validation")
+                else "train rows held out from training")
+
+
+def _seeded_order(n: int, seed: int, task: str) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + zlib.crc32(task.encode())).shuffle(order)
+    return order
+
+
+def split_task(task: str, cfg: DataConfig) -> TaskSplit:
+    validation = load_examples(task, "validation", cfg.local_dir)
+    if validation is None:
+        raise RexftError(f"{task}: no validation split (data.local_dir={cfg.local_dir})")
+    train = load_examples(task, "train", cfg.local_dir)
+    if train is not None:
+        return TaskSplit(task, train, validation, "train", task)
+    if cfg.no_train_split == "skip":
+        return TaskSplit(task, [], validation, "none", task)
+    order = _seeded_order(len(validation), cfg.seed, task)
+    cut = int(len(order) * cfg.validation_train_fraction)
+    train_rows, eval_rows = sorted(order[:cut]), sorted(order[cut:])
+    return TaskSplit(task, [validation[i] for i in train_rows], [validation[i] for i in eval_rows],
+                     f"validation rows (seeded {cfg.validation_train_fraction:.0%} part; eval on the rest)", task)
+
+
+def source_splits(name: str, cfg: DataConfig) -> list[TaskSplit]:
+    """The tasks of one user source; where it has no validation split, a seeded share of train is held out."""
+    from rexft.sources import load_source
+
+    spec = cfg.sources[name]
+    splits = []
+    for found in load_source(name, spec, cfg):
+        train, evaluation, origin = found.train or [], found.eval, "train" if found.train is not None else "none"
+        if evaluation is None:
+            order = _seeded_order(len(train), cfg.seed, found.task)
+            cut = len(order) - max(1, round(len(order) * spec.holdout)) if len(order) > 1 else len(order)
+            evaluation = [train[i] for i in sorted(order[cut:])]
+            train = [train[i] for i in sorted(order[:cut])]
+            origin = f"train rows (seeded {1 - spec.holdout:.0%} part; eval on the held-out rest)"
+        examples = train or evaluation
+        kind = examples[0].kind if examples else ("choice" if spec.format == "choice" else "generate")
+        splits.append(TaskSplit(found.task, train, evaluation, origin, name, kind, ", ".join(found.readings)))
+    return splits
+
+
+def cap_examples(examples: list[Example], cap: int | None, seed: int, task: str) -> list[Example]:
+    if cap is None or len(examples) <= cap:
+        return examples
+    keep = sorted(_seeded_order(len(examples), seed, task)[:cap])
+    return [examples[i] for i in keep]
+
+
+def as_unseen(split: TaskSplit) -> TaskSplit:
+    """A task never trained on is evaluated on all its rows, unless it has a validation split of its own."""
+    if split.eval_from != "validation":
+        split.eval = sorted(split.train + split.eval, key=lambda e: e.row)  # one file's rows: distinct
+        split.train_source = "none (unseen: evaluated on all its rows)"
+    split.train = []
+    return split
+
+
+def build_splits(cfg: DataConfig, entries: list[str] | None = None, unseen: bool = False) -> list[TaskSplit]:
+    """Per task: capped train and eval examples, for the data.tasks entries (built-ins and sources; a source
+    with a task column expands into many tasks), or for ``entries`` evaluated unseen (:func:`as_unseen`).
+    Deterministic from data.seed."""
+    splits, origin = [], {}
+    for entry in entries if entries is not None else cfg.tasks:
+        if entry in cfg.sources:
+            spec = cfg.sources[entry]
+            found = source_splits(entry, cfg)
+            caps = (spec.train_per_task if spec.train_per_task is not None else cfg.train_per_task,
+                    spec.eval_per_task if spec.eval_per_task is not None else cfg.eval_per_task)
+        else:
+            split = split_task(entry, cfg)
+            split.kind = "choice"
+            found, caps = [split], (cfg.train_per_task, cfg.eval_per_task)
+        for split in found:
+            if split.task in origin:
+                raise RexftError(f"two tasks are named '{split.task}' (from {origin[split.task]} and {entry}); "
+                                 "rename one (a source's task column values are task names)")
+            origin[split.task] = entry
+            split = as_unseen(split) if unseen else split
+            split.train = cap_examples(split.train, caps[0], cfg.seed, split.task)
+            split.eval = cap_examples(split.eval, caps[1], cfg.seed + 1, split.task)
+            splits.append(split)
+    return splits
+
+
+def select_splits(splits: list[TaskSplit], names: list[str] | None) -> list[TaskSplit]:
+    """The splits named by task or by source (a source selects all of its tasks); None selects all."""
+    if names is None:
+        return splits
+    known = {s.task for s in splits} | {s.source for s in splits}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise RexftError(f"eval.tasks names {unknown[:5]}, which are neither tasks nor sources of data.tasks")
+    return [s for s in splits if s.task in names or s.source in names]
+
+
+def mixture(splits: list[TaskSplit], cfg: DataConfig) -> list[Example]:
+    """The training mixture, shuffled with data.seed.
+
+    proportional: every (capped) example once. temperature: draw ``mixture_size`` examples with task
+    probability p_t ~ n_t ** (1 / T) (T = 1 is proportional, large T approaches uniform), cycling through
+    each task's seeded order so repeats only happen once a task is exhausted.
+    """
+    rng = random.Random(cfg.seed)
+    if cfg.mixture == "proportional":
+        mixed = [example for split in splits for example in split.train]
+    else:
+        pools = [s.train for s in splits if s.train]
+        weights = [len(p) ** (1.0 / cfg.temperature) for p in pools]
+        size = cfg.mixture_size or sum(len(p) for p in pools)
+        counts = [0] * len(pools)
+        for index in rng.choices(range(len(pools)), weights=weights, k=size):
+            counts[index] += 1
+        mixed = []
+        for pool, count in zip(pools, counts):
+            order = _seeded_order(len(pool), cfg.seed, pool[0].task)
+            mixed += [pool[order[i % len(pool)]] for i in range(count)]
+    rng.shuffle(mixed)
+    return mixed
+
+
+# ---------------------------------------------------------------------------------------- the record
 
 def record_path(run_dir: Path) -> Path:
     return Path(run_dir) / "data" / "split.json"

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from rexft.config import DataConfig, ModelConfig
-from rexft.data import (IGNORE_INDEX, PromptFormat, build_splits, encode_example, load_examples, mixture,
-                        read_records)
+from rexft.data import IGNORE_INDEX, PromptFormat, encode_example
+from rexft.splits import build_splits, load_examples, mixture, read_records
 from rexft.errors import RexftError
 from rexft.modeling import byte_tokenizer
 from rexft.tasks import task_names

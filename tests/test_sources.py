@@ -9,7 +9,8 @@ import torch
 import rexft
 from conftest import assert_packed_equals_alone, randomize_adapters, run_cli, tiny_model
 from rexft.config import AdapterConfig, DataConfig, ModelConfig, TaskSpec
-from rexft.data import IGNORE_INDEX, PromptFormat, build_splits, encode_example, select_splits
+from rexft.data import IGNORE_INDEX, PromptFormat, encode_example
+from rexft.splits import build_splits, select_splits
 from rexft.errors import RexftError
 from rexft.modeling import byte_tokenizer
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rexft.config import DataConfig, TaskSpec
-from rexft.data import build_splits
+from rexft.splits import build_splits
 from rexft.errors import RexftError
 from rexft.tasks.common import LETTERS
 

@@ -11,7 +11,8 @@ import pytest
 from conftest import run_cli
 from rexft.cli import compose
 from rexft.config import DataConfig, ModelConfig, TaskSpec
-from rexft.data import IGNORE_INDEX, PromptFormat, build_splits, encode_example
+from rexft.data import IGNORE_INDEX, PromptFormat, encode_example
+from rexft.splits import build_splits
 from rexft.errors import RexftError
 from rexft.modeling import byte_tokenizer
 
