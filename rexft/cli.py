@@ -195,18 +195,23 @@ def compose(overrides: list[str]):
 
 def _paths_beside_recipe(cfg: RunConfig, recipe_file: Path) -> None:
     """A relative source path the recipe file sets is also tried beside that file (after the working
-    directory and data.local_dir); where it is found only there, the spec gets that absolute path."""
+    directory and data.local_dir); where it is found only there, the spec gets that absolute path, and where
+    a used source's path is found nowhere, the error lists all three places."""
     from omegaconf import OmegaConf
 
     from rexft.sources import path_candidates
 
     written = OmegaConf.to_container(OmegaConf.load(recipe_file), resolve=False) or {}
     declared = (written.get("data") or {}).get("sources") or {}
+    used = set(cfg.data.tasks) | set(cfg.eval.unseen_tasks)
     for name, spec in cfg.data.sources.items():
         if spec.path is None or (declared.get(name) or {}).get("path") != spec.path:
             continue
         candidates = path_candidates(spec.path, cfg.data, (recipe_file.parent,))
         found = next((c for c in candidates if c.exists()), None)
+        if found is None and name in used and not (spec.hub and cfg.data.local_dir is None):
+            raise ConfigError(f"data.sources.{name}: path {spec.path} not found; looked for "
+                              f"{', '.join(map(str, candidates))}")
         if found is not None and found == candidates[-1] and len(candidates) > 1:
             spec.path = str(found)
 

@@ -53,8 +53,7 @@ def resolve_path(name: str, spec: TaskSpec, data: DataConfig) -> Path:
     candidates = path_candidates(spec.path, data)
     found = next((c for c in candidates if c.exists()), None)
     if found is None:
-        raise RexftError(f"data.sources.{name}: path {spec.path} not found; looked for {', '.join(map(str, candidates))} "
-                         "(and, for a path set in a recipe file, beside that file)")
+        raise RexftError(f"data.sources.{name}: path {spec.path} not found; looked for {', '.join(map(str, candidates))}")
     return found
 
 

@@ -9,7 +9,7 @@ from urllib.parse import unquote
 import pytest
 
 from conftest import run_cli
-from rexft.cli import compose
+from rexft.cli import ConfigError, compose
 from rexft.config import DataConfig, ModelConfig, TaskSpec
 from rexft.data import IGNORE_INDEX, PromptFormat, encode_example
 from rexft.splits import build_splits
@@ -78,6 +78,12 @@ def test_a_relative_path_in_a_recipe_file_is_found_beside_it_and_a_missing_path_
     with pytest.raises(RexftError) as err:
         splits(tmp_path / "data", mine=dict(path="nowhere/i.jsonl", **INSTRUCTION))
     assert f"looked for {Path.cwd() / 'nowhere/i.jsonl'}, {tmp_path / 'data' / 'nowhere/i.jsonl'}" in str(err.value)
+    recipe.write_text(recipe.read_text().replace("files/i.jsonl", "files/gone.jsonl"))
+    with pytest.raises(ConfigError) as err:  # set in a recipe file: the recipe's folder is listed too
+        compose([f"recipe={recipe}", f"data.local_dir={tmp_path / 'data'}"])
+    assert str(err.value) == (f"data.sources.mine: path files/gone.jsonl not found; looked for "
+                              f"{Path.cwd() / 'files/gone.jsonl'}, {tmp_path / 'data' / 'files/gone.jsonl'}, "
+                              f"{tmp_path / 'recipes' / 'files/gone.jsonl'}")
 
 
 def test_unknown_exclude_is_an_error_and_task_values_are_stripped_with_a_case_warning(tmp_path, caplog):
