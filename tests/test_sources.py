@@ -243,7 +243,8 @@ def test_real_sni_records_expand_into_120_tasks(data_dir):
 def test_mixed_choice_and_generative_run_through_the_cli(tmp_path, data_dir):
     """Built-in choice tasks, a user's choice task and generative instruction + chat tasks in one run:
     data -> train (computes nothing it lacks) -> eval -> merge-export per task."""
-    write(tmp_path / "files" / "i.jsonl", INSTRUCTION_ROWS)
+    # a task value with a path separator: its export folder is escaped, and the manifest maps it back
+    write(tmp_path / "files" / "i.jsonl", [{**row, "kind": row["kind"].replace("upper", "up/per")} for row in INSTRUCTION_ROWS])
     write(tmp_path / "files" / "chat.parquet", CHAT_ROWS)
     write(tmp_path / "files" / "pick.csv", CHOICE_ROWS)
     recipe = tmp_path / "mixed.yaml"
@@ -275,11 +276,14 @@ export: {{mode: per_task, fidelity_limit: 2}}
     run_cli("eval", *common)
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     assert {t: e["kind"] for t, e in results["tasks"].items()} == {
-        "copa": "choice", "reverse": "generate", "upper": "generate", "talk": "generate", "pick": "choice"}
+        "copa": "choice", "reverse": "generate", "up/per": "generate", "talk": "generate", "pick": "choice"}
     assert 0 <= results["mean_rouge_l"] <= 1 and 0 <= results["mean_accuracy"] <= 1
     run_cli("merge-export", *common)
     export = tmp_path / "run" / "export" / "per_task"
-    assert sorted(p.name for p in export.iterdir() if p.is_dir()) == ["copa", "pick", "reverse", "talk", "upper"]
+    assert sorted(p.name for p in export.iterdir() if p.is_dir()) == ["copa", "pick", "reverse", "talk", "up%2Fper"]
+    manifest = json.loads((export.parent / "manifest.json").read_text())
+    assert manifest["folders"]["up/per"] == "up%2Fper"
+    assert (export / "up%2Fper" / "adapter_config.json").is_file()
     fidelity = (export / "fidelity.md").read_text()
     assert "| reverse |" in fidelity and "ROUGE-L" in fidelity and "accuracy" in fidelity
 
