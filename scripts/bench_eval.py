@@ -29,9 +29,10 @@ import time
 import torch
 
 from rexft.cli import compose
-from rexft.data import PromptFormat, build_splits, encode_prompt, letter_token_ids
+from rexft.data import PromptFormat, encode_prompt, letter_token_ids
 from rexft.eval.engine import make_engine, prior_state
 from rexft.eval.protocols import Prompts, first_token, generate
+from rexft.splits import build_splits
 from rexft.modeling import load_model, load_tokenizer
 from rexft.tasks.common import LETTERS
 

@@ -9,11 +9,12 @@ import torch
 import rexft
 from conftest import randomize_adapters, tiny_model
 from rexft.config import AdapterConfig, DataConfig, ModelConfig
-from rexft.data import PromptFormat, build_splits, letter_token_ids
+from rexft.data import PromptFormat, letter_token_ids
 from rexft.eval.engine import make_engine, prior_state
 from rexft.eval.protocols import Prompts, first_token, loglik
 from rexft.eval.report import summarize
 from rexft.metrics import wilson
+from rexft.splits import build_splits
 from rexft.modeling import byte_tokenizer
 from rexft.tasks import task_names
 

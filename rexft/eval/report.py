@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from rexft.adapters import adapter_layers
+from rexft.errors import RexftError
 from rexft.eval.protocols import Dropped, GeneratedPrediction, Prediction
 from rexft.metrics import bootstrap_ci, wilson
 from rexft.tasks.common import Example
@@ -74,7 +75,7 @@ def results_table(results: dict) -> str:
         if choice:
             lines = [f"| {title} choice task | n | accuracy | 95% CI | answer NLL |", "|---|---|---|---|---|"]
             lines += [f"| {t} | {e['n']} | {e['accuracy']:.3f} | {_ci(e['ci95'])} | {e['nll']:.3f} |" for t, e in choice.items()]
-            lines.append(f"| **mean ({len(choice)} tasks)** | {sum(e['n'] for e in choice.values())} | "
+            lines.append(f"| **mean ({len(choice)} task{'s' * (len(choice) != 1)})** | {sum(e['n'] for e in choice.values())} | "
                          f"**{results[prefix + 'mean_accuracy']:.3f}** | | {results[prefix + 'mean_nll']:.3f} |")
             blocks.append("\n".join(lines))
         if generative:
@@ -82,7 +83,7 @@ def results_table(results: dict) -> str:
                      "|---|---|---|---|---|---|---|"]
             lines += [f"| {t} | {e['n']} | {e['rouge_l']:.3f} | {_ci(e['rouge_l_ci95'])} | {e['exact_match']:.3f} | "
                       f"{_ci(e['exact_match_ci95'])} | {e['target_nll']:.3f} |" for t, e in generative.items()]
-            lines.append(f"| **mean ({len(generative)} tasks)** | {sum(e['n'] for e in generative.values())} | "
+            lines.append(f"| **mean ({len(generative)} task{'s' * (len(generative) != 1)})** | {sum(e['n'] for e in generative.values())} | "
                          f"**{results[prefix + 'mean_rouge_l']:.3f}** | {_ci(results[prefix + 'mean_rouge_l_ci95'])} | "
                          f"**{results[prefix + 'mean_exact_match']:.3f}** | {_ci(results[prefix + 'mean_exact_match_ci95'])} | "
                          f"{results[prefix + 'mean_target_nll']:.3f} |")
@@ -90,6 +91,9 @@ def results_table(results: dict) -> str:
     dropped = sum(e["dropped"] for e in results["tasks"].values())
     if dropped:
         blocks.append(f"({dropped} examples did not fit data.max_length and were not scored; see results.json)")
+    empty = sorted(t for t, e in results["tasks"].items() if not e["n"] and not e["dropped"])
+    if empty:
+        blocks.append(f"(no held-out rows to score for {', '.join(empty)}: their validation split has none of their rows)")
     return "\n\n".join(blocks)
 
 
@@ -183,12 +187,12 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
     import matplotlib.pyplot as plt
 
     if not run_dirs:
-        raise SystemExit("usage: rexft eval compare RUN_DIR [RUN_DIR ...]")
+        raise RexftError("usage: rexft eval compare RUN_DIR [RUN_DIR ...]")
     runs = {}
     for directory in run_dirs:
         path = directory / "results.json" if (directory / "results.json").is_file() else directory / "eval" / "results.json"
         if not path.is_file():
-            raise SystemExit(f"rexft: error: no eval results at {directory} (run rexft eval first)")
+            raise RexftError(f"no eval results at {directory} (run `rexft eval` first)")
         runs[str(directory)] = json.loads(path.read_text())
     out = Path(out) if out is not None else Path(os.path.commonpath([str(d.resolve()) for d in run_dirs]))
     tasks = sorted(dict.fromkeys(t for r in runs.values() for t in r["tasks"]))
@@ -198,17 +202,25 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
         if not entry or not entry.get("n"):
             return "-"
         if entry.get("kind") == "generate":
-            return f"{entry['rouge_l']:.3f} / {entry['exact_match']:.3f} / {entry['target_nll']:.3f}"
-        return f"{entry['accuracy']:.3f}"
+            return f"{entry['rouge_l']:.3f} / {entry['exact_match']:.3f} / {entry['target_nll']:.3f} (n={entry['n']})"
+        return f"{entry['accuracy']:.3f} (n={entry['n']})"
+
+    def differs(task: str) -> bool:
+        """The runs scored different examples of the task (other rows, another eval.limit)."""
+        scored = [(e.get("n"), e.get("examples")) for e in (r["tasks"].get(task) for r in runs.values()) if e]
+        return len(set(scored)) > 1
 
     lines = ["| task (accuracy, or ROUGE-L / EM / target NLL) | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
-    lines += [f"| {task}{' (unseen)' if any(r['tasks'].get(task, {}).get('unseen') for r in runs.values()) else ''} | "
-              + " | ".join(cell(r, task) for r in runs.values()) + " |" for task in tasks]
+    lines += [f"| {task}{' (unseen)' if any(r['tasks'].get(task, {}).get('unseen') for r in runs.values()) else ''}"
+              f"{' †' if differs(task) else ''} | " + " | ".join(cell(r, task) for r in runs.values()) + " |" for task in tasks]
     means = [k for k in MEAN_LABELS if any(r.get(k) is not None for r in runs.values())]
-    lines += [f"| **{MEAN_LABELS[k]}** | " + " | ".join(f"**{r[k]:.3f}**" if r.get(k) is not None else "-" for r in runs.values())
+    footer = [f"| **{MEAN_LABELS[k]}** | " + " | ".join(f"**{r[k]:.3f}**" if r.get(k) is not None else "-" for r in runs.values())
               + " |" for k in means]
-    table = "\n".join(lines)
-    print(table if len(tasks) <= 30 else "\n".join(lines[:2] + lines[-len(means):]) + f"\n({len(tasks)} tasks: see compare.md)")
+    if any(differs(task) for task in tasks):
+        footer.append("\n† the runs scored different examples of this task (other held-out rows or eval.limit): "
+                      "its scores are not comparable")
+    table = "\n".join(lines + footer)
+    print(table if len(tasks) <= 30 else "\n".join(lines[:2] + footer) + f"\n({len(tasks)} tasks: see compare.md)")
     fig, ax = plt.subplots(figsize=(max(8, min(len(tasks), MAX_ROWS) * 0.8), 4.5))
     if len(tasks) <= MAX_ROWS:
         width = 0.8 / len(runs)

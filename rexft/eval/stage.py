@@ -15,32 +15,19 @@ import torch
 
 from rexft.adapters import load_adapter, read_adapter_config
 from rexft.config import RunConfig
-from rexft.data import PromptFormat, build_splits, cap_examples, select_splits
+from rexft.data import PromptFormat
 from rexft.errors import RexftError
 from rexft.eval.engine import make_engine, prior_state
-from rexft.eval.protocols import Prediction, Prompts, as_row, from_row, score_examples
+from rexft.eval.protocols import Dropped, Prediction, Prompts, as_row, from_row, score_examples
 from rexft.eval.report import RouteRecorder, routing_heatmap, routing_layer, results_table, summarize, summary_lines
 from rexft.modeling import load_model, load_tokenizer
-from rexft.tasks.common import Example
+from rexft.splits import EvalSet, eval_set, examples_digest
 
 
-def eval_examples(cfg: RunConfig) -> tuple[list[Example], dict[str, str], set[str]]:
-    """Held-in examples (eval.tasks or all of data.tasks) and unseen-task examples (eval.unseen_tasks):
-    (examples, eval source per task, unseen task names)."""
-    held = select_splits(build_splits(cfg.data), cfg.eval.tasks)
-    unseen = build_splits(cfg.data, cfg.eval.unseen_tasks) if cfg.eval.unseen_tasks else []
-    trained = {s.task for s in held}
-    clash = [s.task for s in unseen if s.task in trained]
-    if clash:
-        raise RexftError(f"eval.unseen_tasks holds task '{clash[0]}', which data.tasks trains on")
-    examples, sources = [], {}
-    for split in held + unseen:
-        chosen = cap_examples(split.eval, cfg.eval.limit, cfg.data.seed + 2, split.task)
-        examples += chosen
-        sources[split.task] = ("validation" if split.train_source in ("train", "none") else
-                               "validation rows held out from training" if split.train_source.startswith("validation")
-                               else "train rows held out from training")
-    return examples, sources, {s.task for s in unseen}
+def eval_examples(cfg: RunConfig) -> EvalSet:
+    """Held-in examples (eval.tasks or all of data.tasks) and unseen-task examples (eval.unseen_tasks), as
+    `rexft data` recorded them (rexft/splits.py)."""
+    return eval_set(cfg)
 
 
 def load_eval_model(cfg: RunConfig):
@@ -118,7 +105,8 @@ def evaluate(cfg: RunConfig) -> Path:
     from rexft.rundir import atomic_write_text, write_json, write_jsonl
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    examples, sources, unseen = eval_examples(cfg)
+    chosen = eval_examples(cfg)
+    examples, sources, unseen = chosen.examples, chosen.sources, chosen.unseen
     model, tokenizer, adapter_config, description = load_eval_model(cfg)
     priors = None
     if adapter_config is not None:
@@ -138,8 +126,11 @@ def evaluate(cfg: RunConfig) -> Path:
     predictions = gather_object(predictions) if state.num_processes > 1 else predictions
     if not state.is_main_process:
         return cfg.path / cfg.eval.output
-    tasks = list(dict.fromkeys(e.task for e in examples))
+    predictions += [Dropped(e.task, e.row) for e in chosen.not_scored]  # too long for `rexft data`: counted, not scored
+    tasks = chosen.tasks
     results = summarize(predictions, tasks, unseen, cfg.eval.bootstrap)
+    for task, digest in examples_digest(examples).items():
+        results["tasks"][task]["examples"] = digest
     results.update({"protocol": cfg.eval.protocol, "restricted": cfg.eval.restricted, "model": description,
                     "eval_source": sources, "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "stop": cfg.eval.stop,
                                                            "do_sample": cfg.eval.do_sample, "num_beams": cfg.eval.num_beams}})
