@@ -65,20 +65,23 @@ def read_records(task: str, split: str, local_dir: str | None) -> tuple[list[dic
     return [dict(r) for r in dataset], f"hub {hub_path}/{hub_name or ''}[{hub_split}]"
 
 
-def load_examples(task: str, split: str, local_dir: str | None) -> list[Example] | None:
+def load_examples(task: str, split: str, local_dir: str | None, prompt_style: str = "chat") -> list[Example] | None:
+    """A built-in task's examples in a prompt style: chat (``to_example``) or harness (``to_harness``,
+    lm-eval's zero-shot format; see rexft/tasks/common.py)."""
     loaded = read_records(task, split, local_dir)
     if loaded is None:
         return None
     records, source = loaded
     module = get_task(task)
+    layout = module.to_harness if prompt_style == "harness" else module.to_example
     examples = []
     for row, record in enumerate(records):
         check = Checker(task, source, row)
         if not isinstance(record, dict):
             check.fail("record is not a JSON object")
         check.fields(record, module.FIELDS)
-        prompt, options, gold, context_chars = module.to_example(record, check)
-        examples.append(Example(task, row, prompt, options, LETTERS[gold], context_chars))
+        prompt, options, gold, context_chars = layout(record, check)
+        examples.append(Example(task, row, prompt, options, LETTERS[gold], context_chars, prompt_style=prompt_style))
     return examples
 
 
@@ -100,10 +103,10 @@ def _seeded_order(n: int, seed: int, task: str) -> list[int]:
 
 
 def split_task(task: str, cfg: DataConfig) -> TaskSplit:
-    validation = load_examples(task, "validation", cfg.local_dir)
+    validation = load_examples(task, "validation", cfg.local_dir, cfg.prompt_style)
     if validation is None:
         raise RexftError(f"{task}: no validation split (data.local_dir={cfg.local_dir})")
-    train = load_examples(task, "train", cfg.local_dir)
+    train = load_examples(task, "train", cfg.local_dir, cfg.prompt_style)
     if train is not None:
         return TaskSplit(task, train, validation, "train", task)
     if cfg.no_train_split == "skip":
@@ -206,7 +209,9 @@ def mixture(splits: list[TaskSplit], cfg: DataConfig) -> list[Example]:
 # ------------------------------------------------------------------------------------------ tokenizing
 @dataclass
 class PromptFormat:
-    """How a prompt becomes text: the tokenizer's chat template, else ``plain_template``."""
+    """How a prompt becomes text: the tokenizer's chat template, else ``plain_template``. A harness-style
+    example (``Example.prompt_style``) is always its prompt as it is, with the tokenizer's own special
+    tokens, and its options follow it as written: what lm-eval's ``hf`` model feeds for a zero-shot request."""
 
     chat: bool
     plain_template: str
@@ -214,6 +219,16 @@ class PromptFormat:
     @classmethod
     def for_model(cls, tokenizer, cfg: ModelConfig) -> "PromptFormat":
         return cls(bool(cfg.use_chat_template and getattr(tokenizer, "chat_template", None)), cfg.plain_template)
+
+    def of(self, example: Example) -> "PromptFormat":
+        """The format this example is rendered in: its own for harness-style examples, else this one."""
+        return HARNESS_FORMAT if example.prompt_style == "harness" else self
+
+    @staticmethod
+    def target(example: Example) -> str:
+        """What follows the prompt in training: a chat-style choice example's gold letter, a harness-style
+        one's gold continuation, a generative example's target text."""
+        return example.options[example.answer_index] if example.prompt_style == "harness" else example.answer
 
     @staticmethod
     def messages(example: Example) -> list[dict]:
@@ -232,11 +247,15 @@ class PromptFormat:
         return self.plain_template.format(prompt=turns) if generation_prompt else turns
 
     def answer_text(self, text: str) -> str:
-        """The target as it follows the prompt (a letter for choice tasks)."""
-        return text if self.chat else f" {text}"
+        """The target as it follows the prompt (a letter for choice tasks); a harness-style continuation
+        brings its own leading space."""
+        return text if self.chat or text[:1].isspace() else f" {text}"
 
     def fingerprint(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+HARNESS_FORMAT = PromptFormat(chat=False, plain_template="{prompt}")
 
 
 def letter_token_ids(tokenizer, fmt: PromptFormat, n: int) -> tuple[list[int], list[int]]:
@@ -270,6 +289,7 @@ def encode_prompt(example: Example, tokenizer, fmt: PromptFormat, max_length: in
     passage / input (trimmed from its end), or a conversation's oldest turns. None when the rest (question,
     options, the last user turn) cannot fit even so: the example is dropped, never cut into."""
     budget = max_length - reserve
+    fmt = fmt.of(example)
     ids = _tokens(tokenizer, fmt, fmt.messages(example))
     if len(ids) <= budget:
         return ids, False
@@ -312,7 +332,8 @@ def encode_example(example: Example, tokenizer, fmt: PromptFormat, max_length: i
     """input_ids = prompt + answer (the gold letter, or the target text) + eos; labels = -100 on the prompt
     (loss on the answer only; a chat example's earlier assistant turns are labelled too). None when the
     example cannot fit ``max_length`` without cutting into its question, options or target."""
-    answer = tokenizer(fmt.answer_text(example.answer), add_special_tokens=False).input_ids
+    fmt = fmt.of(example)
+    answer = tokenizer(fmt.answer_text(fmt.target(example)), add_special_tokens=False).input_ids
     if tokenizer.eos_token_id is not None:
         answer = answer + [tokenizer.eos_token_id]
     if len(answer) >= max_length:
@@ -520,7 +541,7 @@ def prepare_data(cfg: RunConfig) -> Path:
         train_by_task.setdefault(example.task, []).append(row)
     out = cfg.path / "data"
     stats = {"train_examples": sum(r is not None for r in encoded_train), "max_length": cfg.data.max_length,
-             "template": "chat" if fmt.chat else "plain", "tasks": {}}
+             "template": "chat" if fmt.chat else "plain", "prompt_style": cfg.data.prompt_style, "tasks": {}}
     evaluation = [e for split in splits for e in split.eval]
     eval_by_task: dict[str, list[dict | None]] = {}
     for example, row in zip(evaluation, tokenize_examples(evaluation, tokenizer, fmt, cfg.data.max_length, desc="tokenize eval")):
@@ -542,7 +563,7 @@ def prepare_data(cfg: RunConfig) -> Path:
     write_jsonl(out / "train.jsonl", [e.to_dict() for e, r in zip(train, encoded_train) if r is not None])
     write_jsonl(out / "validation.jsonl", [e.to_dict() for e in evaluation])
     write_json(out / "stats.json", stats)
-    table = stats_table(stats)
+    table = f"prompt style: {cfg.data.prompt_style}\n\n{stats_table(stats)}"
     atomic_write_text(out / "stats.md", table + "\n")
     print(table)
     return out
