@@ -61,20 +61,24 @@ def task_manager(local_dir: Path, folder: Path):
 
     from rexft.harness import task_dir_for
 
-    return TaskManager(include_path=str(task_dir_for(local_dir, folder)))
+    return TaskManager(include_path=str(task_dir_for(local_dir, folder)), include_defaults=False)
 
 
 def test_harness_prompts_are_lm_evals(data_dir, tmp_path):
     """Every task but winogrande (lm-eval scores it partially: two contexts, one continuation): the context and
     continuations lm-eval builds from the shipped YAMLs are rexft's harness-style prompt and options."""
     pytest.importorskip("lm_eval")
-    manager = task_manager(data_dir, tmp_path / "tasks")
     names = [t for t in task_names() if t != "winogrande"]
+    for name in names:  # the first records of each task, in a data folder of their own
+        (tmp_path / "data" / name).mkdir(parents=True)
+        with open(data_dir / name / "validation.jsonl") as records:
+            (tmp_path / "data" / name / "validation.jsonl").write_text("".join(next(records) for _ in range(5)))
+    manager = task_manager(tmp_path / "data", tmp_path / "tasks")
     tasks = manager.load([f"rexft_{t}" for t in names])["tasks"]
     for name in names:
         task = tasks[f"rexft_{name}"]
         task.build_all_requests(limit=5)
-        examples = load_examples(name, "validation", str(data_dir), "harness")
+        examples = load_examples(name, "validation", str(tmp_path / "data"), "harness")
         by_doc: dict[int, list] = {}
         for instance in task.instances:
             by_doc.setdefault(instance.doc_id, []).append(instance)
