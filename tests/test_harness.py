@@ -190,3 +190,17 @@ def test_generate_and_rolling_set_priors_per_row(tiny_run):
         assert set(lm.priors) == set(texts)
     assert results[3][0] == results[1][0]
     assert results[3][1] == pytest.approx(results[1][1], abs=1e-3)
+
+
+def test_rexft_harness_command(tiny_run, tmp_path):
+    """`rexft harness` is lm-eval's command line with the model and the tasks: the accuracy it reports is
+    the one `rexft eval` reported on the same records."""
+    from conftest import run_cli
+
+    run, local, predictions = tiny_run
+    run_cli("harness", "--local_dir", str(local), "--model", "rexft", "--model_args", f"run_dir={run}",
+            "--tasks", "rexft_copa", "--batch_size", "4", "--output_path", str(tmp_path / "out"))
+    (results,) = tmp_path.glob("out/**/results_*.json")
+    copa = [p for p in predictions if p["task"] == "copa"]
+    expected = sum(p["predicted"] == p["gold"] for p in copa) / len(copa)
+    assert json.loads(results.read_text())["results"]["rexft_copa"]["acc,none"] == pytest.approx(expected)

@@ -51,9 +51,12 @@ class RexftLM(HFLM):
         self.run_config = saved_config(Path(run_dir))
         if device is None or device.startswith("cuda") and not torch.cuda.is_available():  # lm-eval's default is cuda
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.adapter_dir = self.run_config.path / "adapter"
+        if use_adapter and not (self.adapter_dir / "adapter_config.json").is_file():
+            raise RexftError(f"no adapter at {self.adapter_dir}: run `rexft train` first, or pass "
+                             "--model_args run_dir=...,use_adapter=false for the base model")
         tokenizer = load_tokenizer(self.run_config.model)
         model = load_model(self.run_config.model, len(tokenizer), device)
-        self.adapter_dir = self.run_config.path / "adapter"
         self.adapter_config = None
         if use_adapter:
             load_adapter(model, self.adapter_dir)

@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from rexft.errors import RexftError
+
 log = logging.getLogger(__name__)
 
 
@@ -53,5 +55,9 @@ def main(argv: list[str]) -> int:
             include = f"{include}:{ours.include_path}"
         sys.argv = ["lm-eval", "run", *(["--tasks", ",".join(tasks)] if tasks else []), "--include_path", include, *rest]
         cli = HarnessCLI()
-        cli.execute(cli.parse_args())
+        try:
+            cli.execute(cli.parse_args())
+        except RexftError as err:  # the run directory, its adapter or its prior: one line, as every command
+            print(f"rexft: error: {err}", file=sys.stderr)
+            return 2
     return 0
