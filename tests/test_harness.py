@@ -204,3 +204,34 @@ def test_rexft_harness_command(tiny_run, tmp_path):
     copa = [p for p in predictions if p["task"] == "copa"]
     expected = sum(p["predicted"] == p["gold"] for p in copa) / len(copa)
     assert json.loads(results.read_text())["results"]["rexft_copa"]["acc,none"] == pytest.approx(expected)
+
+
+def test_chat_style_through_lm_eval(tiny_run, tmp_path):
+    """rexft_chat tasks under --apply_chat_template score rexft's chat prompts: the same choices as rexft's
+    Scorer, and log-likelihoods that differ by one shift per example (lm-eval moves the header's trailing
+    newline into every continuation). The prior is computed from the user turn, as rexft computes it: a prior
+    from the rendered chat would move the options apart."""
+    import lm_eval
+
+    from rexft.adapters import read_adapter_config
+    from rexft.cli import saved_config
+    from rexft.evaluate import Scorer, adapter_priors
+    from rexft.harness import RexftLM
+
+    run, local, _ = tiny_run
+    lm = RexftLM(run_dir=str(run), batch_size=3)
+    # A template that writes its own BOS (as Llama's do): lm-eval adds the tokenizer's BOS to a context that
+    # does not start with it, rexft renders chat templates without adding special tokens.
+    lm.tokenizer.chat_template = "<s>" + TEMPLATE.replace("<|assistant|>", "<|assistant|>\n")
+    out = lm_eval.simple_evaluate(model=lm, tasks=[f"rexft_chat_{t}" for t in TASKS], apply_chat_template=True,
+                                  task_manager=task_manager(local, tmp_path / "tasks"), log_samples=True, bootstrap_iters=0)
+    examples = [e for task in TASKS for e in load_examples(task, "validation", str(local), "chat")]
+    priors = adapter_priors(run / "adapter", read_adapter_config(run / "adapter"), [e.prompt for e in examples],
+                            saved_config(run))
+    ours = Scorer(lm.model, lm.tokenizer, PromptFormat(True, "{prompt}"), 4096, 3, priors, progress=False).loglik(examples)
+    theirs = [[float(r[0][0]) for r in s["resps"]] for task in TASKS for s in out["samples"][f"rexft_chat_{task}"]]
+    for mine, lm_eval_scores in zip(ours, theirs):
+        shifts = [a - b for a, b in zip(lm_eval_scores, mine["scores"])]
+        assert argmax(lm_eval_scores) == argmax(mine["scores"])
+        assert max(shifts) - min(shifts) < 1e-3
+        assert max(shifts) < -1e-3  # the newline's own log-probability, now in lm-eval's continuation
