@@ -3,9 +3,10 @@ definitions for the 14 built-in datasets that read local files.
 
     rexft harness --model rexft --model_args run_dir=runs/demo --tasks rexft_harness     (lm-eval's arguments)
 
-    import rexft.harness, lm_eval                                                      (from Python)
+    import lm_eval, rexft.harness                                                      (from Python)
+    from lm_eval.tasks import TaskManager
     lm_eval.simple_evaluate(model="rexft", model_args="run_dir=runs/demo", tasks=["rexft_boolq"],
-                            task_manager=lm_eval.tasks.TaskManager(include_path=str(rexft.harness.task_dir())))
+                            task_manager=TaskManager(include_path=str(rexft.harness.task_dir())))
 
 model.py   ``RexftLM``, registered with lm-eval as ``rexft``: a run directory's base model and adapter
            (``run_dir=``, ``use_adapter=false`` for the base model alone), each request's prior set before
