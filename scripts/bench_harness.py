@@ -166,6 +166,7 @@ def tables(report: dict) -> str:
         lines = [f"**{style} style**", "", head, "|" + "---|" * (3 + 3 * len(models))]
         tasks = report["results"][f"{style}/{models[0]}"]["tasks"]
         totals = {m: [0, 0, 0, 0] for m in models}
+        same_prompts = {m: [0, 0, 0, 0] for m in models}  # harness style: winogrande's prompts differ by definition
         for task in sorted(tasks):
             row = [task, str(tasks[task]["n"])]
             spread = gap_size = 0.0
@@ -175,14 +176,15 @@ def tables(report: dict) -> str:
                 spread, gap_size = max(spread, e["max_spread"]), max(gap_size, e["max_gap"])
                 for i, key in enumerate(("n", "rexft", "lm_eval", "same")):
                     totals[m][i] += e[key]
+                    same_prompts[m][i] += e[key] if style == "chat" or task != "winogrande" else 0
             if style == "chat":
                 row.append(f"{spread:.4f} ({gap_size:.4f})")
             else:
                 row.append(f"{gap_size:.4f}" + (" (lm-eval scores it partially)" if task == "winogrande" else ""))
             lines.append("| " + " | ".join(row) + " |")
-        n = totals[models[0]][0]
-        lines.append("| **all** | " + str(n) + " | " + " | ".join(f"{cell(t[1], t[0])} | {cell(t[2], t[0])} | {t[3]}/{t[0]}"
-                                                                for t in totals.values()) + " | |")
+        for label, sums in (("all", totals),) + ((("the 13 with the same prompts", same_prompts),) if style == "harness" else ()):
+            lines.append(f"| **{label}** | {sums[models[0]][0]} | " + " | ".join(
+                f"{cell(t[1], t[0])} | {cell(t[2], t[0])} | {t[3]}/{t[0]}" for t in sums.values()) + " | |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
