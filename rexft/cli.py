@@ -9,19 +9,21 @@ with the typed config. This is the only module that touches Hydra/OmegaConf.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import logging
 import string
 import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from rexft.config import RunConfig, expert_count, range_violations, schema_fields
+from rexft.config import RunConfig, choice_violations, config_root, expert_count, range_violations, schema_fields
 
 log = logging.getLogger(__name__)
 
 GROUPS = ("model", "data", "adapter", "prior", "trainer")
+USER_RECIPE = "user-file/recipe"  # the name a recipe file is composed under: recipes/ has no sub-folders
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module:function, one-line help)
@@ -35,14 +37,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 class ConfigError(Exception):
     """A user mistake in the composed configuration: printed as one line, exit status 2."""
-
-
-def config_root() -> Path:
-    """Folder holding configs/ and recipes/: inside the installed wheel, else the checkout."""
-    packaged = Path(__file__).parent / "_configs"
-    if (packaged / "configs").is_dir():
-        return packaged
-    return Path(__file__).resolve().parent.parent
 
 
 def options(group: str) -> list[str]:
@@ -90,6 +84,8 @@ def _task_specs(sources: dict) -> dict:
             raise ConfigError(f"config key 'data.sources.{name}.{key}': {str(err).strip().splitlines()[0]}") from None
         for key, value, valid in range_violations(specs[name]):
             raise ConfigError(f"config key 'data.sources.{name}.{key}': {value!r} is out of range (must be {valid})")
+        for key, value, valid in choice_violations(specs[name]):
+            raise ConfigError(f"config key 'data.sources.{name}.{key}': '{value}' is not one of {', '.join(valid)}")
     return specs
 
 
@@ -138,26 +134,27 @@ def compose(overrides: list[str]):
 
     for override in overrides:
         _check_override(override)
+    import shutil
+    import tempfile
+
     root = config_root()
     # The dataclass schema is the base of configs/rexft.yaml's defaults list: every documented key
     # exists (with its default) whatever group option is chosen, and Hydra type-checks while composing.
     ConfigStore.instance().store(name="rexft_schema", node=RunConfig)
-    search, hydra_overrides = [f"file://{root}"], []
+    search, hydra_overrides, recipe_file = [f"file://{root}"], [], None
+    served = Path(tempfile.mkdtemp(prefix="rexft-recipe-"))  # a user's recipe file is served from here
     for override in overrides:
         if not override.startswith("recipe="):
             # a task spec's key may be absent from its YAML: add or override it (the CLI checks spec keys itself)
             hydra_overrides.append(f"++{override}" if override.startswith("data.sources.") else override)
             continue
         recipe = override.split("=", 1)[1]
-        if recipe.endswith((".yaml", ".yml")):  # a user's own recipe file: served from a folder of its own
-            import shutil
-            import tempfile
-
-            folder = Path(tempfile.mkdtemp(prefix="rexft-recipe-"))
-            (folder / "recipes").mkdir()
-            shutil.copy(recipe, folder / "recipes" / f"{Path(recipe).stem}.yaml")
-            search.append(f"file://{folder}")
-            recipe = Path(recipe).stem
+        if recipe.endswith((".yaml", ".yml")):  # a path is a path: served under a name no built-in recipe has
+            recipe_file = Path(recipe).resolve()
+            (served / "recipes" / USER_RECIPE).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(recipe, served / "recipes" / f"{USER_RECIPE}.yaml")
+            search.append(f"file://{served}")
+            recipe = USER_RECIPE
         hydra_overrides.append(f"recipes={recipe}")
     hydra_overrides.insert(0, f"hydra.searchpath=[{','.join(search)}]")
     GlobalHydra.instance().clear()
@@ -170,6 +167,9 @@ def compose(overrides: list[str]):
         if key and cause is not None:
             raise ConfigError(f"config key '{key}': {str(cause).strip().splitlines()[0]}") from None
         raise ConfigError(str(err).strip().splitlines()[0]) from None
+    finally:
+        shutil.rmtree(served, ignore_errors=True)
+        GlobalHydra.instance().clear()
     try:
         OmegaConf.set_struct(composed, False)
         schema = OmegaConf.structured(RunConfig)
@@ -182,6 +182,8 @@ def compose(overrides: list[str]):
         message = str(err).strip().splitlines()[0]
         raise ConfigError(f"config key '{key}': {message}" if key else message) from None
     typed.data.sources = _task_specs(typed.data.sources)
+    if recipe_file is not None:
+        _paths_beside_recipe(typed, recipe_file)
     if prior_ablation(typed):
         # prior=none with trex means the "intuition" ablation: train without the prior rather than fail
         # for want of one. Set in the resolved YAML too, so config.yaml and the adapter record it.
@@ -216,6 +218,29 @@ def saved_config(run_dir: Path) -> RunConfig:
     return typed
 
 
+def _paths_beside_recipe(cfg: RunConfig, recipe_file: Path) -> None:
+    """A relative source path the recipe file sets is also tried beside that file (after the working
+    directory and data.local_dir); where it is found only there, the spec gets that absolute path, and where
+    a used source's path is found nowhere, the error lists all three places."""
+    from omegaconf import OmegaConf
+
+    from rexft.sources import path_candidates
+
+    written = OmegaConf.to_container(OmegaConf.load(recipe_file), resolve=False) or {}
+    declared = (written.get("data") or {}).get("sources") or {}
+    used = set(cfg.data.tasks) | set(cfg.eval.unseen_tasks)
+    for name, spec in cfg.data.sources.items():
+        if spec.path is None or (declared.get(name) or {}).get("path") != spec.path:
+            continue
+        candidates = path_candidates(spec.path, cfg.data, (recipe_file.parent,))
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None and name in used and not (spec.hub and cfg.data.local_dir is None):
+            raise ConfigError(f"data.sources.{name}: path {spec.path} not found; looked for "
+                              f"{', '.join(map(str, candidates))}")
+        if found is not None and found == candidates[-1] and len(candidates) > 1:
+            spec.path = str(found)
+
+
 def _interpolated_keys(config) -> set[str]:
     """Keys whose value is copied from another (``adapter.prior_dim: ${prior.k}``): an out-of-range
     value there is reported at the key it came from."""
@@ -246,36 +271,14 @@ def _validate(cfg: RunConfig, derived: set[str] = frozenset()) -> None:
 
 
 def _check_choices(cfg: RunConfig) -> None:
-    from rexft.adapters import adapter_types
-    from rexft.formats import FIELDS
+    from rexft.formats import FIELDS, FORMATS
     from rexft.tasks import task_names
 
-    dtypes = ["float32", "bfloat16", "float16"]
-    checks = [
-        ("model.dtype", cfg.model.dtype, ["auto"] + dtypes),
-        ("model.quantization", cfg.model.quantization, [None, "nf4"]),
-        ("adapter.type", cfg.adapter.type, adapter_types()),
-        ("adapter.mode", cfg.adapter.mode, ["rank1", "rank1_flex"]),
-        ("data.mixture", cfg.data.mixture, ["proportional", "temperature"]),
-        ("data.no_train_split", cfg.data.no_train_split, ["split_validation", "skip"]),
-        ("data.prompt_style", cfg.data.prompt_style, ["chat", "harness"]),
-        ("trainer.scheduler", cfg.trainer.scheduler, ["cosine", "linear", "constant"]),
-        ("trainer.mixed_precision", cfg.trainer.mixed_precision, ["auto", "no", "bf16", "fp16"]),
-        ("trainer.optimizer", cfg.trainer.optimizer, ["adamw", "adafactor", "adamw_8bit", "paged_adamw_8bit"]),
-        ("eval.protocol", cfg.eval.protocol, ["first_token", "loglik"]),
-        ("export.mode", cfg.export.mode, ["auto", "merged", "per_task", "per_cluster", "adapter"]),
-        ("prior.backend", cfg.prior.backend, ["auto", "torch", "faiss"]),
-        ("adapter.dtype", cfg.adapter.dtype, dtypes),
-        ("export.dtype", cfg.export.dtype, ["auto"] + dtypes),
-        ("export.route_dtype", cfg.export.route_dtype, ["auto"] + dtypes),
-    ]
-    checks += [("trainer.report_to", item, ["tensorboard", "wandb"]) for item in cfg.trainer.report_to]
-    for key, value, valid in checks:
-        if value not in valid:
-            names = ["null" if v is None else v for v in valid]
-            raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(names)}")
-    from rexft.formats import FORMATS
-
+    violations = choice_violations(cfg)
+    if violations:
+        key, value, valid = violations[0]
+        names = ["null" if v is None else v for v in valid]
+        raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(names)}")
     for name, spec in cfg.data.sources.items():
         if spec.format not in FORMATS:
             raise ConfigError(f"config key 'data.sources.{name}.format': '{spec.format}' is not one of {', '.join(FORMATS)}")
@@ -283,6 +286,11 @@ def _check_choices(cfg: RunConfig) -> None:
             raise ConfigError(f"data.sources.{name} names no source: give a local `path` or a `hub` dataset id")
         if name in task_names():
             raise ConfigError(f"data.sources.{name} has the name of a built-in task; rename the source")
+        try:
+            codecs.lookup(spec.encoding)
+        except LookupError:
+            raise ConfigError(f"config key 'data.sources.{name}.encoding': unknown encoding '{spec.encoding}' "
+                              "(e.g. utf-8, cp1252, latin-1)") from None
         for key in ("template", "template_no_input"):
             fields = {f for _, f, _, _ in string.Formatter().parse(getattr(spec, key)) if f is not None}
             if fields - {"instruction", "input"}:
@@ -304,6 +312,10 @@ def _check_choices(cfg: RunConfig) -> None:
             if task in seen:
                 raise ConfigError(f"{key} names '{task}' twice")
             seen.add(task)
+    trained = [task for task in cfg.eval.unseen_tasks if task in cfg.data.tasks]
+    if trained:
+        raise ConfigError(f"eval.unseen_tasks names '{trained[0]}', which data.tasks trains on; an unseen task is "
+                          "one never trained on: remove it from one of the two lists")
     # eval.tasks may also name single tasks of a source's task column: checked once the data is read.
     for task in cfg.eval.tasks or []:
         if task in task_names() and task not in cfg.data.tasks:
@@ -379,9 +391,15 @@ def usage(command: str | None = None) -> str:
 
 
 def _stage(command: str) -> Callable:
+    return _load(COMMANDS[command][0])
+
+
+def _load(target: str) -> Callable:
+    """A command's function from its "module:function" name, imported only when that command runs (so the
+    CLI stays the top of the import graph: no stage imports it back)."""
     import importlib
 
-    module, function = COMMANDS[command][0].split(":")
+    module, function = target.split(":")
     return getattr(importlib.import_module(module), function)
 
 
@@ -392,14 +410,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, args = argv[0], argv[1:]
     if command == "eval" and args and args[0] == "compare":
+        from rexft.errors import RexftError
         from rexft.evaluate import compare_runs
 
-        compare_runs([Path(a) for a in args[1:]])
+        try:
+            compare_runs([Path(a) for a in args[1:]])
+        except RexftError as err:
+            print(f"rexft: error: {err}", file=sys.stderr)
+            return 2
         return 0
     if command == "harness":  # lm-eval's own command line, not a Hydra config
-        from rexft.harness.run import main as harness_main
-
-        return harness_main(args)
+        return _load("rexft.harness.run:main")(args)
     if command not in COMMANDS:
         hint = difflib.get_close_matches(command, COMMANDS, n=1)
         print(f"rexft: error: unknown command '{command}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
@@ -421,34 +442,42 @@ def main(argv: list[str] | None = None) -> int:
         print(OmegaConf.to_yaml(resolved), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from rexft.rundir import save_resolved_config
     from rexft.errors import RexftError
+    from rexft.rundir import restored_on_error, save_resolved_config
 
     if command == "train" and prior_ablation(cfg):
         log.info("prior=none: the trex adapter trains without a cluster prior (adapter.use_prior=false, "
                  "the 'intuition' ablation)")
     yaml_text = OmegaConf.to_yaml(resolved)
     try:
-        for stage in _stages(command, cfg):
-            save_resolved_config(cfg, yaml_text, stage)
-            _stage(stage)(cfg)
+        with restored_on_error(cfg.path):
+            for stage in _stages(command, cfg):
+                save_resolved_config(cfg, yaml_text, stage)
+                _stage(stage)(cfg)
     except RexftError as err:
         print(f"rexft: error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
-def _stages(command: str, cfg: RunConfig) -> list[str]:
-    """The command, preceded by cluster-prior when train needs a prior the run directory lacks
-    (what it computes is cached in prior/, exactly as `rexft cluster-prior` would)."""
+def _stages(command: str, cfg: RunConfig) -> Iterator[str]:
+    """The command, preceded by what it needs and the run directory lacks, computed exactly as the commands
+    would: cluster-prior and train run `rexft data` when there is no split record or one made with other data
+    settings, and train runs cluster-prior when the prior is missing or was built from other rows. Lazy: each
+    check runs once the stage before it has."""
+    from rexft.splits import is_stale
+
+    if command in ("cluster-prior", "train") and is_stale(cfg):
+        log.info("no split record for these data settings at %s: running data first", cfg.path / "data")
+        yield "data"
     if command == "train":
-        from rexft.prior import prior_dir
+        from rexft.prior import prior_dir, prior_is_stale
         from rexft.train import uses_prior
 
-        if uses_prior(cfg) and not (prior_dir(cfg) / "meta.json").is_file():
-            log.info("no prior at %s: running cluster-prior first", prior_dir(cfg))
-            return ["cluster-prior", "train"]
-    return [command]
+        if uses_prior(cfg) and prior_is_stale(cfg):
+            log.info("no prior of the training rows at %s: running cluster-prior first", prior_dir(cfg))
+            yield "cluster-prior"
+    yield command
 
 
 if __name__ == "__main__":

@@ -6,17 +6,38 @@ every value against the range its field declares here (:func:`range_violations`)
 dataclasses to the stages. Field comments are the documentation of each key.
 
 Every numeric and list field states its valid range with :func:`bounded` (or says it has none with
-:func:`unbounded`); tests/test_config_checks.py fails for a field that does neither, so a key added
-later cannot skip the check. Rules between keys (top_k against the expert count, ...) live in the CLI.
+:func:`unbounded`), and every field with a fixed set of values states it with :func:`one_of` (a list of
+such values, ``trainer.report_to``, states its items' choices); tests/test_config_checks.py fails for a
+numeric or list field that does none of these, so a key added later cannot skip the check. Rules between
+keys (top_k against the expert count, ...) live in the CLI.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import pkgutil
 import typing
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
+
+
+def config_root() -> Path:
+    """Folder holding configs/ and recipes/: inside the installed wheel, else the checkout."""
+    packaged = Path(__file__).parent / "_configs"
+    if (packaged / "configs").is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent
+
+
+@functools.lru_cache(maxsize=None)
+def adapter_types() -> list[str]:
+    """The adapter registry is the file tree: every module under rexft/adapters/ but their shared base."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "adapters")]) if m.name != "base")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ------------------------------------------------------------------------------------------------ ranges
@@ -85,6 +106,39 @@ def unbounded(default: Any = MISSING, *, default_factory: Any = MISSING):
     return field(default=default, default_factory=default_factory, metadata={"range": Range()})
 
 
+def one_of(default: Any = MISSING, *, choices: tuple | Callable[[], list], default_factory: Any = MISSING):
+    """A string field (or list of strings) whose valid values are stated beside its documentation:
+    ``scheduler: str = one_of("cosine", choices=("cosine", "linear", "constant"))``. ``choices`` may be a
+    function returning them, for registries the file tree holds (``adapter.type``: the modules under
+    rexft/adapters/). The CLI rejects anything else with one line naming the key and the valid choices."""
+    return field(default=default, default_factory=default_factory, metadata={"choices": choices})
+
+
+def valid_choices(f: dataclasses.Field) -> list | None:
+    """The values a field declared with :func:`one_of` accepts (None: the field declares none)."""
+    choices = f.metadata.get("choices")
+    return list(choices() if callable(choices) else choices) if choices is not None else None
+
+
+def choice_violations(cfg: "RunConfig") -> list[tuple[str, Any, list]]:
+    """(key, value, valid choices) of every value outside its field's choices, in schema order (a list
+    field's items are checked one by one)."""
+    found = []
+    for key, f, _ in schema_fields(type(cfg)):
+        valid = valid_choices(f)
+        if valid is None:
+            continue
+        value = _value_at(cfg, key)
+        found += [(key, item, valid) for item in (value if isinstance(value, list) else [value]) if item not in valid]
+    return found
+
+
+def _value_at(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def needs_range(annotation: Any) -> bool:
     """Numbers (bool excepted) and lists, Optional or not, must declare a range."""
     kind = annotation
@@ -111,9 +165,7 @@ def range_violations(cfg: "RunConfig") -> list[tuple[str, Any, Range]]:
     found = []
     for key, f, _ in schema_fields(type(cfg)):
         rng = f.metadata.get("range")
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = _value_at(cfg, key)
         if rng is not None and not rng.check(value):
             found.append((key, value, rng))
     return found
@@ -138,8 +190,8 @@ class ModelConfig:
     name_or_path: str = "tiny-random-llama"  # hub id, local directory, .gguf file, or tiny-random-llama
     gguf_file: Optional[str] = None  # GGUF file inside name_or_path (transformers dequantizes it to float)
     revision: Optional[str] = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)
-    quantization: Optional[str] = None  # null | nf4 (QLoRA: 4-bit base via bitsandbytes; adapters stay in adapter.dtype)
+    dtype: str = one_of("auto", choices=("auto",) + DTYPES)  # auto: bf16 on GPU, fp32 on CPU
+    quantization: Optional[str] = one_of(None, choices=(None, "nf4"))  # null | nf4 (QLoRA: 4-bit base via bitsandbytes; adapters stay in adapter.dtype)
     use_chat_template: bool = True  # use the tokenizer's chat template when it has one
     plain_template: str = "{prompt}\nAnswer:"  # prompt format when there is no chat template
     trust_remote_code: bool = False
@@ -158,7 +210,9 @@ class TaskSpec:
     format: str = "instruction"  # instruction (prompt -> response) | chat (messages) | choice (multiple choice)
     # Source: a local file (.jsonl .json .csv .parquet) or a folder of split files, and/or a hub dataset.
     # With both, `path` is read when data.local_dir is set (offline) and `hub` when data.local_dir=null.
-    path: Optional[str] = None  # relative paths are tried in the working directory, then under data.local_dir
+    # Relative paths are tried in the working directory, under data.local_dir, then beside the recipe file that sets them.
+    # A folder holds split files named as `datasets` names splits: train.jsonl, validation.csv, dev.json, val.parquet ...
+    path: Optional[str] = None
     hub: Optional[str] = None  # Hugging Face dataset id, read with datasets.load_dataset
     subset: Optional[str] = None  # hub config name
     train_split: Optional[str] = "train"  # split name (hub) or file name in `path` (a folder); null: eval only
@@ -167,9 +221,13 @@ class TaskSpec:
     # Column map: format field -> the records' column (defaults: the field's own name). Fields per format:
     #   instruction: instruction, input (optional), output (a string, or a list of references), system (optional)
     #   chat: messages (OpenAI {role, content} or ShareGPT {from, value} turns), system (optional)
-    #   choice: question, options (a list column, or a list of columns), answer (index, letter or option text),
+    #   choice: question, options (a list column, or a list of columns), answer (see answer_format),
     #           context (optional passage, trimmed first when too long)
     columns: dict[str, Any] = field(default_factory=dict)
+    # choice: how an answer names the gold option: index (0-based number) | letter (A, B, ...) | text (an option's
+    # exact text) | auto (whichever reading applies; an answer whose readings point at different options is an error)
+    answer_format: str = one_of("auto", choices=("auto", "index", "letter", "text"))
+    encoding: str = "utf-8"  # text encoding of .jsonl / .json / .csv files (e.g. cp1252, latin-1)
     task_column: Optional[str] = None  # one task per distinct value of this column (null: one task named like the source)
     include: Optional[list[str]] = bounded(None, min_items=1, allow=(None,))  # with task_column: keep only these tasks
     exclude: list[str] = unbounded(default_factory=list)  # with task_column: drop these tasks
@@ -191,19 +249,19 @@ class DataConfig:
     # How the built-in tasks are prompted: chat (question and lettered options in the chat template, the letter
     # is the answer) | harness (lm-evaluation-harness's zero-shot formats, "...\nAnswer:" and each option as a
     # space-led continuation; scored with eval.protocol=loglik). rexft/tasks/common.py describes both.
-    prompt_style: str = "chat"
+    prompt_style: str = one_of("chat", choices=("chat", "harness"))
     max_length: int = bounded(2048, ge=1)  # tokens; context is trimmed first; an example whose answer or target cannot fit is dropped
     max_dropped_fraction: float = bounded(0.1, ge=0, le=1)  # stop if more than this share of the training examples cannot fit max_length
     train_per_task: Optional[int] = bounded(None, ge=1, allow=(None,))  # cap on training examples per task (null: all)
     eval_per_task: Optional[int] = bounded(None, ge=1, allow=(None,))  # cap on evaluation examples per task (null: all)
-    mixture: str = "proportional"  # proportional | temperature (sampling prob ~ n_task ** (1/T))
+    mixture: str = one_of("proportional", choices=("proportional", "temperature"))  # (sampling prob ~ n_task ** (1/T))
     temperature: float = bounded(1.0, gt=0)  # T for mixture=temperature
     # examples drawn for mixture=temperature (null: the sum of the caps)
     mixture_size: Optional[int] = bounded(None, ge=1, allow=(None,))
     # Tasks with no train split: train on the first `validation_train_fraction` of a seeded shuffle
     # of the validation split and evaluate on the disjoint rest ("split_validation"), or leave the
     # task out of training ("skip"). Open interval: 0 would train on nothing, 1 evaluate on nothing.
-    no_train_split: str = "split_validation"
+    no_train_split: str = one_of("split_validation", choices=("split_validation", "skip"))
     validation_train_fraction: float = bounded(0.5, gt=0, lt=1)
     packing: bool = False  # training only: several examples per row of max_length tokens (batch_size counts rows)
     seed: int = bounded(0, ge=0)
@@ -211,7 +269,7 @@ class DataConfig:
 
 @dataclass
 class AdapterConfig:
-    type: str = "trex"  # lora | molora | hydralora | trex | mode (a module under rexft/adapters/)
+    type: str = one_of("trex", choices=adapter_types)  # a module under rexft/adapters/: lora, molora, hydralora, trex, mode
     target_modules: list[str] = bounded(default_factory=lambda: [".*"], min_items=1)  # regexes on module names
     exclude_modules: list[str] = unbounded(default_factory=lambda: ["lm_head"])  # regexes; win over targets ([]: none)
     r: int = bounded(8, ge=1)  # rank (lora, molora, hydralora, mode)
@@ -223,7 +281,7 @@ class AdapterConfig:
     # (see expert_count), checked by the CLI.
     top_k: Optional[int] = bounded(None, ge=1, allow=(None,))
     # trex
-    mode: str = "rank1_flex"  # rank1 (r1 = r2 = r, diagonal routing) | rank1_flex (full r1 x r2)
+    mode: str = one_of("rank1_flex", choices=("rank1", "rank1_flex"))  # rank1: r1 = r2 = r, diagonal routing; rank1_flex: full r1 x r2
     r1: int = bounded(4, ge=1)  # down vectors
     r2: int = bounded(8, ge=1)  # up vectors
     c_token: float = bounded(32.0, ge=0)  # weight of the token router in M
@@ -233,7 +291,7 @@ class AdapterConfig:
     use_router: bool = True  # false: prior-only routing
     prior_dim: int = bounded(32, ge=1)  # k, the number of cluster centroids the prior has (= prior.k)
     aux_loss_weight: float = bounded(0.0, ge=0)  # load-balancing loss weight (mixtures)
-    dtype: str = "float32"  # adapter parameter dtype
+    dtype: str = one_of("float32", choices=DTYPES)  # adapter parameter dtype
 
 
 @dataclass
@@ -246,7 +304,7 @@ class PriorConfig:
     kmeans_iters: int = bounded(100, ge=1)
     kmeans_restarts: int = bounded(3, ge=1)
     kmeans_tol: float = bounded(1e-4, ge=0)
-    backend: str = "auto"  # auto | torch | faiss
+    backend: str = one_of("auto", choices=("auto", "torch", "faiss"))  # k-means (auto: faiss when installed)
     seed: int = bounded(0, ge=0)
 
 
@@ -256,14 +314,15 @@ class TrainerConfig:
     max_steps: int = bounded(-1, ge=1, allow=(-1,))  # optimizer steps; overrides epochs (-1: off)
     lr: float = bounded(5e-5, gt=0)
     weight_decay: float = bounded(0.0, ge=0)
-    scheduler: str = "cosine"  # cosine | linear | constant
+    scheduler: str = one_of("cosine", choices=("cosine", "linear", "constant"))
     warmup_steps: int = bounded(0, ge=0)
     batch_size: int = bounded(4, ge=1)  # per device
     grad_accum: int = bounded(1, ge=1)
     max_grad_norm: float = bounded(1.0, ge=0)  # gradient clipping (0: off)
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16 (auto: bf16 on a bf16 GPU, else no)
+    mixed_precision: str = one_of("auto", choices=("auto", "no", "bf16", "fp16"))  # auto: bf16 on a bf16 GPU, else no
     gradient_checkpointing: bool = False
-    optimizer: str = "adamw"  # adamw | adafactor (transformers', fixed lr) | adamw_8bit | paged_adamw_8bit (bitsandbytes 8-bit states)
+    # adafactor: transformers', at a fixed lr; adamw_8bit / paged_adamw_8bit: bitsandbytes' 8-bit states
+    optimizer: str = one_of("adamw", choices=("adamw", "adafactor", "adamw_8bit", "paged_adamw_8bit"))
     seed: int = bounded(0, ge=0)
     deepspeed: Optional[str] = None  # path of a DeepSpeed JSON config, relative paths from configs/
     save_every: int = bounded(0, ge=0)  # optimizer steps between checkpoints (0: only at the end)
@@ -271,7 +330,7 @@ class TrainerConfig:
     resume: bool = False  # continue from the newest checkpoint in run_dir/checkpoints
     log_every: int = bounded(1, ge=1)
     routing_stats_every: int = bounded(50, ge=0)  # steps between routing statistics in metrics.jsonl (0: off)
-    report_to: list[str] = unbounded(default_factory=list)  # tensorboard | wandb ([]: neither)
+    report_to: list[str] = one_of(default_factory=list, choices=("tensorboard", "wandb"))  # []: neither
     group_by_length: bool = True  # batches of similar length (less padding)
     # testing aid: exit after this many steps without the final save (-1: off)
     stop_after_steps: int = bounded(-1, ge=1, allow=(-1,))
@@ -282,7 +341,7 @@ class EvalConfig:
     tasks: Optional[list[str]] = bounded(None, min_items=1, allow=(None,))  # subset of data.tasks, by source or task name (null: all)
     unseen_tasks: list[str] = unbounded(default_factory=list)  # built-ins or data.sources evaluated but never trained on ([]: none)
     limit: Optional[int] = bounded(None, ge=1, allow=(None,))  # examples per task (null: all)
-    protocol: str = "first_token"  # choice tasks: first_token | loglik (generative tasks always use generate)
+    protocol: str = one_of("first_token", choices=("first_token", "loglik"))  # choice tasks (generative tasks always use generate)
     # generate protocol (generative tasks): greedy unless do_sample; rows stop at EOS, a stop string or max_new_tokens
     max_new_tokens: int = bounded(64, ge=1)
     stop: list[str] = unbounded(default_factory=list)  # stop strings (the text is cut before the first one; []: none)
@@ -306,14 +365,14 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    mode: str = "auto"  # auto | merged | per_task | per_cluster | adapter (auto: merged for lora, per_task else)
-    dtype: str = "auto"  # auto (the base model's) | float32 | bfloat16 | float16
+    mode: str = one_of("auto", choices=("auto", "merged", "per_task", "per_cluster", "adapter"))  # auto: merged for lora, per_task else
+    dtype: str = one_of("auto", choices=("auto",) + DTYPES)  # auto: the base model's
     overwrite: bool = False
     merged_models: bool = False  # per_task/per_cluster: also write a merged full model per task
     fidelity: bool = True  # per_task / per_cluster: eval each static export vs the dynamic adapter on its examples
     fidelity_limit: Optional[int] = bounded(64, ge=1, allow=(None,))  # evaluation examples per task for the fidelity table (null: all)
     route_examples: int = bounded(64, ge=1)  # training examples per task / cluster whose routes are averaged into its export
-    route_dtype: str = "auto"  # the routes' pass computes in: auto (the model's dtype) | float32 | bfloat16 | float16 (autocast)
+    route_dtype: str = one_of("auto", choices=("auto",) + DTYPES)  # the routes' pass computes in (autocast); auto: the model's dtype
     max_shard_size: str = "2GB"
 
 

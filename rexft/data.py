@@ -10,7 +10,8 @@
          context (a passage, an input, old turns) is trimmed to fit data.max_length, and an example that
          still does not fit is dropped and counted, never cut into
 
-``rexft data`` writes run_dir/data/{train,validation}.jsonl, stats.json and stats.md and prints the table.
+``rexft data`` writes run_dir/data/{train,validation}.jsonl, the split record split.json (rexft/splits.py: what
+every later stage trains on and scores), stats.json and stats.md, and prints the table.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import logging
 import os
 import random
-import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -28,182 +28,11 @@ import torch
 
 from rexft.config import DataConfig, ModelConfig, RunConfig
 from rexft.errors import RexftError
-from rexft.tasks import get_task
-from rexft.tasks.common import LETTERS, Checker, Example
+from rexft.splits import TaskSplit, mixture
+from rexft.tasks.common import LETTERS, Example
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
-
-
-# ---------------------------------------------------------------------------------------------- loading
-def read_records(task: str, split: str, local_dir: str | None) -> tuple[list[dict], str] | None:
-    """Raw records of one split and a name for error messages; None if the split does not exist."""
-    module = get_task(task)
-    if local_dir is not None:
-        folder = Path(local_dir) / task
-        if not folder.is_dir():
-            raise RexftError(f"{task}: no folder {folder} (data.local_dir={local_dir})")
-        path = folder / f"{split}.jsonl"
-        if not path.is_file():
-            return None
-        records = []
-        with open(path) as handle:
-            for row, line in enumerate(handle):
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise RexftError(f"{task}: {path} row {row}: not valid JSON ({err.msg})") from None
-        return records, str(path)
-    import datasets  # the hub path, for online users
-
-    hub_path, hub_name = module.HUB
-    hub_split = module.HUB_SPLITS[split]
-    try:
-        dataset = datasets.load_dataset(hub_path, hub_name, split=hub_split)
-    except ValueError:  # unknown split
-        return None
-    return [dict(r) for r in dataset], f"hub {hub_path}/{hub_name or ''}[{hub_split}]"
-
-
-def load_examples(task: str, split: str, local_dir: str | None, prompt_style: str = "chat") -> list[Example] | None:
-    """A built-in task's examples in a prompt style: chat (``to_example``) or harness (``to_harness``,
-    lm-eval's zero-shot format; see rexft/tasks/common.py)."""
-    loaded = read_records(task, split, local_dir)
-    if loaded is None:
-        return None
-    records, source = loaded
-    module = get_task(task)
-    layout = module.to_harness if prompt_style == "harness" else module.to_example
-    examples = []
-    for row, record in enumerate(records):
-        check = Checker(task, source, row)
-        if not isinstance(record, dict):
-            check.fail("record is not a JSON object")
-        check.fields(record, module.FIELDS)
-        prompt, options, gold, context_chars = layout(record, check)
-        examples.append(Example(task, row, prompt, options, LETTERS[gold], context_chars, prompt_style=prompt_style))
-    return examples
-
-
-# ------------------------------------------------------------------------------------------- splitting
-@dataclass
-class TaskSplit:
-    task: str
-    train: list[Example]
-    eval: list[Example]
-    train_source: str  # "train" | "validation (first part of a seeded shuffle)" | "train (held-out part ...)" | "none"
-    source: str = ""  # the data.tasks entry it came from: a built-in task or a data.sources name
-    kind: str = "choice"  # choice | generate (what its examples are)
-
-
-def _seeded_order(n: int, seed: int, task: str) -> list[int]:
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + zlib.crc32(task.encode())).shuffle(order)
-    return order
-
-
-def split_task(task: str, cfg: DataConfig) -> TaskSplit:
-    validation = load_examples(task, "validation", cfg.local_dir, cfg.prompt_style)
-    if validation is None:
-        raise RexftError(f"{task}: no validation split (data.local_dir={cfg.local_dir})")
-    train = load_examples(task, "train", cfg.local_dir, cfg.prompt_style)
-    if train is not None:
-        return TaskSplit(task, train, validation, "train", task)
-    if cfg.no_train_split == "skip":
-        return TaskSplit(task, [], validation, "none", task)
-    order = _seeded_order(len(validation), cfg.seed, task)
-    cut = int(len(order) * cfg.validation_train_fraction)
-    train_rows, eval_rows = sorted(order[:cut]), sorted(order[cut:])
-    return TaskSplit(task, [validation[i] for i in train_rows], [validation[i] for i in eval_rows],
-                     f"validation rows (seeded {cfg.validation_train_fraction:.0%} part; eval on the rest)", task)
-
-
-def source_splits(name: str, cfg: DataConfig) -> list[TaskSplit]:
-    """The tasks of one user source; where it has no validation split, a seeded share of train is held out."""
-    from rexft.sources import load_source
-
-    spec = cfg.sources[name]
-    splits = []
-    for found in load_source(name, spec, cfg):
-        train, evaluation, origin = found.train or [], found.eval, "train" if found.train is not None else "none"
-        if evaluation is None:
-            order = _seeded_order(len(train), cfg.seed, found.task)
-            cut = len(order) - max(1, round(len(order) * spec.holdout)) if len(order) > 1 else len(order)
-            evaluation = [train[i] for i in sorted(order[cut:])]
-            train = [train[i] for i in sorted(order[:cut])]
-            origin = f"train rows (seeded {1 - spec.holdout:.0%} part; eval on the held-out rest)"
-        examples = train or evaluation
-        kind = examples[0].kind if examples else ("choice" if spec.format == "choice" else "generate")
-        splits.append(TaskSplit(found.task, train, evaluation, origin, name, kind))
-    return splits
-
-
-def cap_examples(examples: list[Example], cap: int | None, seed: int, task: str) -> list[Example]:
-    if cap is None or len(examples) <= cap:
-        return examples
-    keep = sorted(_seeded_order(len(examples), seed, task)[:cap])
-    return [examples[i] for i in keep]
-
-
-def build_splits(cfg: DataConfig, entries: list[str] | None = None) -> list[TaskSplit]:
-    """Per task: capped train and eval examples, for the data.tasks entries (built-ins and sources; a source
-    with a task column expands into many tasks). Deterministic from data.seed."""
-    splits, origin = [], {}
-    for entry in entries if entries is not None else cfg.tasks:
-        if entry in cfg.sources:
-            spec = cfg.sources[entry]
-            found = source_splits(entry, cfg)
-            caps = (spec.train_per_task if spec.train_per_task is not None else cfg.train_per_task,
-                    spec.eval_per_task if spec.eval_per_task is not None else cfg.eval_per_task)
-        else:
-            split = split_task(entry, cfg)
-            split.kind = "choice"
-            found, caps = [split], (cfg.train_per_task, cfg.eval_per_task)
-        for split in found:
-            if split.task in origin:
-                raise RexftError(f"two tasks are named '{split.task}' (from {origin[split.task]} and {entry}); "
-                                 "rename one (a source's task column values are task names)")
-            origin[split.task] = entry
-            split.train = cap_examples(split.train, caps[0], cfg.seed, split.task)
-            split.eval = cap_examples(split.eval, caps[1], cfg.seed + 1, split.task)
-            splits.append(split)
-    return splits
-
-
-def select_splits(splits: list[TaskSplit], names: list[str] | None) -> list[TaskSplit]:
-    """The splits named by task or by source (a source selects all of its tasks); None selects all."""
-    if names is None:
-        return splits
-    known = {s.task for s in splits} | {s.source for s in splits}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise RexftError(f"eval.tasks names {unknown[:5]}, which are neither tasks nor sources of data.tasks")
-    return [s for s in splits if s.task in names or s.source in names]
-
-
-def mixture(splits: list[TaskSplit], cfg: DataConfig) -> list[Example]:
-    """The training mixture, shuffled with data.seed.
-
-    proportional: every (capped) example once. temperature: draw ``mixture_size`` examples with task
-    probability p_t ~ n_t ** (1 / T) (T = 1 is proportional, large T approaches uniform), cycling through
-    each task's seeded order so repeats only happen once a task is exhausted.
-    """
-    rng = random.Random(cfg.seed)
-    if cfg.mixture == "proportional":
-        mixed = [example for split in splits for example in split.train]
-    else:
-        pools = [s.train for s in splits if s.train]
-        weights = [len(p) ** (1.0 / cfg.temperature) for p in pools]
-        size = cfg.mixture_size or sum(len(p) for p in pools)
-        counts = [0] * len(pools)
-        for index in rng.choices(range(len(pools)), weights=weights, k=size):
-            counts[index] += 1
-        mixed = []
-        for pool, count in zip(pools, counts):
-            order = _seeded_order(len(pool), cfg.seed, pool[0].task)
-            mixed += [pool[order[i % len(pool)]] for i in range(count)]
-    rng.shuffle(mixed)
-    return mixed
 
 
 # ------------------------------------------------------------------------------------------ tokenizing
@@ -314,9 +143,35 @@ def encode_prompt(example: Example, tokenizer, fmt: PromptFormat, max_length: in
     return (ids, True) if len(ids) <= budget else (None, True)
 
 
+def plain_assistant_spans(tokenizer, fmt: PromptFormat, messages: list[dict], ids: list[int]) -> list[tuple[int, int]]:
+    """Without a chat template: the tokens of each earlier assistant turn's text ("Assistant: <text>"), found
+    through the tokenizer's character offsets (a slow tokenizer: by tokenizing the text up to each turn)."""
+    text = fmt.render(tokenizer, messages)
+    fast = getattr(tokenizer, "is_fast", False)
+    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"] if fast else []
+    start = fmt.plain_template.format(prompt="\0").index("\0")
+    spans = []
+    for message in messages:
+        start += len(f"{message['role'].capitalize()}: ")
+        end = start + len(message["content"])
+        if message["role"] == "assistant" and end > start:
+            if fast:
+                inside = [i for i, (a, b) in enumerate(offsets) if b > a and a >= start and b <= end]
+                if inside:
+                    spans.append((inside[0], inside[-1] + 1))
+            else:
+                before, through = tokenizer(text[:start]).input_ids, tokenizer(text[:end]).input_ids
+                if through[: len(before)] == before and ids[: len(through)] == through:
+                    spans.append((len(before), len(through)))
+        start = end + 2  # the "\n\n" between turns
+    return spans
+
+
 def assistant_spans(tokenizer, fmt: PromptFormat, messages: list[dict], ids: list[int]) -> list[tuple[int, int]]:
     """Token spans of the earlier assistant turns inside a chat prompt's ids (they are trained on too).
     A template that does not render prefixes consistently gets no span (loss on the last turn only)."""
+    if not fmt.chat:
+        return plain_assistant_spans(tokenizer, fmt, messages, ids)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i == 0:
@@ -526,42 +381,33 @@ def percentile(values: list[int], q: float) -> int:
 
 
 def prepare_data(cfg: RunConfig) -> Path:
-    """``rexft data``: write data/{train,validation}.jsonl, data/stats.json and print the table."""
+    """``rexft data``: write data/{train,validation}.jsonl, the split record data/split.json (rexft/splits.py),
+    data/stats.json and print the table."""
     from rexft.modeling import load_tokenizer
     from rexft.rundir import atomic_write_text, write_json, write_jsonl
+    from rexft.splits import prepared_splits, record_path, split_record
 
-    splits = build_splits(cfg.data)
+    splits, unseen = prepared_splits(cfg)
     train = mixture(splits, cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     fmt = PromptFormat.for_model(tokenizer, cfg.model)
     encoded_train = tokenize_examples(train, tokenizer, fmt, cfg.data.max_length, desc="tokenize train")
     check_dropped(train, encoded_train, cfg.data)
-    train_by_task: dict[str, list[dict | None]] = {}
-    for example, row in zip(train, encoded_train):
-        train_by_task.setdefault(example.task, []).append(row)
-    out = cfg.path / "data"
+    evaluation = [e for split in splits + unseen for e in split.eval]
+    encoded_eval = tokenize_examples(evaluation, tokenizer, fmt, cfg.data.max_length, desc="tokenize eval")
     stats = {"train_examples": sum(r is not None for r in encoded_train), "max_length": cfg.data.max_length,
-             "template": "chat" if fmt.chat else "plain", "prompt_style": cfg.data.prompt_style, "tasks": {}}
-    evaluation = [e for split in splits for e in split.eval]
-    eval_by_task: dict[str, list[dict | None]] = {}
-    for example, row in zip(evaluation, tokenize_examples(evaluation, tokenizer, fmt, cfg.data.max_length, desc="tokenize eval")):
-        eval_by_task.setdefault(example.task, []).append(row)
-    for split in splits:
-        task_train = train_by_task.get(split.task, [])
-        rows = task_train + eval_by_task.get(split.task, [])
-        lengths = [len(r["input_ids"]) for r in rows if r is not None]
-        stats["tasks"][split.task] = {
-            "source": split.source, "kind": split.kind,
-            "train": sum(r is not None for r in task_train), "eval": len(split.eval),
-            "train_source": split.train_source,
-            "tokens_p50": percentile(lengths, 50), "tokens_p90": percentile(lengths, 90),
-            "tokens_p99": percentile(lengths, 99), "tokens_max": max(lengths, default=0),
-            "truncated": sum(r["truncated"] for r in rows if r is not None),
-            "dropped": sum(r is None for r in rows),
-        }
+             "template": "chat" if fmt.chat else "plain", "prompt_style": cfg.data.prompt_style,
+             "tasks": task_stats(splits, unseen, train + evaluation, encoded_train + encoded_eval)}
+    kept = [e for e, r in zip(train, encoded_train) if r is not None]
+    record = split_record(cfg, splits, unseen, kept, [e for e, r in zip(evaluation, encoded_eval) if r is None])
+    empty = [s.task for s in splits + unseen if not s.eval]
+    if empty:
+        log.warning("no held-out rows for %s: eval reports these tasks as not scored", ", ".join(empty))
     # Everything is computed before anything is written, so a bad record leaves no half-written data/.
-    write_jsonl(out / "train.jsonl", [e.to_dict() for e, r in zip(train, encoded_train) if r is not None])
+    out = cfg.path / "data"
+    write_jsonl(out / "train.jsonl", [e.to_dict() for e in kept])
     write_jsonl(out / "validation.jsonl", [e.to_dict() for e in evaluation])
+    write_json(record_path(cfg.path), record)
     write_json(out / "stats.json", stats)
     table = f"prompt style: {cfg.data.prompt_style}\n\n{stats_table(stats)}"
     atomic_write_text(out / "stats.md", table + "\n")
@@ -569,17 +415,42 @@ def prepare_data(cfg: RunConfig) -> Path:
     return out
 
 
+def task_stats(splits: list[TaskSplit], unseen: list[TaskSplit], examples: list[Example],
+               encoded: list[dict | None]) -> dict[str, dict]:
+    """Per task: counts, token lengths, truncated and dropped examples (training and evaluation together)."""
+    by_task: dict[str, list[tuple[Example, dict | None]]] = {}
+    for example, row in zip(examples, encoded):
+        by_task.setdefault(example.task, []).append((example, row))
+    stats, unseen_tasks = {}, {s.task for s in unseen}
+    for split in splits + unseen:
+        pairs = by_task.get(split.task, [])
+        rows = [r for _, r in pairs]
+        lengths = [len(r["input_ids"]) for r in rows if r is not None]
+        trained = len(pairs) - len(split.eval)  # a task's training examples come first in ``examples``
+        stats[split.task] = {
+            "source": split.source, "kind": split.kind, "unseen": split.task in unseen_tasks,
+            "train": sum(r is not None for r in rows[:trained]), "eval": len(split.eval),
+            "train_source": split.train_source, "answers": split.answers,
+            "tokens_p50": percentile(lengths, 50), "tokens_p90": percentile(lengths, 90),
+            "tokens_p99": percentile(lengths, 99), "tokens_max": max(lengths, default=0),
+            "truncated": sum(r["truncated"] for r in rows if r is not None),
+            "dropped": sum(r is None for r in rows),
+        }
+    return stats
+
+
 def stats_table(stats: dict) -> str:
     """One row per task (every task: the file is the record), and totals per kind of task."""
-    header = "| task | kind | train | eval | train from | p50 | p90 | p99 | max | truncated | dropped |"
-    lines = [header, "|" + "---|" * 11]
+    header = "| task | kind | answers read as | train | eval | train from | p50 | p90 | p99 | max | truncated | dropped |"
+    lines = [header, "|" + "---|" * 12]
     for task, s in stats["tasks"].items():
-        lines.append(f"| {task} | {s['kind']} | {s['train']} | {s['eval']} | {s['train_source'].split(' (')[0]} | "
+        lines.append(f"| {task} | {s['kind']} | {s.get('answers') or '-'} | {s['train']} | {s['eval']} | "
+                     f"{s['train_source'].split(' (')[0]}{' (unseen)' if s.get('unseen') else ''} | "
                      f"{s['tokens_p50']} | {s['tokens_p90']} | {s['tokens_p99']} | {s['tokens_max']} | {s['truncated']} | "
                      f"{s['dropped']} |")
     for kind in sorted({s["kind"] for s in stats["tasks"].values()}):
         rows = [s for s in stats["tasks"].values() if s["kind"] == kind]
-        lines.append(f"| **{len(rows)} {kind} tasks** | {kind} | {sum(s['train'] for s in rows)} | {sum(s['eval'] for s in rows)} "
-                     f"| | | | | {max(s['tokens_max'] for s in rows)} | {sum(s['truncated'] for s in rows)} | "
+        lines.append(f"| **{len(rows)} {kind} task{'s' * (len(rows) != 1)}** | {kind} | | {sum(s['train'] for s in rows)} | "
+                     f"{sum(s['eval'] for s in rows)} | | | | | {max(s['tokens_max'] for s in rows)} | {sum(s['truncated'] for s in rows)} | "
                      f"{sum(s['dropped'] for s in rows)} |")
     return "\n".join(lines)

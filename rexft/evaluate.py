@@ -41,11 +41,11 @@ from rexft.batching import (CACHE_KWARG, Decoding, batch_openings, forward_after
                             shared_prefix_lengths, shared_prefix_order)
 from rexft.config import RunConfig
 from rexft.config import EvalConfig
-from rexft.data import (PromptFormat, build_splits, cap_examples, encode_example, encode_prompt, letter_token_ids,
-                        select_splits)
+from rexft.data import PromptFormat, encode_example, encode_prompt, letter_token_ids
 from rexft.errors import RexftError
 from rexft.metrics import bootstrap_ci, exact_match, rouge_l, wilson
 from rexft.modeling import load_model, load_tokenizer
+from rexft.splits import EvalSet, eval_set, examples_digest
 from rexft.tasks.common import LETTERS, Example
 
 log = logging.getLogger(__name__)
@@ -514,7 +514,7 @@ def results_table(results: dict) -> str:
         if choice:
             lines = [f"| {title} choice task | n | accuracy | 95% CI | answer NLL |", "|---|---|---|---|---|"]
             lines += [f"| {t} | {e['n']} | {e['accuracy']:.3f} | {_ci(e['ci95'])} | {e['nll']:.3f} |" for t, e in choice.items()]
-            lines.append(f"| **mean ({len(choice)} tasks)** | {sum(e['n'] for e in choice.values())} | "
+            lines.append(f"| **mean ({len(choice)} task{'s' * (len(choice) != 1)})** | {sum(e['n'] for e in choice.values())} | "
                          f"**{results[prefix + 'mean_accuracy']:.3f}** | | {results[prefix + 'mean_nll']:.3f} |")
             blocks.append("\n".join(lines))
         if generative:
@@ -522,7 +522,7 @@ def results_table(results: dict) -> str:
                      "|---|---|---|---|---|---|---|"]
             lines += [f"| {t} | {e['n']} | {e['rouge_l']:.3f} | {_ci(e['rouge_l_ci95'])} | {e['exact_match']:.3f} | "
                       f"{_ci(e['exact_match_ci95'])} | {e['target_nll']:.3f} |" for t, e in generative.items()]
-            lines.append(f"| **mean ({len(generative)} tasks)** | {sum(e['n'] for e in generative.values())} | "
+            lines.append(f"| **mean ({len(generative)} task{'s' * (len(generative) != 1)})** | {sum(e['n'] for e in generative.values())} | "
                          f"**{results[prefix + 'mean_rouge_l']:.3f}** | {_ci(results[prefix + 'mean_rouge_l_ci95'])} | "
                          f"**{results[prefix + 'mean_exact_match']:.3f}** | {_ci(results[prefix + 'mean_exact_match_ci95'])} | "
                          f"{results[prefix + 'mean_target_nll']:.3f} |")
@@ -530,6 +530,9 @@ def results_table(results: dict) -> str:
     dropped = sum(e["dropped"] for e in results["tasks"].values())
     if dropped:
         blocks.append(f"({dropped} examples did not fit data.max_length and were not scored; see results.json)")
+    empty = sorted(t for t, e in results["tasks"].items() if not e["n"] and not e["dropped"])
+    if empty:
+        blocks.append(f"(no held-out rows to score for {', '.join(empty)}: their validation split has none of their rows)")
     return "\n\n".join(blocks)
 
 
@@ -540,23 +543,10 @@ def summary_lines(results: dict) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- stage
-def eval_examples(cfg: RunConfig) -> tuple[list[Example], dict[str, str], set[str]]:
-    """Held-in examples (eval.tasks or all of data.tasks) and unseen-task examples (eval.unseen_tasks):
-    (examples, eval source per task, unseen task names)."""
-    held = select_splits(build_splits(cfg.data), cfg.eval.tasks)
-    unseen = build_splits(cfg.data, cfg.eval.unseen_tasks) if cfg.eval.unseen_tasks else []
-    trained = {s.task for s in held}
-    clash = [s.task for s in unseen if s.task in trained]
-    if clash:
-        raise RexftError(f"eval.unseen_tasks holds task '{clash[0]}', which data.tasks trains on")
-    examples, sources = [], {}
-    for split in held + unseen:
-        chosen = cap_examples(split.eval, cfg.eval.limit, cfg.data.seed + 2, split.task)
-        examples += chosen
-        sources[split.task] = ("validation" if split.train_source in ("train", "none") else
-                               "validation rows held out from training" if split.train_source.startswith("validation")
-                               else "train rows held out from training")
-    return examples, sources, {s.task for s in unseen}
+def eval_examples(cfg: RunConfig) -> EvalSet:
+    """Held-in examples (eval.tasks or all of data.tasks) and unseen-task examples (eval.unseen_tasks), as
+    `rexft data` recorded them (rexft/splits.py)."""
+    return eval_set(cfg)
 
 
 def load_eval_model(cfg: RunConfig):
@@ -657,7 +647,8 @@ def evaluate(cfg: RunConfig) -> Path:
     from rexft.rundir import atomic_write_text, write_json, write_jsonl
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    examples, sources, unseen = eval_examples(cfg)
+    chosen = eval_examples(cfg)
+    examples, sources, unseen = chosen.examples, chosen.sources, chosen.unseen
     model, tokenizer, adapter_config, description = load_eval_model(cfg)
     priors = None
     if adapter_config is not None:
@@ -677,8 +668,11 @@ def evaluate(cfg: RunConfig) -> Path:
     predictions = gather_object(predictions) if state.num_processes > 1 else predictions
     if not state.is_main_process:
         return cfg.path / cfg.eval.output
-    tasks = list(dict.fromkeys(e.task for e in examples))
+    tasks = chosen.tasks
+    predictions += [dropped(e) for e in chosen.not_scored]  # too long for `rexft data`: counted, not scored
     results = summarize(predictions, tasks, unseen, cfg.eval.bootstrap)
+    for task, digest in examples_digest(examples).items():
+        results["tasks"][task]["examples"] = digest
     results.update({"protocol": cfg.eval.protocol, "restricted": cfg.eval.restricted, "model": description,
                     "eval_source": sources, "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "stop": cfg.eval.stop,
                                                            "do_sample": cfg.eval.do_sample, "num_beams": cfg.eval.num_beams}})
@@ -762,12 +756,12 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
     import matplotlib.pyplot as plt
 
     if not run_dirs:
-        raise SystemExit("usage: rexft eval compare RUN_DIR [RUN_DIR ...]")
+        raise RexftError("usage: rexft eval compare RUN_DIR [RUN_DIR ...]")
     runs = {}
     for directory in run_dirs:
         path = directory / "results.json" if (directory / "results.json").is_file() else directory / "eval" / "results.json"
         if not path.is_file():
-            raise SystemExit(f"rexft: error: no eval results at {directory} (run rexft eval first)")
+            raise RexftError(f"no eval results at {directory} (run `rexft eval` first)")
         runs[str(directory)] = json.loads(path.read_text())
     out = Path(out) if out is not None else Path(os.path.commonpath([str(d.resolve()) for d in run_dirs]))
     tasks = sorted(dict.fromkeys(t for r in runs.values() for t in r["tasks"]))
@@ -777,17 +771,25 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
         if not entry or not entry.get("n"):
             return "-"
         if entry.get("kind") == "generate":
-            return f"{entry['rouge_l']:.3f} / {entry['exact_match']:.3f} / {entry['target_nll']:.3f}"
-        return f"{entry['accuracy']:.3f}"
+            return f"{entry['rouge_l']:.3f} / {entry['exact_match']:.3f} / {entry['target_nll']:.3f} (n={entry['n']})"
+        return f"{entry['accuracy']:.3f} (n={entry['n']})"
+
+    def differs(task: str) -> bool:
+        """The runs scored different examples of the task (other rows, another eval.limit)."""
+        scored = [(e.get("n"), e.get("examples")) for e in (r["tasks"].get(task) for r in runs.values()) if e]
+        return len(set(scored)) > 1
 
     lines = ["| task (accuracy, or ROUGE-L / EM / target NLL) | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
-    lines += [f"| {task}{' (unseen)' if any(r['tasks'].get(task, {}).get('unseen') for r in runs.values()) else ''} | "
-              + " | ".join(cell(r, task) for r in runs.values()) + " |" for task in tasks]
+    lines += [f"| {task}{' (unseen)' if any(r['tasks'].get(task, {}).get('unseen') for r in runs.values()) else ''}"
+              f"{' †' if differs(task) else ''} | " + " | ".join(cell(r, task) for r in runs.values()) + " |" for task in tasks]
     means = [k for k in MEAN_LABELS if any(r.get(k) is not None for r in runs.values())]
-    lines += [f"| **{MEAN_LABELS[k]}** | " + " | ".join(f"**{r[k]:.3f}**" if r.get(k) is not None else "-" for r in runs.values())
+    footer = [f"| **{MEAN_LABELS[k]}** | " + " | ".join(f"**{r[k]:.3f}**" if r.get(k) is not None else "-" for r in runs.values())
               + " |" for k in means]
-    table = "\n".join(lines)
-    print(table if len(tasks) <= 30 else "\n".join(lines[:2] + lines[-len(means):]) + f"\n({len(tasks)} tasks: see compare.md)")
+    if any(differs(task) for task in tasks):
+        footer.append("\n† the runs scored different examples of this task (other held-out rows or eval.limit): "
+                      "its scores are not comparable")
+    table = "\n".join(lines + footer)
+    print(table if len(tasks) <= 30 else "\n".join(lines[:2] + footer) + f"\n({len(tasks)} tasks: see compare.md)")
     fig, ax = plt.subplots(figsize=(max(8, min(len(tasks), MAX_ROWS) * 0.8), 4.5))
     if len(tasks) <= MAX_ROWS:
         width = 0.8 / len(runs)

@@ -2,7 +2,8 @@
 
     lora      merged/   W' = W + B A folded into the base weights, a plain Hugging Face model directory
               peft/     the adapter in PEFT format (PeftModel.from_pretrained)
-    mixtures  per_task/<task>/ (or per_cluster/<c>/): the routing averaged over the task's (cluster's)
+    mixtures  per_task/<task>/ (or per_cluster/<c>/; a task name made a safe folder name, manifest.json's
+              "folders" maps each task to its folder): the routing averaged over the task's (cluster's)
               training examples is fixed, so each layer's delta is a static low-rank B' A' (see
               AdapterLinear.static_factors) written as a PEFT LoRA adapter; merged/<task>/ on request;
               fidelity.md: each static export vs the dynamic adapter on its evaluation examples
@@ -34,9 +35,10 @@ from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, se
 from rexft.batching import (batch_openings, forward_rests, prefill_prefixes, shared_prefix_lengths,
                             shared_prefix_order)
 from rexft.config import RunConfig
-from rexft.data import PromptFormat, build_splits, encode_prompt
+from rexft.data import PromptFormat, encode_prompt
 from rexft.errors import RexftError
 from rexft.modeling import load_model, load_tokenizer, torch_dtype
+from rexft.rundir import folder_name
 
 log = logging.getLogger(__name__)
 LOADING = """# Loading this dynamic rexft adapter
@@ -222,11 +224,11 @@ def check_written(cfg: RunConfig, tokenizer, folder: Path, names: list[str], lay
         set_groups(layers, torch.tensor([index]))
         with torch.inference_mode():
             expected = model(input_ids=ids).logits.float()
-            loaded = PeftModel.from_pretrained(base, str(folder / names[index])).eval()
+            loaded = PeftModel.from_pretrained(base, str(folder / folder_name(names[index]))).eval()
             gap = float((loaded(input_ids=ids).logits.float() - expected).abs().max())
             base = loaded.unload()
         if gap > (1e-3 if dtype == torch.float32 else 5e-2) * max(1.0, float(expected.abs().max())):
-            raise RexftError(f"reload check failed: export {folder / names[index]} differs from its factors by {gap:.3g} in logits")
+            raise RexftError(f"reload check failed: export {folder / folder_name(names[index])} differs from its factors by {gap:.3g} in logits")
 
 
 def static_factors(model, routes: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -322,15 +324,16 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
     from peft import PeftModel
     from tqdm.auto import tqdm
 
-    from rexft.data import cap_examples
+    from rexft.splits import cap_examples
     from rexft.evaluate import adapter_priors
     from rexft.prior import load_prior, priors_from
+    from rexft.splits import frozen_splits
 
     adapter_dir = cfg.path / "adapter"
     model = load_adapter(base_model_for_export(cfg, tokenizer), adapter_dir).eval()
     dtype = export_dtype(cfg, model)
     fmt = PromptFormat.for_model(tokenizer, cfg.model)
-    splits = build_splits(cfg.data)
+    splits = frozen_splits(cfg)  # the held-in tasks as `rexft data` recorded them
     train = [e for s in splits for e in s.train] or [e for s in splits for e in s.eval]
     checked = [e for s in splits for e in cap_examples(s.eval, cfg.export.fidelity_limit, cfg.data.seed + 2, s.task)]
     if not cfg.export.fidelity:
@@ -375,17 +378,18 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
             continue
         group_routes = mean_routes(routes, tokens, [position[i] for i in index])
         factors[name] = static_factors(model, group_routes)
-        write_peft_adapter(folder / name, factors[name], cfg.model.name_or_path, dtype)
+        write_peft_adapter(folder / folder_name(name), factors[name], cfg.model.name_or_path, dtype)
         written[name] = len(index)
-    result = {by: written, "dtype": str(dtype).replace("torch.", ""), "route_examples": cfg.export.route_examples,
+    result = {by: written, "folders": {name: folder_name(name) for name in written},  # task -> its folder under by/
+              "dtype": str(dtype).replace("torch.", ""), "route_examples": cfg.export.route_examples,
               "route_dtype": str(route_dtype or next(model.parameters()).dtype).replace("torch.", "")}
     if checked:
         result["fidelity"], result["fidelity_dynamic_from_eval"] = _fidelity(cfg, model, tokenizer, fmt, folder, written, factors, dtype, checked,
                                        keys[len(train):], None if priors is None else priors[len(train):], by)
     for name in written if cfg.export.merged_models else []:  # opt-in: a full model per group
-        merged = PeftModel.from_pretrained(base_model_for_export(cfg, tokenizer), str(folder / name)).merge_and_unload()
-        merged.to(dtype).save_pretrained(tmp / "merged" / name, max_shard_size=cfg.export.max_shard_size)
-        tokenizer.save_pretrained(tmp / "merged" / name)
+        merged = PeftModel.from_pretrained(base_model_for_export(cfg, tokenizer), str(folder / folder_name(name))).merge_and_unload()
+        merged.to(dtype).save_pretrained(tmp / "merged" / folder_name(name), max_shard_size=cfg.export.max_shard_size)
+        tokenizer.save_pretrained(tmp / "merged" / folder_name(name))
     return result
 
 

@@ -3,7 +3,8 @@
     instruction   instruction [+ input] -> output        Alpaca / Tk-Instruct style, rendered by the spec's template
     chat          messages -> the last assistant turn    OpenAI {role, content} or ShareGPT {from, value} turns;
                                                          loss on every assistant turn, the last one is the target
-    choice        question + options -> gold letter      laid out and scored like the built-in tasks
+    choice        question + options -> gold letter      laid out and scored like the built-in tasks; the answer is
+                                                         read as the spec's answer_format (index, letter, text, auto)
 
 A format maps one record (through the spec's column map) to one :class:`Example`, or fails naming the
 task, the file, the row and the field.
@@ -122,18 +123,46 @@ def choice(record: dict, spec: TaskSpec, check: Checker, task: str, row: int) ->
     answer = record.get(column_of(spec, "answer"))
     if isinstance(answer, bool) or answer is None:
         check.fail(f"missing or invalid answer in column '{column_of(spec, 'answer')}': {answer!r}")
-    if isinstance(answer, int) or (isinstance(answer, str) and answer.strip().isdigit()):
-        gold = check.label(answer, len(options))
-    elif isinstance(answer, str) and answer.strip() in LETTERS[: len(options)]:
-        gold = LETTERS.index(answer.strip())
-    elif isinstance(answer, str) and answer in options:
-        gold = options.index(answer)
-    else:
-        check.fail(f"answer {answer!r} is not an option index, letter or option text")
+    gold = gold_option(answer, options, spec.answer_format, check)
     question = _text(record, column_of(spec, "question"), check)
     context = _text(record, column_of(spec, "context"), check, optional="context" not in spec.columns)
     prompt, options, gold, context_chars = multiple_choice(question, options, gold, context)
     return Example(task, row, prompt, options, LETTERS[gold], context_chars)
+
+
+
+
+def answer_readings(answer: Any, options: list[str]) -> dict[str, int]:
+    """The gold option under each reading the answer allows: index (0-based), letter, option text."""
+    readings = {}
+    digits = isinstance(answer, int) or (isinstance(answer, str) and answer.strip().isdigit())
+    if digits and 0 <= int(answer) < len(options):
+        readings["index"] = int(answer)
+    if isinstance(answer, str) and answer.strip() in LETTERS[: len(options)]:
+        readings["letter"] = LETTERS.index(answer.strip())
+    if isinstance(answer, str) and answer in options:
+        readings["text"] = options.index(answer)
+    return readings
+
+
+def gold_option(answer: Any, options: list[str], answer_format: str, check: Checker) -> int:
+    """The gold index by the spec's answer_format; ``auto`` refuses an answer whose readings disagree."""
+    readings = answer_readings(answer, options)
+    wanted = {"index": f"an index 0-{len(options) - 1}", "letter": f"a letter A-{LETTERS[len(options) - 1]}",
+              "text": "one of the option texts"}
+    if answer_format != "auto":
+        if answer_format not in readings:
+            check.fail(f"answer {answer!r} is not {wanted[answer_format]} (answer_format: {answer_format}); options: {options}")
+        check.reading = answer_format
+        return readings[answer_format]
+    if not readings:
+        check.fail(f"answer {answer!r} is not an option index, letter or option text; options: {options}")
+    if len(set(readings.values())) > 1:
+        meanings = ", ".join(f"as {kind} {LETTERS[gold]} ({options[gold]!r})" for kind, gold in readings.items())
+        check.fail(f"answer {answer!r} is ambiguous: {meanings}; set answer_format (index, letter or text) in "
+                   "its data.sources spec")
+    check.reading = "=".join(readings)
+    return next(iter(readings.values()))
 
 
 FORMATS: dict[str, Callable[[dict, TaskSpec, Checker, str, int], Example]] = {

@@ -284,10 +284,16 @@ def prior_dir(cfg: RunConfig) -> Path:
 
 
 def training_texts(cfg: RunConfig) -> tuple[list[str], list[str]]:
-    from rexft.data import build_splits, mixture
+    from rexft.splits import frozen_mixture
 
-    train = mixture(build_splits(cfg.data), cfg.data)
+    train = frozen_mixture(cfg)  # the rows train uses
     return [e.prompt for e in train], [e.task for e in train]
+
+
+def prior_is_stale(cfg: RunConfig) -> bool:
+    """No prior in the run directory, or one clustered from other rows than the training mixture."""
+    meta = prior_dir(cfg) / "meta.json"
+    return not meta.is_file() or json.loads(meta.read_text()).get("data_fingerprint") != data_fingerprint(training_texts(cfg)[0])
 
 
 def cluster_prior(cfg: RunConfig) -> Path:

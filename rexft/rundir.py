@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from rexft.config import RunConfig
 
@@ -26,6 +29,36 @@ def save_resolved_config(cfg: RunConfig, yaml_text: str, command: str) -> Path:
     cfg.path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.path / f"config.{command}.yaml", yaml_text)
     return atomic_write_text(cfg.path / "config.yaml", yaml_text)
+
+
+def folder_name(task: str) -> str:
+    """A task name as one file or folder name: path separators and other unsafe characters percent-encoded
+    (``returns/exchanges`` -> ``returns%2Fexchanges``), a leading dot too; ``urllib.parse.unquote`` reverses it."""
+    from urllib.parse import quote
+
+    name = quote(task, safe=" -_.+=,@()[]")
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+@contextmanager
+def restored_on_error(run_dir: Path) -> Iterator[None]:
+    """A command that fails leaves the run directory as it found it: a directory it created is removed when it
+    holds nothing but the configs written, and config files it replaced are put back."""
+    existed = run_dir.is_dir()
+    before = {p.name: p.read_bytes() for p in run_dir.glob("config*.yaml")} if existed else {}
+    try:
+        yield
+    except Exception:
+        if not existed:
+            if run_dir.is_dir() and all(p.name.startswith("config") for p in run_dir.iterdir()):
+                shutil.rmtree(run_dir)
+        else:
+            for path in run_dir.glob("config*.yaml"):
+                if path.name not in before:
+                    path.unlink()
+            for name, text in before.items():
+                (run_dir / name).write_bytes(text)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

@@ -1,17 +1,23 @@
-"""The user's task sources (``data.sources``): records from local files or the hub, read with ``datasets``.
+"""The user's task sources (``data.sources``): records from local files or the hub.
 
-    TaskSpec (config) -> records of the train / validation splits (local file, folder or hub dataset)
+    TaskSpec (config) -> records of the train / validation splits (local file, folder of split files or hub dataset)
       -> tasks: one, or one per distinct value of ``task_column`` (include / exclude)
       -> Examples through the spec's format (rexft/formats.py)
 
-Errors name the source, the file and the column: a missing file or column, a task column with no values,
-an unreadable file.
+JSON Lines, JSON and CSV files are decoded and parsed here (with the spec's ``encoding``), so every error names
+the file and the line as an editor shows it (1-based; a CSV file's header is line 1), and CSV cells stay the text
+they are (no number or null guessing). Parquet files and hub datasets are read with ``pyarrow`` / ``datasets``;
+their rows are named as 1-based records. A folder's split files follow the names ``datasets`` gives splits
+(train / training, validation / valid / dev / val, test / testing / eval / evaluation).
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rexft.config import DataConfig, TaskSpec
@@ -27,13 +33,28 @@ FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "par
 class Records:
     rows: list[dict]
     where: str  # the file or hub split, for error messages
+    positions: list[str] = field(default_factory=list)  # per row: "line 7" or "record 7", 1-based
+
+    def position(self, row: int) -> str:
+        return self.positions[row] if row < len(self.positions) else f"record {row + 1}"
 
 
-def resolve_path(spec: TaskSpec, data: DataConfig) -> Path:
-    path = Path(spec.path).expanduser()
-    if path.exists() or path.is_absolute() or data.local_dir is None:
-        return path
-    return Path(data.local_dir) / path
+def path_candidates(path: str, data: DataConfig, extra: tuple[Path, ...] = ()) -> list[Path]:
+    """Where a source path may be: as given (absolute), else the working directory, data.local_dir and ``extra``."""
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return [given]
+    folders = [Path.cwd()] + ([Path(data.local_dir)] if data.local_dir is not None else []) + list(extra)
+    return [folder / given for folder in folders]
+
+
+def resolve_path(name: str, spec: TaskSpec, data: DataConfig) -> Path:
+    """The first place the source's path exists; else one error listing every place looked."""
+    candidates = path_candidates(spec.path, data)
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
+        raise RexftError(f"data.sources.{name}: path {spec.path} not found; looked for {', '.join(map(str, candidates))}")
+    return found
 
 
 def reads_hub(spec: TaskSpec, data: DataConfig) -> bool:
@@ -43,26 +64,105 @@ def reads_hub(spec: TaskSpec, data: DataConfig) -> bool:
     return spec.path is None or data.local_dir is None
 
 
-def split_file(folder: Path, split: str) -> Path | None:
-    """A split inside a folder: the file named exactly, or <split>.{jsonl,json,csv,parquet}."""
+def split_aliases(split: str) -> list[str]:
+    """File names a split may have in a folder: ``datasets``' keywords for train / validation / test."""
+    from datasets.data_files import SPLIT_KEYWORDS
+
+    return next((list(words) for words in SPLIT_KEYWORDS.values() if split in words), [split])
+
+
+def split_file(folder: Path, split: str, name: str) -> Path | None:
+    """A split inside a folder: the file named exactly, or <alias>.{jsonl,json,csv,parquet}; two candidates are an error."""
     named = folder / split
     if named.is_file():
         return named
-    return next((folder / f"{split}{ext}" for ext in FILE_TYPES if (folder / f"{split}{ext}").is_file()), None)
+    found = [folder / f"{alias}{ext}" for alias in split_aliases(split) for ext in FILE_TYPES
+             if (folder / f"{alias}{ext}").is_file()]
+    if len(found) > 1:
+        raise RexftError(f"data.sources.{name}: {folder} holds {len(found)} files for split '{split}' "
+                         f"({', '.join(p.name for p in found)}); keep one, or name it in train_split / validation_split")
+    return found[0] if found else None
 
 
-def read_file(path: Path, name: str) -> Records:
-    import datasets
+def decode(raw: bytes, path: Path, name: str, encoding: str) -> str:
+    try:
+        return raw.decode("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding)
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise RexftError(f"data.sources.{name}: {path} is not {encoding} text: byte 0x{raw[err.start]:02x} at offset "
+                         f"{err.start} (line {line}); save it as UTF-8, or set data.sources.{name}.encoding to the "
+                         "file's encoding (e.g. cp1252, latin-1)") from None
 
+
+def json_lines(text: str, path: Path, name: str) -> Records:
+    rows, positions = [], []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise RexftError(f"data.sources.{name}: {path} line {number} column {err.colno}: not valid JSON "
+                             f"({err.msg})") from None
+        positions.append(f"line {number}")
+    return Records(rows, str(path), positions)
+
+
+def json_list(text: str, path: Path, name: str) -> Records:
+    """A JSON list of records (or JSON Lines saved as .json)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # one object per line
+            return json_lines(text, path, name)
+        raise RexftError(f"data.sources.{name}: {path} line {err.lineno} column {err.colno}: not valid JSON "
+                         f"({err.msg})") from None
+    if not isinstance(value, list):
+        raise RexftError(f"data.sources.{name}: {path} holds a JSON {type(value).__name__}; rexft reads a list of "
+                         "records ([{...}, ...]) or JSON Lines (one record per line)")
+    return Records(value, str(path), [f"record {i + 1}" for i in range(len(value))])
+
+
+def csv_rows(text: str, path: Path, name: str) -> Records:
+    """Every cell as the text it is: "007" stays "007", "NA" and "None" stay words."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, positions, header, start = [], [], None, 1
+    try:
+        for cells in reader:
+            if header is None:
+                header = cells
+            elif len(cells) > len(header):
+                raise RexftError(f"data.sources.{name}: {path} line {start}: {len(cells)} cells, but the header (line 1) "
+                                 f"names {len(header)} columns")
+            elif cells:  # a blank line is no record; a row of empty cells is one
+                rows.append(dict(zip(header, cells)))
+                positions.append(f"line {start}")
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise RexftError(f"data.sources.{name}: {path} line {reader.line_num}: not valid CSV ({err})") from None
+    return Records(rows, str(path), positions)
+
+
+def read_file(path: Path, name: str, encoding: str = "utf-8") -> Records:
     kind = FILE_TYPES.get(path.suffix.lower())
     if kind is None:
         raise RexftError(f"data.sources.{name}: {path} is not a .jsonl, .json, .csv or .parquet file")
-    try:
-        dataset = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as err:  # datasets wraps parse errors in several types; the first line names the problem
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RexftError(f"data.sources.{name}: cannot read {path} ({first})") from None
-    return Records(dataset.to_list(), str(path))
+    if kind == "parquet":
+        import pyarrow.parquet
+
+        try:
+            rows = pyarrow.parquet.read_table(path).to_pylist()
+        except Exception as err:  # pyarrow's errors are of several types; the first line names the problem
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RexftError(f"data.sources.{name}: cannot read {path} ({first})") from None
+        records = Records(rows, str(path), [f"record {i + 1}" for i in range(len(rows))])
+    else:
+        text = decode(path.read_bytes(), path, name, encoding)
+        reader = csv_rows if kind == "csv" else json_lines if path.suffix.lower() == ".jsonl" else json_list
+        records = reader(text, path, name) if text.strip() else Records([], str(path))
+    if not records.rows:
+        raise RexftError(f"data.sources.{name}: file {path} has no rows")
+    return records
 
 
 def read_split(name: str, spec: TaskSpec, data: DataConfig, split: str | None) -> Records | None:
@@ -78,16 +178,39 @@ def read_split(name: str, spec: TaskSpec, data: DataConfig, split: str | None) -
             if "split" in str(err).lower():  # unknown split name: the source has no such split
                 return None
             raise RexftError(f"data.sources.{name}: cannot read hub dataset {spec.hub} ({str(err).splitlines()[0]})") from None
-        return Records([dict(r) for r in dataset], f"hub {spec.hub}/{spec.subset or ''}[{split}]")
+        rows = [dict(r) for r in dataset]
+        return Records(rows, f"hub {spec.hub}/{spec.subset or ''}[{split}]", [f"record {i + 1}" for i in range(len(rows))])
     if spec.path is None:
         raise RexftError(f"data.sources.{name}: give a local `path` or a `hub` dataset id")
-    path = resolve_path(spec, data)
+    path = resolve_path(name, spec, data)
     if path.is_file():  # one file: it is the training split; evaluation comes from a held-out share
-        return read_file(path, name) if split == spec.train_split else None
-    if not path.is_dir():
-        raise RexftError(f"data.sources.{name}: path {path} does not exist")
-    found = split_file(path, split)
-    return read_file(found, name) if found is not None else None
+        return read_file(path, name, spec.encoding) if split == spec.train_split else None
+    found = split_file(path, split, name)
+    return read_file(found, name, spec.encoding) if found is not None else None
+
+
+def source_files(name: str, spec: TaskSpec, data: DataConfig) -> list[Path]:
+    """The local files a source reads ([] for a hub source): what the run directory fingerprints."""
+    if reads_hub(spec, data) or spec.path is None:
+        return []
+    path = resolve_path(name, spec, data)
+    if path.is_file():
+        return [path]
+    found = [split_file(path, split, name) for split in (spec.train_split, spec.validation_split) if split is not None]
+    return [p for p in found if p is not None]
+
+
+def note_unused_files(name: str, spec: TaskSpec, data: DataConfig) -> None:
+    """Say which files of a split folder are not read (a test split, a misnamed file)."""
+    if reads_hub(spec, data) or spec.path is None or not resolve_path(name, spec, data).is_dir():
+        return
+    folder = resolve_path(name, spec, data)
+    used = set(source_files(name, spec, data))
+    unused = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in FILE_TYPES and p not in used)
+    if unused:
+        log.warning("data.sources.%s: %s also holds %s, which rexft does not read (it reads %s as train / validation; "
+                    "name a file in train_split or validation_split to use it)", name, folder, ", ".join(unused),
+                    ", ".join(p.name for p in sorted(used)) or "nothing")
 
 
 @dataclass
@@ -95,39 +218,68 @@ class SourceTask:
     task: str
     train: list[Example] | None  # None: the source has no train split
     eval: list[Example] | None  # None: no validation split (the caller holds out part of train)
+    readings: list[str] = field(default_factory=list)  # choice: how the answers were read (index, letter, text)
 
 
 def group_rows(records: Records, name: str, spec: TaskSpec) -> dict[str, list[tuple[int, dict]]]:
-    """task name -> [(row, record)], in file order."""
+    """task name -> [(row, record)], in file order. Task values are stripped of surrounding whitespace."""
     if spec.task_column is None:
         return {name: list(enumerate(records.rows))}
     groups: dict[str, list[tuple[int, dict]]] = {}
     for row, record in enumerate(records.rows):
-        if spec.task_column not in record:
-            raise RexftError(f"data.sources.{name}: {records.where} row {row}: missing task column '{spec.task_column}'; "
-                             f"columns found: {', '.join(sorted(record))}")
+        if not isinstance(record, dict) or spec.task_column not in record:
+            found = ", ".join(sorted(record)) if isinstance(record, dict) else f"a {type(record).__name__}, not an object"
+            raise RexftError(f"data.sources.{name}: {records.where} {records.position(row)}: missing task column "
+                             f"'{spec.task_column}'; columns found: {found}")
         value = record[spec.task_column]
         if value is None or str(value).strip() == "":
             continue
-        groups.setdefault(str(value), []).append((row, record))
+        groups.setdefault(str(value).strip(), []).append((row, record))
     if not groups:
         raise RexftError(f"data.sources.{name}: task column '{spec.task_column}' has no values in {records.where}")
     return groups
 
 
-def to_examples(rows: list[tuple[int, dict]], task: str, spec: TaskSpec, where: str) -> list[Example]:
+def warn_case_collisions(name: str, tasks: list[str]) -> None:
+    by_folded: dict[str, list[str]] = {}
+    for task in tasks:
+        by_folded.setdefault(task.casefold(), []).append(task)
+    for same in (names for names in by_folded.values() if len(names) > 1):
+        log.warning("data.sources.%s: task values %s differ only by case and are separate tasks; make them one "
+                    "spelling in the file if they are one task", name, " and ".join(repr(t) for t in same))
+
+
+def to_examples(rows: list[tuple[int, dict]], task: str, spec: TaskSpec, records: Records) -> tuple[list[Example], list[str]]:
+    """The examples of one task's rows and the answer readings used (choice; in first-use order)."""
     convert = FORMATS[spec.format]
     required, _ = needed_columns(spec)
-    examples = []
+    examples, readings = [], {}
     for row, record in rows:
-        check = Checker(task, where, row)
+        check = Checker(task, records.where, row, records.position(row))
         if not isinstance(record, dict):
             check.fail("record is not an object")
         missing = [c for c in required if c not in record]
         if missing:
             check.fail(f"missing column '{missing[0]}' (format {spec.format}); columns found: {', '.join(sorted(record))}")
         examples.append(convert(record, spec, check, task, row))
-    return examples
+        if check.reading is not None:
+            readings[check.reading] = True
+    return examples, list(readings)
+
+
+def chosen_tasks(name: str, spec: TaskSpec, tasks: list[str]) -> list[str]:
+    """include / exclude / max_tasks applied; a name in include or exclude that is no task is an error."""
+    if spec.task_column is None:
+        return tasks
+    for key, names in (("include", spec.include or []), ("exclude", spec.exclude)):
+        unknown = sorted(set(names) - set(tasks))
+        if unknown:
+            raise RexftError(f"data.sources.{name}.{key} names tasks not in column '{spec.task_column}': {unknown[:5]}")
+    tasks = [t for t in tasks if (spec.include is None or t in spec.include) and t not in spec.exclude]
+    tasks = tasks[: spec.max_tasks] if spec.max_tasks is not None else tasks
+    if not tasks:
+        raise RexftError(f"data.sources.{name}: include/exclude leave no task")
+    return tasks
 
 
 def load_source(name: str, spec: TaskSpec, data: DataConfig) -> list[SourceTask]:
@@ -137,23 +289,20 @@ def load_source(name: str, spec: TaskSpec, data: DataConfig) -> list[SourceTask]
     train = read_split(name, spec, data, spec.train_split)
     validation = read_split(name, spec, data, spec.validation_split)
     if train is None and validation is None:
-        where = spec.hub if reads_hub(spec, data) else resolve_path(spec, data)
+        where = spec.hub if reads_hub(spec, data) else resolve_path(name, spec, data)
         raise RexftError(f"data.sources.{name}: neither split '{spec.train_split}' nor '{spec.validation_split}' found in {where}")
+    note_unused_files(name, spec, data)
     train_groups = group_rows(train, name, spec) if train is not None else {}
     eval_groups = group_rows(validation, name, spec) if validation is not None else {}
     tasks = list(dict.fromkeys([*train_groups, *eval_groups]))
-    if spec.task_column is not None:
-        unknown = sorted(set(spec.include or []) - set(tasks))
-        if unknown:
-            raise RexftError(f"data.sources.{name}.include names tasks not in column '{spec.task_column}': {unknown[:5]}")
-        tasks = [t for t in tasks if (spec.include is None or t in spec.include) and t not in spec.exclude]
-        tasks = tasks[: spec.max_tasks] if spec.max_tasks is not None else tasks
-        if not tasks:
-            raise RexftError(f"data.sources.{name}: include/exclude leave no task")
+    warn_case_collisions(name, tasks)
     out = []
-    for task in tasks:
-        out.append(SourceTask(
-            task,
-            to_examples(train_groups.get(task, []), task, spec, train.where) if train is not None else None,
-            to_examples(eval_groups.get(task, []), task, spec, validation.where) if validation is not None else None))
+    for task in chosen_tasks(name, spec, tasks):
+        found = SourceTask(task, None, None)
+        for records, groups, part in ((train, train_groups, "train"), (validation, eval_groups, "eval")):
+            if records is not None:
+                examples, readings = to_examples(groups.get(task, []), task, spec, records)
+                setattr(found, part, examples)
+                found.readings += [r for r in readings if r not in found.readings]
+        out.append(found)
     return out

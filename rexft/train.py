@@ -25,8 +25,8 @@ import torch
 
 from rexft.adapters import (aux_loss, format_parameter_report, inject_adapters, is_adapter_param,
                             parameter_report, routing_stats, save_adapter, set_prior, set_token_mask)
-from rexft.config import RunConfig, TrainerConfig
-from rexft.data import (IGNORE_INDEX, PromptFormat, build_splits, check_dropped, collate, collate_packed, length_grouped_order, mixture,
+from rexft.config import RunConfig, TrainerConfig, config_root
+from rexft.data import (IGNORE_INDEX, PromptFormat, check_dropped, collate, collate_packed, length_grouped_order,
                          pack_rows, tokenize_examples)
 from rexft.errors import RexftError
 from rexft.modeling import load_model, load_tokenizer
@@ -43,8 +43,6 @@ def uses_prior(cfg: RunConfig) -> bool:
 # ------------------------------------------------------------------------------------------ accelerate
 def _deepspeed_plugin(cfg: TrainerConfig, num_processes: int, mixed_precision: str):
     from accelerate.utils import DeepSpeedPlugin
-
-    from rexft.cli import config_root
 
     path = Path(cfg.deepspeed)
     if not path.is_absolute() and not path.is_file():
@@ -82,10 +80,7 @@ def make_accelerator(cfg: RunConfig):
         state = PartialState(cpu=False, backend="gloo" if on_cpu else None)
         plugin = _deepspeed_plugin(trainer, state.num_processes, mixed_precision)
     cpu = on_cpu and plugin is None  # Accelerate forms a gloo process group on CPU only when told so
-    report_to = [r for r in trainer.report_to if r in ("tensorboard", "wandb")]
-    unknown = sorted(set(trainer.report_to) - {"tensorboard", "wandb"})
-    if unknown:
-        raise RexftError(f"trainer.report_to: unknown {unknown}; valid: tensorboard, wandb")
+    report_to = list(trainer.report_to)  # its choices are checked with the config
     if "wandb" in report_to:
         os.environ.setdefault("WANDB_DIR", str(cfg.path))  # W&B's files live in the run directory too
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=trainer.grad_accum,
@@ -121,8 +116,9 @@ def enable_checkpointing(model) -> None:
 def training_rows(cfg: RunConfig, tokenizer) -> tuple[list[dict], dict | None]:
     """Tokenized training examples, each with its prior when the adapter uses one."""
     from rexft.prior import priors_for
+    from rexft.splits import frozen_mixture
 
-    examples = mixture(build_splits(cfg.data), cfg.data)
+    examples = frozen_mixture(cfg)  # the rows `rexft data` recorded, never re-derived from the sources
     if not examples:
         raise RexftError("the training mixture is empty (data.tasks, data.train_per_task, data.no_train_split)")
     fmt = PromptFormat.for_model(tokenizer, cfg.model)
@@ -272,139 +268,180 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                                              ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def train(cfg: RunConfig) -> Path:
-    """``rexft train``: returns run_dir/adapter."""
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+class Trainer:
+    """One training run in steps: ``Trainer(cfg)`` sets up the accelerator, model, data, optimizer and schedule
+    once; ``resume`` finds the step to start from, ``step`` runs one optimizer step and returns its metrics
+    record, ``log`` writes it, ``save`` checkpoints and ``finish`` writes adapter/. :func:`train` is the loop."""
 
-    from rexft.rundir import atomic_write_text
+    def __init__(self, cfg: RunConfig):
+        from accelerate.utils import set_seed
 
-    accelerator = make_accelerator(cfg)
-    set_seed(cfg.trainer.seed)
-    tcfg = cfg.trainer
-    world, rank = accelerator.num_processes, accelerator.process_index
+        self.cfg, tcfg = cfg, cfg.trainer
+        self.accelerator = make_accelerator(cfg)
+        set_seed(tcfg.seed)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.main = self.accelerator.is_main_process
 
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, len(tokenizer), "cuda" if torch.cuda.is_available() else "cpu")
-    model.config.use_cache = False
-    inject_adapters(model, cfg.adapter)
-    if tcfg.gradient_checkpointing:
-        enable_checkpointing(model)
-    report = parameter_report(model)
-    if accelerator.is_main_process:
-        print(format_parameter_report(report))
+        tokenizer = load_tokenizer(cfg.model)
+        model = load_model(cfg.model, len(tokenizer), "cuda" if torch.cuda.is_available() else "cpu")
+        model.config.use_cache = False
+        inject_adapters(model, cfg.adapter)
+        if tcfg.gradient_checkpointing:
+            enable_checkpointing(model)
+        self.report = parameter_report(model)
+        if self.main:
+            print(format_parameter_report(self.report))
 
-    rows, prior_meta = training_rows(cfg, tokenizer)
-    collate_rows = collate
-    if cfg.data.packing:
-        unpacked = len(rows)
-        rows, collate_rows = pack_rows(rows, cfg.data.max_length), collate_packed
-        log.info("packing: %d examples in %d rows of <= %d tokens", unpacked, len(rows), cfg.data.max_length)
-    steps_per_epoch, total_steps = step_schedule(len(rows), tcfg, world)
-    params = [p for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, tcfg)
-    scheduler = make_scheduler(optimizer, tcfg, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+        self.rows, self.prior_meta = training_rows(cfg, tokenizer)
+        self.collate = collate
+        if cfg.data.packing:
+            unpacked = len(self.rows)
+            self.rows, self.collate = pack_rows(self.rows, cfg.data.max_length), collate_packed
+            log.info("packing: %d examples in %d rows of <= %d tokens", unpacked, len(self.rows), cfg.data.max_length)
+        self.steps_per_epoch, self.total_steps = step_schedule(len(self.rows), tcfg, self.world)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(self.params, tcfg)
+        self.scheduler = make_scheduler(optimizer, tcfg, self.total_steps)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.metrics_path = cfg.path / "metrics.jsonl"
+        self.orders: dict[int, list[int]] = {}  # epoch -> the global data order, computed once per epoch
+        self.tokens_seen, self.clock = 0, time.perf_counter()
+        self.last_loss: float | None = None  # the newest step's loss (unrounded)
 
-    start_step = 0
-    if tcfg.resume:
-        found = checkpoint_dirs(cfg.path)
-        if not found:
-            raise RexftError(f"trainer.resume=true but {cfg.path / 'checkpoints'} holds no checkpoint")
-        start_step = load_checkpoint(found[-1], accelerator, model, optimizer, scheduler)["step"]
-        log.info("resumed from %s", found[-1])
-    elif checkpoint_dirs(cfg.path) and accelerator.is_main_process:
-        log.warning("%s holds checkpoints of an earlier run; they will be replaced (trainer.resume=true continues it)",
-                    cfg.path / "checkpoints")
-        shutil.rmtree(cfg.path / "checkpoints", ignore_errors=True)
+    def resume(self) -> int:
+        """The step to start from: the newest checkpoint's with trainer.resume, else 0 (an earlier run's
+        checkpoints are then removed). metrics.jsonl keeps the records up to that step."""
+        cfg, start = self.cfg, 0
+        if cfg.trainer.resume:
+            found = checkpoint_dirs(cfg.path)
+            if not found:
+                raise RexftError(f"trainer.resume=true but {cfg.path / 'checkpoints'} holds no checkpoint")
+            start = load_checkpoint(found[-1], self.accelerator, self.model, self.optimizer, self.scheduler)["step"]
+            log.info("resumed from %s", found[-1])
+        elif checkpoint_dirs(cfg.path) and self.main:
+            log.warning("%s holds checkpoints of an earlier run; they will be replaced (trainer.resume=true continues it)",
+                        cfg.path / "checkpoints")
+            shutil.rmtree(cfg.path / "checkpoints", ignore_errors=True)
+        if self.main:
+            from rexft.rundir import atomic_write_text
 
-    metrics_path = cfg.path / "metrics.jsonl"
-    if accelerator.is_main_process:
-        kept = [line for line in (metrics_path.read_text().splitlines() if tcfg.resume and metrics_path.exists() else [])
-                if json.loads(line).get("step", 0) <= start_step]
-        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
-        accelerator.init_trackers(cfg.name, config={"lr": tcfg.lr, "adapter": cfg.adapter.type})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    global_batch = tcfg.batch_size * world
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    model.train()
-    last_loss = None
-    tokens_seen, clock = 0, time.perf_counter()
-    orders: dict[int, list[int]] = {}
-    for step in range(start_step, total_steps):
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        order = orders.setdefault(epoch, epoch_order(rows, tcfg, epoch, global_batch))
-        batches, step_tokens = micro_batches(rows, order, step_in_epoch, tcfg, rank, world)
+            earlier = self.metrics_path.read_text().splitlines() if cfg.trainer.resume and self.metrics_path.exists() else []
+            kept = [line for line in earlier if json.loads(line).get("step", 0) <= start]
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+            self.accelerator.init_trackers(cfg.name, config={"lr": cfg.trainer.lr, "adapter": cfg.adapter.type})
+        return start
+
+    def step(self, step: int) -> dict:
+        """Optimizer step ``step`` (0-based, global): its micro-batches forward and backward, then the update.
+        Returns the metrics record of the step (loss summed over processes)."""
+        tcfg, accelerator, model = self.cfg.trainer, self.accelerator, self.model
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        order = self.orders.setdefault(epoch, epoch_order(self.rows, tcfg, epoch, tcfg.batch_size * self.world))
+        batches, step_tokens = micro_batches(self.rows, order, step_in_epoch, tcfg, self.rank, self.world)
         step_loss = torch.zeros((), device=accelerator.device)
         grad_norm = None
         for batch_rows in batches:
-            batch = {k: v.to(accelerator.device) for k, v in collate_rows(batch_rows, pad_id).items()}
+            batch = {k: v.to(accelerator.device) for k, v in self.collate(batch_rows, self.pad_id).items()}
             set_prior(model, batch.pop("prior", None))
             token_mask = batch.pop("token_mask", None)
             set_token_mask(model, token_mask if token_mask is not None else batch["attention_mask"])
             with accelerator.accumulate(model):
                 try:
-                    keep = loss_positions(batch["labels"])
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                   position_ids=batch["position_ids"], logits_to_keep=keep,
-                                   use_cache=False).logits  # (b, P, V); no cache: packed rows get a block mask
-                    summed = token_loss_sum(logits, batch["labels"][:, keep + 1])
-                    # Normalised by the whole step's answer tokens; x world because gradients are averaged
-                    # across processes; x grad_accum because accelerate divides each micro loss by it.
-                    loss = summed / step_tokens * world * tcfg.grad_accum
-                    extra = aux_loss(model)
-                    if extra is not None:  # accelerate's 1/grad_accum makes it the mean over micro-batches
-                        loss = loss + extra
-                    accelerator.backward(loss)
+                    summed = self._backward(batch, step_tokens)
                 except torch.cuda.OutOfMemoryError:
                     raise RexftError(f"out of GPU memory at step {step + 1}; reduce memory with {MEMORY_KEYS}") from None
                 step_loss += summed.detach() / step_tokens
-                tokens_seen += int((token_mask if token_mask is not None else batch["attention_mask"]).sum())
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, tcfg.max_grad_norm) if tcfg.max_grad_norm > 0 else None
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        step_loss = float(accelerator.reduce(step_loss, reduction="sum"))
-        if not math.isfinite(step_loss):
-            kept = checkpoint_dirs(cfg.path)
-            raise RexftError(f"non-finite loss ({step_loss}) at step {step + 1}; stopped. Last good checkpoint: "
+                self.tokens_seen += int((token_mask if token_mask is not None else batch["attention_mask"]).sum())
+                if accelerator.sync_gradients and tcfg.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(self.params, tcfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        loss = float(accelerator.reduce(step_loss, reduction="sum"))
+        if not math.isfinite(loss):
+            kept = checkpoint_dirs(self.cfg.path)
+            raise RexftError(f"non-finite loss ({loss}) at step {step + 1}; stopped. Last good checkpoint: "
                              f"{kept[-1] if kept else 'none'}. Try a lower trainer.lr or trainer.max_grad_norm")
-        scheduler.step()
-        last_loss = step_loss
+        self.scheduler.step()
+        self.last_loss = loss
         done = step + 1
-        elapsed = time.perf_counter() - clock
-        record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": round(step_loss, 6),
-                  "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tokens_seen * world / max(elapsed, 1e-9), 1)}
+        elapsed = time.perf_counter() - self.clock
+        record = {"step": done, "epoch": round(done / self.steps_per_epoch, 4), "loss": round(loss, 6),
+                  "lr": self.scheduler.get_last_lr()[0],
+                  "tokens_per_s": round(self.tokens_seen * self.world / max(elapsed, 1e-9), 1)}
         if grad_norm is not None:
             record["grad_norm"] = round(float(grad_norm), 6)
         if tcfg.routing_stats_every and done % tcfg.routing_stats_every == 0:
             record["routing"] = routing_stats(accelerator.unwrap_model(model))
-        if accelerator.is_main_process and (done % tcfg.log_every == 0 or done == total_steps):
-            with open(metrics_path, "a") as handle:
+        return record
+
+    def _backward(self, batch: dict[str, torch.Tensor], step_tokens: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns the sum of its answer-token losses."""
+        keep = loss_positions(batch["labels"])
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                            position_ids=batch["position_ids"], logits_to_keep=keep,
+                            use_cache=False).logits  # (b, P, V); no cache: packed rows get a block mask
+        summed = token_loss_sum(logits, batch["labels"][:, keep + 1])
+        # Normalised by the whole step's answer tokens; x world because gradients are averaged across
+        # processes; x grad_accum because accelerate divides each micro loss by it.
+        loss = summed / step_tokens * self.world * self.cfg.trainer.grad_accum
+        extra = aux_loss(self.model)
+        if extra is not None:  # accelerate's 1/grad_accum makes it the mean over micro-batches
+            loss = loss + extra
+        self.accelerator.backward(loss)
+        return summed
+
+    def log(self, record: dict) -> None:
+        """metrics.jsonl and the trackers, every trainer.log_every steps and at the last."""
+        done = record["step"]
+        if self.main and (done % self.cfg.trainer.log_every == 0 or done == self.total_steps):
+            with open(self.metrics_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            accelerator.log({k: v for k, v in record.items() if k != "routing"}, step=done)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            self.accelerator.log({k: v for k, v in record.items() if k != "routing"}, step=done)
+
+    def save(self, step: int, loss: float | None) -> Path:
+        return save_checkpoint(self.cfg, self.accelerator, self.model, self.optimizer, self.scheduler, step, {"loss": loss})
+
+    def finish(self, loss: float | None) -> Path:
+        """The last checkpoint, then adapter/ (with the resolved config and the prior's centroids)."""
+        cfg = self.cfg
+        self.save(self.total_steps, loss)
+        adapter_dir = cfg.path / "adapter"
+        state = gathered_adapter_state(self.model, self.accelerator)
+        if self.main:
+            metadata = {"prior": self.prior_meta, "parameters": self.report, "trained_steps": self.total_steps,
+                        "final_loss": loss}
+            save_adapter(self.accelerator.unwrap_model(self.model), adapter_dir, state_dict=state, metadata=metadata)
+            if (cfg.path / "config.yaml").exists():
+                shutil.copy(cfg.path / "config.yaml", adapter_dir / "config.yaml")
+            if self.prior_meta is not None:
+                shutil.copy(cfg.path / "prior" / "centroids.safetensors", adapter_dir / "prior_centroids.safetensors")
+            log.info("adapter saved to %s (final loss %.4f)", adapter_dir, loss)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return adapter_dir
+
+
+def train(cfg: RunConfig) -> Path:
+    """``rexft train``: returns run_dir/adapter (or run_dir/checkpoints after trainer.stop_after_steps)."""
+    from tqdm.auto import tqdm
+
+    trainer = Trainer(cfg)
+    start, tcfg = trainer.resume(), cfg.trainer
+    bar = tqdm(total=trainer.total_steps, initial=start, desc="train", disable=not trainer.main, dynamic_ncols=True)
+    trainer.model.train()
+    for step in range(start, trainer.total_steps):
+        record = trainer.step(step)
+        trainer.log(record)
+        done = record["step"]
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
-        if tcfg.save_every and done % tcfg.save_every == 0 and done < total_steps:
-            save_checkpoint(cfg, accelerator, model, optimizer, scheduler, done, {"loss": step_loss})
-        if tcfg.stop_after_steps > 0 and done >= tcfg.stop_after_steps:
+        if tcfg.save_every and done % tcfg.save_every == 0 and done < trainer.total_steps:
+            trainer.save(done, trainer.last_loss)
+        if 0 < tcfg.stop_after_steps <= done:
             bar.close()
-            accelerator.end_training()
+            trainer.accelerator.end_training()
             log.info("stopped after %d steps (trainer.stop_after_steps)", done)
             return cfg.path / "checkpoints"
     bar.close()
-    save_checkpoint(cfg, accelerator, model, optimizer, scheduler, total_steps, {"loss": last_loss})
-    adapter_dir = cfg.path / "adapter"
-    state = gathered_adapter_state(model, accelerator)
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        metadata = {"prior": prior_meta, "parameters": report, "trained_steps": total_steps, "final_loss": last_loss}
-        save_adapter(unwrapped, adapter_dir, state_dict=state, metadata=metadata)
-        if (cfg.path / "config.yaml").exists():
-            shutil.copy(cfg.path / "config.yaml", adapter_dir / "config.yaml")
-        if prior_meta is not None:
-            shutil.copy(cfg.path / "prior" / "centroids.safetensors", adapter_dir / "prior_centroids.safetensors")
-        log.info("adapter saved to %s (final loss %.4f)", adapter_dir, last_loss)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return adapter_dir
+    return trainer.finish(trainer.last_loss)

@@ -28,7 +28,8 @@ import time
 import torch
 
 from rexft.cli import compose
-from rexft.data import PromptFormat, build_splits, encode_prompt, letter_token_ids
+from rexft.data import PromptFormat, encode_prompt, letter_token_ids
+from rexft.splits import build_splits
 from rexft.evaluate import Scorer
 from rexft.modeling import load_model, load_tokenizer
 from rexft.tasks.common import LETTERS

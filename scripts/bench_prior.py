@@ -31,7 +31,7 @@ def main():
 
     from rexft.cli import compose
     from rexft.config import PriorConfig
-    from rexft.data import build_splits
+    from rexft.splits import build_splits
     from rexft.prior import Embedder, embed_cached, kmeans, resolve_embedder
 
     cfg, _ = compose(["recipe=demo", "data.train_per_task=null"] + ([f"data.local_dir={args.data}"] if args.data else []))

@@ -4,6 +4,7 @@ prior=none makes trex the "intuition" ablation."""
 
 import dataclasses
 import json
+import typing
 from typing import Optional
 
 import pytest
@@ -14,12 +15,13 @@ import rexft
 from conftest import randomize_adapters, run_cli, tiny_model
 from rexft.cli import ConfigError, _stages, compose
 from rexft.config import (AdapterConfig, Range, RunConfig, TaskSpec, bounded, expert_count, needs_range, schema_fields,
-                          unbounded)
+                          unbounded, valid_choices)
 
 # data.sources.<name> holds TaskSpecs: their keys are checked like the others (here through demo-sni's `sni`)
 SPEC_KEYS = [(f"data.sources.sni.{key}", f, kind) for key, f, kind in schema_fields(TaskSpec)]
 SCHEMA = list(schema_fields(RunConfig)) + SPEC_KEYS
 NEEDS_RANGE = [(key, f, kind) for key, f, kind in SCHEMA if needs_range(kind)]
+CHOICES = [(key, f, kind) for key, f, kind in SCHEMA if "choices" in f.metadata]
 BOUNDED = [(key, f, kind) for key, f, kind in NEEDS_RANGE if "range" in f.metadata and not f.metadata["range"].unbounded]
 
 
@@ -65,7 +67,8 @@ def recipe_for(key: str) -> str:
 @pytest.mark.parametrize("key,f,kind", NEEDS_RANGE, ids=[k for k, _, _ in NEEDS_RANGE])
 def test_every_numeric_and_list_key_declares_its_range(key, f, kind):
     """A number or list added to rexft/config.py without bounded(...) or unbounded(...) fails here."""
-    assert isinstance(f.metadata.get("range"), Range), f"{key}: declare its range with bounded(...) or unbounded()"
+    declared = isinstance(f.metadata.get("range"), Range) or "choices" in f.metadata
+    assert declared, f"{key}: declare its range with bounded(...) or unbounded() (a list of choices: one_of(...))"
 
 
 def test_a_key_without_a_range_is_caught():
@@ -102,6 +105,32 @@ def test_the_default_and_each_sentinel_compose(key, f, kind):
     for good in [default, *rng.allow]:
         cfg, _ = compose([recipe_for(key), f"{key}={override_value(good)}"])
         assert value_at(cfg, key) == good
+
+
+@pytest.mark.parametrize("key,f,kind", CHOICES, ids=[k for k, _, _ in CHOICES])
+def test_each_choice_composes_and_anything_else_is_rejected_naming_the_key(key, f, kind):
+    valid = valid_choices(f)
+    assert valid, f"{key}: one_of(...) without choices"
+    is_list = typing.get_origin(kind) is list
+    for good in valid:
+        try:
+            cfg, _ = compose([recipe_for(key), f"{key}={override_value([good] if is_list else good)}"])
+        except ConfigError as err:  # a rule between keys may refuse it (export.mode=merged with trex): not the choice
+            assert "is not one of" not in str(err)
+            continue
+        assert value_at(cfg, key) == ([good] if is_list else good)
+    bad = "not-a-choice"
+    with pytest.raises(ConfigError) as err:
+        compose([recipe_for(key), f"{key}={override_value([bad] if is_list else bad)}"])
+    names = ", ".join("null" if v is None else v for v in valid)
+    assert str(err.value) == f"config key '{key}': '{bad}' is not one of {names}"
+
+
+def test_choices_come_from_the_file_tree_where_it_is_the_registry():
+    from rexft.adapters import adapter_types
+
+    (field,) = [f for key, f, _ in CHOICES if key == "adapter.type"]
+    assert valid_choices(field) == adapter_types() and "trex" in adapter_types()
 
 
 def test_range_edges_and_wording():
@@ -186,16 +215,28 @@ def test_prior_none_makes_trex_the_intuition_ablation():
     assert compose(["recipe=smoke", "prior=none", "adapter=lora"])[0].adapter.type == "lora"
 
 
-def test_train_runs_cluster_prior_first_only_when_the_prior_is_missing(tmp_path):
-    cfg, _ = compose(["recipe=smoke", f"run_dir={tmp_path}"])
-    assert _stages("train", cfg) == ["cluster-prior", "train"]
-    assert _stages("eval", cfg) == ["eval"]
+def test_train_runs_data_and_cluster_prior_first_only_when_they_are_missing(tmp_path):
+    import json
+
+    from rexft.data import prepare_data
+    from rexft.prior import data_fingerprint, training_texts
+
+    cfg, _ = compose(["recipe=smoke", f"run_dir={tmp_path}", "data.tasks=[copa]"])
+    stages = _stages("train", cfg)
+    assert next(stages) == "data"  # no split record yet
+    prepare_data(cfg)  # what that stage does; the stages after it are decided once it has run
+    assert list(stages) == ["cluster-prior", "train"]
+    assert list(_stages("eval", cfg)) == ["eval"]
     (tmp_path / "prior").mkdir()
-    (tmp_path / "prior" / "meta.json").write_text("{}")
-    assert _stages("train", cfg) == ["train"]
+    (tmp_path / "prior" / "meta.json").write_text(json.dumps({"data_fingerprint": data_fingerprint(training_texts(cfg)[0])}))
+    assert list(_stages("train", cfg)) == ["train"]
+    (tmp_path / "prior" / "meta.json").write_text(json.dumps({"data_fingerprint": "other rows"}))
+    assert list(_stages("train", cfg)) == ["cluster-prior", "train"]
+    other_data, _ = compose(["recipe=smoke", f"run_dir={tmp_path}", "data.tasks=[copa]", "data.train_per_task=4"])
+    assert next(_stages("cluster-prior", other_data)) == "data"  # a record made with other data settings
     for no_prior in (["prior=none"], ["adapter=lora"], ["adapter.use_prior=false"]):
         cfg, _ = compose(["recipe=smoke", f"run_dir={tmp_path / 'fresh'}", *no_prior])
-        assert _stages("train", cfg) == ["train"]
+        assert list(_stages("train", cfg)) == ["data", "train"]
 
 
 # -------------------------------------------------------------------------------------- through the CLI

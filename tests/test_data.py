@@ -5,8 +5,8 @@ import json
 import pytest
 
 from rexft.config import DataConfig, ModelConfig
-from rexft.data import (IGNORE_INDEX, PromptFormat, build_splits, encode_example, load_examples, mixture,
-                        read_records)
+from rexft.data import IGNORE_INDEX, PromptFormat, encode_example
+from rexft.splits import build_splits, load_examples, mixture, read_records
 from rexft.errors import RexftError
 from rexft.modeling import byte_tokenizer
 from rexft.tasks import task_names
@@ -78,13 +78,13 @@ def _write(tmp_path, task, rows):
 def test_missing_field_names_task_file_and_row(tmp_path):
     _write(tmp_path, "copa", [{"premise": "p", "choice1": "a", "choice2": "b", "question": "cause", "label": 0},
                               {"premise": "p", "choice1": "a", "question": "cause", "label": 0}])
-    with pytest.raises(RexftError, match=r"copa: .*copa/validation.jsonl row 1: missing field 'choice2'"):
+    with pytest.raises(RexftError, match=r"copa: .*copa/validation.jsonl line 2: missing field 'choice2'"):
         load_examples("copa", "validation", str(tmp_path))
 
 
 def test_out_of_range_label_names_the_row(tmp_path):
     _write(tmp_path, "anli", [{"premise": "p", "hypothesis": "h", "label": 3}])
-    with pytest.raises(RexftError, match=r"anli: .* row 0: label 3 is out of range for 3 options"):
+    with pytest.raises(RexftError, match=r"anli: .* line 1: label 3 is out of range for 3 options"):
         load_examples("anli", "validation", str(tmp_path))
 
 

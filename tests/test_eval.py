@@ -9,7 +9,8 @@ import torch
 import rexft
 from conftest import randomize_adapters, tiny_model
 from rexft.config import AdapterConfig, DataConfig, ModelConfig
-from rexft.data import PromptFormat, build_splits, letter_token_ids
+from rexft.data import PromptFormat, letter_token_ids
+from rexft.splits import build_splits
 from rexft.evaluate import Scorer, summarize, wilson
 from rexft.modeling import byte_tokenizer
 from rexft.tasks import task_names

@@ -25,3 +25,22 @@ def test_wheel_runs_from_outside_the_checkout(tmp_path):
     printed = subprocess.run([sys.executable, "-m", "rexft", "train", "recipe=commonsense14", "--print-config"], cwd=tmp_path,
                              env=env, capture_output=True, text=True)
     assert printed.returncode == 0 and "meta-llama/Llama-2-13b-hf" in printed.stdout
+
+
+FAST_MOVING = ("torch", "transformers", "datasets", "accelerate", "deepspeed", "peft", "bitsandbytes", "tokenizers")
+
+
+def test_fast_moving_dependencies_are_bounded_and_the_installed_versions_are_within():
+    """Each fast-moving dependency has an upper bound, and the environment the tests run in satisfies every
+    declared range (so the bounds name versions the suite ran on)."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    declared = {Requirement(r).name: Requirement(r) for r in
+                tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    for name in FAST_MOVING:
+        assert any(spec.operator in ("<", "<=") for spec in declared[name].specifier), f"{name}: no upper bound"
+    for name, requirement in declared.items():
+        assert requirement.specifier.contains(version(name), prereleases=True), (name, version(name), requirement)

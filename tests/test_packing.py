@@ -5,7 +5,8 @@ import torch
 import rexft
 from conftest import assert_packed_equals_alone, randomize_adapters, tiny_model
 from rexft.config import AdapterConfig, DataConfig, ModelConfig
-from rexft.data import PromptFormat, build_splits, encode_example, pack_rows
+from rexft.data import PromptFormat, encode_example, pack_rows
+from rexft.splits import build_splits
 from rexft.modeling import byte_tokenizer
 
 

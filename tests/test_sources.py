@@ -9,7 +9,8 @@ import torch
 import rexft
 from conftest import assert_packed_equals_alone, randomize_adapters, run_cli, tiny_model
 from rexft.config import AdapterConfig, DataConfig, ModelConfig, TaskSpec
-from rexft.data import IGNORE_INDEX, PromptFormat, build_splits, encode_example, select_splits
+from rexft.data import IGNORE_INDEX, PromptFormat, encode_example
+from rexft.splits import build_splits, select_splits
 from rexft.errors import RexftError
 from rexft.modeling import byte_tokenizer
 
@@ -129,7 +130,7 @@ def test_bad_records_name_task_file_and_column(tmp_path, case, rows, overrides, 
 
 def test_unreadable_file_and_duplicate_task_names(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "answer": "b"}\n{not json\n')
-    with pytest.raises(RexftError, match=r"data.sources.mine: cannot read .*broken.jsonl"):
+    with pytest.raises(RexftError, match=r"data.sources.mine: .*broken.jsonl line 2 column 2: not valid JSON"):
         splits_of(tmp_path, mine=spec(path="broken.jsonl", columns={"instruction": "prompt", "output": "answer"}))
     write(tmp_path / "a.jsonl", INSTRUCTION_ROWS)
     with pytest.raises(RexftError, match="two tasks are named 'reverse'"):
@@ -242,7 +243,8 @@ def test_real_sni_records_expand_into_120_tasks(data_dir):
 def test_mixed_choice_and_generative_run_through_the_cli(tmp_path, data_dir):
     """Built-in choice tasks, a user's choice task and generative instruction + chat tasks in one run:
     data -> train (computes nothing it lacks) -> eval -> merge-export per task."""
-    write(tmp_path / "files" / "i.jsonl", INSTRUCTION_ROWS)
+    # a task value with a path separator: its export folder is escaped, and the manifest maps it back
+    write(tmp_path / "files" / "i.jsonl", [{**row, "kind": row["kind"].replace("upper", "up/per")} for row in INSTRUCTION_ROWS])
     write(tmp_path / "files" / "chat.parquet", CHAT_ROWS)
     write(tmp_path / "files" / "pick.csv", CHOICE_ROWS)
     recipe = tmp_path / "mixed.yaml"
@@ -268,16 +270,20 @@ export: {{mode: per_task, fidelity_limit: 2}}
 """)
     common = [f"recipe={recipe}", f"run_dir={tmp_path / 'run'}"]
     data = run_cli("data", *common)
-    assert "| reverse | generate |" in data.stdout and "| pick | choice |" in data.stdout and "| talk | generate |" in data.stdout
+    assert "| reverse | generate |" in data.stdout and "| talk | generate |" in data.stdout
+    assert "| pick | choice | text, letter |" in data.stdout  # how its answers were read: option texts and letters
     run_cli("train", *common, "data.packing=true")  # generative and choice examples packed together
     run_cli("eval", *common)
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     assert {t: e["kind"] for t, e in results["tasks"].items()} == {
-        "copa": "choice", "reverse": "generate", "upper": "generate", "talk": "generate", "pick": "choice"}
+        "copa": "choice", "reverse": "generate", "up/per": "generate", "talk": "generate", "pick": "choice"}
     assert 0 <= results["mean_rouge_l"] <= 1 and 0 <= results["mean_accuracy"] <= 1
     run_cli("merge-export", *common)
     export = tmp_path / "run" / "export" / "per_task"
-    assert sorted(p.name for p in export.iterdir() if p.is_dir()) == ["copa", "pick", "reverse", "talk", "upper"]
+    assert sorted(p.name for p in export.iterdir() if p.is_dir()) == ["copa", "pick", "reverse", "talk", "up%2Fper"]
+    manifest = json.loads((export.parent / "manifest.json").read_text())
+    assert manifest["folders"]["up/per"] == "up%2Fper"
+    assert (export / "up%2Fper" / "adapter_config.json").is_file()
     fidelity = (export / "fidelity.md").read_text()
     assert "| reverse |" in fidelity and "ROUGE-L" in fidelity and "accuracy" in fidelity
 

@@ -32,6 +32,7 @@ def smoke_run(tmp_path, prior, name, *overrides, launcher=None, check=True):
     run_dir.mkdir(exist_ok=True)
     if not (run_dir / "prior").exists():
         shutil.copytree(prior, run_dir / "prior")
+        shutil.copytree(prior.parent / "data", run_dir / "data")  # the split the prior was clustered from
     args = ["train", "recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={DATA}", *overrides]
     if launcher is None:
         return run_dir, run_cli(*args, check=check)
@@ -155,6 +156,7 @@ def test_out_of_memory_names_the_keys_that_reduce_memory(tmp_path, prior, monkey
     monkeypatch.setattr(train_module, "load_model", load_then_explode)
     run_dir = tmp_path / "oom"
     shutil.copytree(prior, run_dir / "prior")
+    shutil.copytree(prior.parent / "data", run_dir / "data")
     cfg, _ = compose(["recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={DATA}"])
     with pytest.raises(RexftError, match=r"out of GPU memory at step 1; reduce memory with trainer.batch_size .*gradient_checkpointing"):
         train_module.train(cfg)

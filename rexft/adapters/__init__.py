@@ -14,33 +14,23 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import pkgutil
 import re
 import shutil
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from rexft.adapters.base import AdapterLinear, is_adapter_param
-from rexft.config import AdapterConfig, adapter_config_from
+from rexft.config import AdapterConfig, adapter_config_from, adapter_types
 from rexft.errors import RexftError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
-_NOT_TYPES = {"base"}
-
-
-@lru_cache(maxsize=None)
-def adapter_types() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_TYPES)
-
-
 def adapter_class(name: str) -> type[AdapterLinear]:
     if name not in adapter_types():
         raise RexftError(f"unknown adapter type '{name}'; valid types: {', '.join(adapter_types())}")

@@ -68,10 +68,12 @@ class Checker:
 
     task: str
     source: str
-    row: int
+    row: int  # 0-based record index
+    position: str = ""  # where the record is, as its file counts: "line 7" (an editor's line), "record 7" (1-based)
+    reading: Optional[str] = None  # choice: how the record's answer was read (index, letter or text)
 
     def fail(self, message: str):
-        raise RexftError(f"{self.task}: {self.source} row {self.row}: {message}")
+        raise RexftError(f"{self.task}: {self.source} {self.position or f'record {self.row + 1}'}: {message}")
 
     def fields(self, record: dict, schema: dict) -> None:
         for name, kind in schema.items():
