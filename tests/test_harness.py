@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rexft.data import PromptFormat, encode_example, load_examples
+from rexft.data import PromptFormat, encode_example
+from rexft.splits import load_examples
 from rexft.modeling import byte_tokenizer
 from rexft.tasks import task_names
 
@@ -103,6 +104,7 @@ def tiny_run(tmp_path_factory, data_dir):
     from conftest import randomize_adapters
     from rexft.adapters import inject_adapters, save_adapter
     from rexft.cli import compose
+    from rexft.data import prepare_data
     from rexft.evaluate import evaluate
     from rexft.modeling import load_model, load_tokenizer
     from rexft.rundir import read_jsonl, save_resolved_config
@@ -119,6 +121,7 @@ def tiny_run(tmp_path_factory, data_dir):
     centroids = torch.nn.functional.normalize(torch.randn(4, 384, generator=torch.Generator().manual_seed(0)), dim=-1)
     save_file({"centroids": centroids}, str(run / "adapter" / "prior_centroids.safetensors"))
     shutil.copy(run / "config.yaml", run / "adapter" / "config.yaml")
+    prepare_data(cfg)  # the frozen split eval scores
     predictions = read_jsonl(evaluate(cfg) / "predictions.jsonl")
     local = run / "scored"
     for task in TASKS:
