@@ -193,6 +193,31 @@ def compose(overrides: list[str]):
     return typed, merged
 
 
+def saved_config(run_dir: Path) -> RunConfig:
+    """The typed config a run directory recorded: the one its adapter was trained with (adapter/config.yaml,
+    else config.train.yaml, else the latest config.yaml), with ``run_dir`` set to where the folder is now."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rexft.errors import RexftError
+
+    run_dir = Path(run_dir)
+    found = [run_dir / name for name in ("adapter/config.yaml", "config.train.yaml", "config.yaml")
+             if (run_dir / name).is_file()]
+    if not found:
+        raise RexftError(f"{run_dir} is not a run directory (no config.yaml; `rexft train` writes one)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(found[0]), {"run_dir": str(run_dir)})
+        typed: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise RexftError(f"{found[0]}: {str(err).strip().splitlines()[0]}") from None
+    try:
+        typed.data.sources = _task_specs(typed.data.sources)
+    except ConfigError as err:
+        raise RexftError(f"{found[0]}: {err}") from None
+    return typed
+
+
 def _paths_beside_recipe(cfg: RunConfig, recipe_file: Path) -> None:
     """A relative source path the recipe file sets is also tried beside that file (after the working
     directory and data.local_dir); where it is found only there, the spec gets that absolute path, and where
@@ -325,6 +350,10 @@ def _check_cross_keys(cfg: RunConfig) -> None:
         raise ConfigError(f"config keys 'adapter.prior_dim' ({adapter.prior_dim}) and 'prior.k' ({cfg.prior.k}) "
                           "differ: the adapter reads a prior of prior.k cluster similarities; set "
                           f"adapter.prior_dim={cfg.prior.k} or leave it out (adapter=trex sets it to prior.k)")
+    if cfg.data.prompt_style == "harness" and cfg.eval.protocol != "loglik":
+        raise ConfigError(f"config keys 'data.prompt_style' (harness) and 'eval.protocol' ({cfg.eval.protocol}): "
+                          "harness-style options are continuations with no letters to score; set eval.protocol=loglik "
+                          "(lm-eval's own scoring)")
     if cfg.export.mode == "merged" and adapter.type != "lora":
         raise ConfigError(f"config key 'export.mode': merged needs adapter.type=lora, but adapter.type={adapter.type} "
                           "routes per token and has no single merged weight; use export.mode=per_task, per_cluster "
@@ -348,6 +377,8 @@ def usage(command: str | None = None) -> str:
                   "commands:"]
         lines += [f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items()]
         lines += ["  eval compare   rexft eval compare RUN_DIR [RUN_DIR ...]: side-by-side table + bar chart"]
+        lines += ["  harness        rexft harness --model rexft --model_args run_dir=DIR --tasks rexft_harness ...: "
+                  "lm-evaluation-harness (its own arguments) with rexft's model and task definitions"]
     else:
         lines += [f"usage: rexft {command} [recipe=NAME] [group=option ...] [key=value ...] [--print-config]",
                   "", COMMANDS[command][1]]
@@ -360,9 +391,15 @@ def usage(command: str | None = None) -> str:
 
 
 def _stage(command: str) -> Callable:
+    return _load(COMMANDS[command][0])
+
+
+def _load(target: str) -> Callable:
+    """A command's function from its "module:function" name, imported only when that command runs (so the
+    CLI stays the top of the import graph: no stage imports it back)."""
     import importlib
 
-    module, function = COMMANDS[command][0].split(":")
+    module, function = target.split(":")
     return getattr(importlib.import_module(module), function)
 
 
@@ -382,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rexft: error: {err}", file=sys.stderr)
             return 2
         return 0
+    if command == "harness":  # lm-eval's own command line, not a Hydra config
+        return _load("rexft.harness.run:main")(args)
     if command not in COMMANDS:
         hint = difflib.get_close_matches(command, COMMANDS, n=1)
         print(f"rexft: error: unknown command '{command}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")

@@ -246,6 +246,10 @@ class DataConfig:
     # works); the CLI checks each entry against TaskSpec (keys, types and ranges) and hands the stages TaskSpec objects.
     sources: dict[str, Any] = field(default_factory=dict)
     local_dir: Optional[str] = None  # folder of <task>/<split>.jsonl; null reads the Hugging Face hub
+    # How the built-in tasks are prompted: chat (question and lettered options in the chat template, the letter
+    # is the answer) | harness (lm-evaluation-harness's zero-shot formats, "...\nAnswer:" and each option as a
+    # space-led continuation; scored with eval.protocol=loglik). rexft/tasks/common.py describes both.
+    prompt_style: str = one_of("chat", choices=("chat", "harness"))
     max_length: int = bounded(2048, ge=1)  # tokens; context is trimmed first; an example whose answer or target cannot fit is dropped
     max_dropped_fraction: float = bounded(0.1, ge=0, le=1)  # stop if more than this share of the training examples cannot fit max_length
     train_per_task: Optional[int] = bounded(None, ge=1, allow=(None,))  # cap on training examples per task (null: all)

@@ -38,7 +38,9 @@ IGNORE_INDEX = -100
 # ------------------------------------------------------------------------------------------ tokenizing
 @dataclass
 class PromptFormat:
-    """How a prompt becomes text: the tokenizer's chat template, else ``plain_template``."""
+    """How a prompt becomes text: the tokenizer's chat template, else ``plain_template``. A harness-style
+    example (``Example.prompt_style``) is always its prompt as it is, with the tokenizer's own special
+    tokens, and its options follow it as written: what lm-eval's ``hf`` model feeds for a zero-shot request."""
 
     chat: bool
     plain_template: str
@@ -46,6 +48,16 @@ class PromptFormat:
     @classmethod
     def for_model(cls, tokenizer, cfg: ModelConfig) -> "PromptFormat":
         return cls(bool(cfg.use_chat_template and getattr(tokenizer, "chat_template", None)), cfg.plain_template)
+
+    def of(self, example: Example) -> "PromptFormat":
+        """The format this example is rendered in: its own for harness-style examples, else this one."""
+        return HARNESS_FORMAT if example.prompt_style == "harness" else self
+
+    @staticmethod
+    def target(example: Example) -> str:
+        """What follows the prompt in training: a chat-style choice example's gold letter, a harness-style
+        one's gold continuation, a generative example's target text."""
+        return example.options[example.answer_index] if example.prompt_style == "harness" else example.answer
 
     @staticmethod
     def messages(example: Example) -> list[dict]:
@@ -64,11 +76,15 @@ class PromptFormat:
         return self.plain_template.format(prompt=turns) if generation_prompt else turns
 
     def answer_text(self, text: str) -> str:
-        """The target as it follows the prompt (a letter for choice tasks)."""
-        return text if self.chat else f" {text}"
+        """The target as it follows the prompt (a letter for choice tasks); a harness-style continuation
+        brings its own leading space."""
+        return text if self.chat or text[:1].isspace() else f" {text}"
 
     def fingerprint(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+HARNESS_FORMAT = PromptFormat(chat=False, plain_template="{prompt}")
 
 
 def letter_token_ids(tokenizer, fmt: PromptFormat, n: int) -> tuple[list[int], list[int]]:
@@ -102,6 +118,7 @@ def encode_prompt(example: Example, tokenizer, fmt: PromptFormat, max_length: in
     passage / input (trimmed from its end), or a conversation's oldest turns. None when the rest (question,
     options, the last user turn) cannot fit even so: the example is dropped, never cut into."""
     budget = max_length - reserve
+    fmt = fmt.of(example)
     ids = _tokens(tokenizer, fmt, fmt.messages(example))
     if len(ids) <= budget:
         return ids, False
@@ -170,7 +187,8 @@ def encode_example(example: Example, tokenizer, fmt: PromptFormat, max_length: i
     """input_ids = prompt + answer (the gold letter, or the target text) + eos; labels = -100 on the prompt
     (loss on the answer only; a chat example's earlier assistant turns are labelled too). None when the
     example cannot fit ``max_length`` without cutting into its question, options or target."""
-    answer = tokenizer(fmt.answer_text(example.answer), add_special_tokens=False).input_ids
+    fmt = fmt.of(example)
+    answer = tokenizer(fmt.answer_text(fmt.target(example)), add_special_tokens=False).input_ids
     if tokenizer.eos_token_id is not None:
         answer = answer + [tokenizer.eos_token_id]
     if len(answer) >= max_length:
@@ -378,7 +396,7 @@ def prepare_data(cfg: RunConfig) -> Path:
     evaluation = [e for split in splits + unseen for e in split.eval]
     encoded_eval = tokenize_examples(evaluation, tokenizer, fmt, cfg.data.max_length, desc="tokenize eval")
     stats = {"train_examples": sum(r is not None for r in encoded_train), "max_length": cfg.data.max_length,
-             "template": "chat" if fmt.chat else "plain",
+             "template": "chat" if fmt.chat else "plain", "prompt_style": cfg.data.prompt_style,
              "tasks": task_stats(splits, unseen, train + evaluation, encoded_train + encoded_eval)}
     kept = [e for e, r in zip(train, encoded_train) if r is not None]
     record = split_record(cfg, splits, unseen, kept, [e for e, r in zip(evaluation, encoded_eval) if r is None])
@@ -391,7 +409,7 @@ def prepare_data(cfg: RunConfig) -> Path:
     write_jsonl(out / "validation.jsonl", [e.to_dict() for e in evaluation])
     write_json(record_path(cfg.path), record)
     write_json(out / "stats.json", stats)
-    table = stats_table(stats)
+    table = f"prompt style: {cfg.data.prompt_style}\n\n{stats_table(stats)}"
     atomic_write_text(out / "stats.md", table + "\n")
     print(table)
     return out

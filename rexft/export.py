@@ -401,7 +401,8 @@ def _fidelity(cfg: RunConfig, model, tokenizer, fmt: PromptFormat, folder: Path,
     Returns the table's rows and how many dynamic scores came from rexft eval's predictions."""
     from dataclasses import replace
 
-    from rexft.eval.engine import RowState, make_engine, prior_state
+    from rexft.eval.engine import RowState, prior_state
+    from rexft.eval import make_engine
     from rexft.eval.protocols import Prompts, score_examples
     from rexft.eval.report import headline, summarize
     from rexft.eval.stage import reusable_predictions

@@ -67,12 +67,15 @@ def read_records(task: str, split: str, local_dir: str | None) -> tuple[list[dic
     return [dict(r) for r in dataset], f"hub {hub_path}/{hub_name or ''}[{hub_split}]"
 
 
-def load_examples(task: str, split: str, local_dir: str | None) -> list[Example] | None:
+def load_examples(task: str, split: str, local_dir: str | None, prompt_style: str = "chat") -> list[Example] | None:
+    """A built-in task's examples in a prompt style: chat (``to_example``) or harness (``to_harness``,
+    lm-eval's zero-shot format; see rexft/tasks/common.py)."""
     loaded = read_records(task, split, local_dir)
     if loaded is None:
         return None
     records, source = loaded
     module = get_task(task)
+    layout = module.to_harness if prompt_style == "harness" else module.to_example
     examples = []
     unit = "record" if source.startswith("hub ") else "line"  # a local file holds one record per line
     for row, record in enumerate(records):
@@ -80,8 +83,8 @@ def load_examples(task: str, split: str, local_dir: str | None) -> list[Example]
         if not isinstance(record, dict):
             check.fail("record is not a JSON object")
         check.fields(record, module.FIELDS)
-        prompt, options, gold, context_chars = module.to_example(record, check)
-        examples.append(Example(task, row, prompt, options, LETTERS[gold], context_chars))
+        prompt, options, gold, context_chars = layout(record, check)
+        examples.append(Example(task, row, prompt, options, LETTERS[gold], context_chars, prompt_style=prompt_style))
     return examples
 
 
@@ -112,10 +115,10 @@ def _seeded_order(n: int, seed: int, task: str) -> list[int]:
 
 
 def split_task(task: str, cfg: DataConfig) -> TaskSplit:
-    validation = load_examples(task, "validation", cfg.local_dir)
+    validation = load_examples(task, "validation", cfg.local_dir, cfg.prompt_style)
     if validation is None:
         raise RexftError(f"{task}: no validation split (data.local_dir={cfg.local_dir})")
-    train = load_examples(task, "train", cfg.local_dir)
+    train = load_examples(task, "train", cfg.local_dir, cfg.prompt_style)
     if train is not None:
         return TaskSplit(task, train, validation, "train", task)
     if cfg.no_train_split == "skip":

@@ -30,7 +30,8 @@ import torch
 
 from rexft.cli import compose
 from rexft.data import PromptFormat, encode_prompt, letter_token_ids
-from rexft.eval.engine import make_engine, prior_state
+from rexft.eval import make_engine
+from rexft.eval.engine import prior_state
 from rexft.eval.protocols import Prompts, first_token, generate
 from rexft.splits import build_splits
 from rexft.modeling import load_model, load_tokenizer

@@ -11,7 +11,8 @@ import rexft
 from conftest import randomize_adapters, run_cli, tiny_model
 from rexft.config import AdapterConfig, EvalConfig, ModelConfig
 from rexft.data import PromptFormat, encode_example
-from rexft.eval.engine import RowState, make_engine, prior_state
+from rexft.eval import make_engine
+from rexft.eval.engine import RowState, prior_state
 from rexft.eval.protocols import ChoicePrediction, Dropped, GeneratedPrediction, Prompts, generate, target_nll
 from rexft.eval.report import summarize
 from rexft.metrics import bootstrap_ci, exact_match, normalize_answer, rouge_l

@@ -173,17 +173,3 @@ class PlainEngine:
         sums = self.continuation_logprobs({i: (i, prompts[i], targets.get(i, [])) for i in prompts})
         for i in prompts:
             yield Generated(i, texts[i], sums[i] if targets.get(i) else None)
-
-
-def make_engine(kind: str, model, tokenizer, rows: RowState | None, batch_size: int, profile: dict | None = None,
-                progress=None):
-    """``eval.engine``: plain, pool, or auto (the pool on a CPU, plain elsewhere); ``profile`` overrides
-    the device profile's fields (``rexft.eval.pool.DeviceProfile``)."""
-    from rexft.eval.pool import PoolEngine, device_profile
-
-    device = next(model.parameters()).device
-    if kind == "auto":
-        kind = "pool" if device.type == "cpu" else "plain"
-    if kind == "plain":
-        return PlainEngine(model, tokenizer, rows, batch_size, progress)
-    return PoolEngine(model, tokenizer, rows, batch_size, progress, device_profile(device, profile))

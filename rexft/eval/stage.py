@@ -17,7 +17,8 @@ from rexft.adapters import load_adapter, read_adapter_config
 from rexft.config import RunConfig
 from rexft.data import PromptFormat
 from rexft.errors import RexftError
-from rexft.eval.engine import make_engine, prior_state
+from rexft.eval import make_engine
+from rexft.eval.engine import prior_state
 from rexft.eval.protocols import Dropped, Prediction, Prompts, as_row, from_row, score_examples
 from rexft.eval.report import RouteRecorder, routing_heatmap, routing_layer, results_table, summarize, summary_lines
 from rexft.modeling import load_model, load_tokenizer

@@ -5,9 +5,18 @@ A task module under rexft/tasks/ defines
     HUB_SPLITS = {"train": ..., "validation": ...}   hub split names behind the local file names
     FIELDS = {field: type, ...}         the record schema the loader checks
     def to_example(record, check) -> Example-parts via ``multiple_choice``
-and nothing else. The prompt is ``context`` (a passage that truncation may trim) followed by the
-question and the lettered options; binary tasks always put the positive reading first:
-A = yes / true / entailment, B = no / false / not entailment.
+    def to_harness(record, check) -> Example-parts via ``continuations``
+and nothing else. Two prompt styles (``data.prompt_style``):
+
+chat (``to_example``): ``context`` (a passage that truncation may trim) followed by the question and the
+lettered options, rendered with the model's chat template; binary tasks always put the positive reading
+first: A = yes / true / entailment, B = no / false / not entailment. The answer trained on is the letter.
+
+harness (``to_harness``): lm-evaluation-harness's own zero-shot format for the task (its task YAML's
+doc_to_text, doc_to_choice and doc_to_target, mirrored in rexft/harness/tasks/): plain text ending in
+"Answer:" or the like, no chat template, and each option is the continuation lm-eval scores after it,
+its target delimiter included (" yes"), in lm-eval's option order (boolq: no, yes). The answer trained
+on is the gold continuation. Scored with ``eval.protocol=loglik``, as lm-eval scores it.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ class Example:
     references: Optional[list[str]] = None  # generative: every acceptable output (answer is the first)
     messages: Optional[list[dict]] = None  # chat: the turns before the target turn ({role, content}, system first)
     system: Optional[str] = None  # instruction: a system text for the chat template
+    prompt_style: str = "chat"  # harness: lm-eval's plain-text prompt, options are continuations (see above)
 
     @property
     def kind(self) -> str:
@@ -88,6 +98,14 @@ def multiple_choice(question: str, options: list[str], gold: int, context: str =
     context_block = f"{context}\n" if context else ""
     lettered = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
     return f"{context_block}{question}\n{lettered}", list(options), gold, len(context_block)
+
+
+def continuations(text: str, choices: list[str], gold: int, context_chars: int = 0,
+                  delimiter: str = " ") -> tuple[str, list[str], int, int]:
+    """A harness-style example: (prompt, options, gold index, trimmable context length). Each option is
+    ``delimiter + choice``, the continuation lm-eval scores after ``text`` (its ``target_delimiter``);
+    ``text[:context_chars]`` is a passage that truncation may trim."""
+    return text, [f"{delimiter}{choice}" for choice in choices], gold, context_chars
 
 
 YES_NO = ["yes", "no"]

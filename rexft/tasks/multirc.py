@@ -1,6 +1,6 @@
 """MultiRC (super_glue/multirc): is the candidate answer correct; label 1 -> A (yes)."""
 
-from rexft.tasks.common import YES_NO, multiple_choice, yes_no
+from rexft.tasks.common import YES_NO, continuations, multiple_choice, yes_no
 
 HUB = ("super_glue", "multirc")
 HUB_SPLITS = {"train": "train", "validation": "validation"}
@@ -12,3 +12,12 @@ def to_example(record, check):
     question = (f"Question: {record['question']}\nCandidate answer: {record['answer']}\n"
                 "Is the candidate answer correct?")
     return multiple_choice(question, YES_NO, yes_no(positive), context=record["paragraph"])
+
+
+def to_harness(record, check):
+    """lm-eval multirc (v2.0), as it is: options [answer + "Is the answer correct? yes", ... "no"] and
+    doc_to_target = label, so a correct answer (label 1) has "... no" as its gold continuation."""
+    gold = check.label(record["label"], 2)
+    text = f"{record['paragraph']}\nQuestion: {record['question']}\nAnswer:"
+    choices = [f"{record['answer']}\nIs the answer correct? {word}" for word in ("yes", "no")]
+    return continuations(text, choices, gold, context_chars=len(record["paragraph"]) + 1)

@@ -1,6 +1,6 @@
 """OpenBookQA (main): four choices; answerKey is the gold choice's label."""
 
-from rexft.tasks.common import keyed_choices, multiple_choice
+from rexft.tasks.common import continuations, keyed_choices, multiple_choice
 
 HUB = ("allenai/openbookqa", "main")
 HUB_SPLITS = {"train": "train", "validation": "validation"}
@@ -10,3 +10,9 @@ FIELDS = {"question_stem": str, "choices": dict, "answerKey": str}
 def to_example(record, check):
     texts, gold = keyed_choices(record, check)
     return multiple_choice(f"Question: {record['question_stem']}", texts, gold)
+
+
+def to_harness(record, check):
+    """lm-eval openbookqa: the bare question stem, each choice as the continuation."""
+    texts, gold = keyed_choices(record, check)
+    return continuations(record["question_stem"], texts, gold)

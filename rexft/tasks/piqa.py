@@ -1,6 +1,6 @@
 """PIQA: the better solution for the goal; label indexes sol1/sol2."""
 
-from rexft.tasks.common import multiple_choice
+from rexft.tasks.common import continuations, multiple_choice
 
 HUB = ("ybisk/piqa", None)
 HUB_SPLITS = {"train": "train", "validation": "validation"}
@@ -11,3 +11,9 @@ def to_example(record, check):
     gold = check.label(record["label"], 2)
     return multiple_choice(f"Goal: {record['goal']}\nQuestion: Which solution is better?",
                            [record["sol1"], record["sol2"]], gold)
+
+
+def to_harness(record, check):
+    """lm-eval piqa."""
+    gold = check.label(record["label"], 2)
+    return continuations(f"Question: {record['goal']}\nAnswer:", [record["sol1"], record["sol2"]], gold)

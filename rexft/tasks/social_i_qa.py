@@ -1,6 +1,6 @@
 """Social IQa: label "1".."3" -> A..C over answerA..answerC."""
 
-from rexft.tasks.common import multiple_choice
+from rexft.tasks.common import continuations, multiple_choice
 
 HUB = ("allenai/social_i_qa", None)
 HUB_SPLITS = {"train": "train", "validation": "validation"}
@@ -11,3 +11,10 @@ def to_example(record, check):
     gold = check.label(record["label"], 3, base=1)
     options = [record["answerA"], record["answerB"], record["answerC"]]
     return multiple_choice(f"Question: {record['question']}", options, gold, context=record["context"])
+
+
+def to_harness(record, check):
+    """lm-eval social_iqa."""
+    gold = check.label(record["label"], 3, base=1)
+    options = [record["answerA"], record["answerB"], record["answerC"]]
+    return continuations(f"Q: {record['context']} {record['question']}\nA:", options, gold)
