@@ -234,7 +234,7 @@ def _paths_beside_recipe(cfg: RunConfig, recipe_file: Path) -> None:
             continue
         candidates = path_candidates(spec.path, cfg.data, (recipe_file.parent,))
         found = next((c for c in candidates if c.exists()), None)
-        if found is None and name in used and not (spec.hub and cfg.data.local_dir is None):
+        if found is None and name in used and len(candidates) > 1 and not (spec.hub and cfg.data.local_dir is None):
             raise ConfigError(f"data.sources.{name}: path {spec.path} not found; looked for "
                               f"{', '.join(map(str, candidates))}")
         if found is not None and found == candidates[-1] and len(candidates) > 1:

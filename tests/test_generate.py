@@ -291,7 +291,8 @@ def test_demo_sni_recipe_end_to_end_on_a_tiny_model(tmp_path, data_dir):
               "data.sources.sni_test.max_tasks=2", "data.sources.sni_test.eval_per_task=2", "prior.k=4",
               "adapter.prior_dim=4", "eval.max_new_tokens=4", "trainer.batch_size=4", "trainer.grad_accum=1"]
     data = run_cli("data", *common)
-    assert "| **4 generate tasks** |" in data.stdout
+    assert "| **6 generate tasks** |" in data.stdout  # 4 trained and 2 unseen: `rexft data` prepares what eval scores
+    assert data.stdout.count("(unseen) |") == 2
     prior = run_cli("cluster-prior", *common)
     assert "purity" in prior.stdout
     run_cli("train", *common)

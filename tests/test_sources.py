@@ -317,7 +317,9 @@ def test_the_readme_example_recipe_composes(tmp_path):
     block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     recipe = tmp_path / "my_recipe.yaml"
     recipe.write_text(block)
+    (tmp_path / "quiz").mkdir()  # its relative `path: quiz`, found beside the recipe file
     cfg, _ = compose([f"recipe={recipe}"])
+    assert cfg.data.sources["quiz"].path == str(tmp_path / "quiz")
     assert cfg.name == "my-tasks" and set(cfg.data.sources) == {"support", "assistant", "quiz"}
     assert [cfg.data.sources[n].format for n in ("support", "assistant", "quiz")] == ["instruction", "chat", "choice"]
     assert cfg.data.tasks == ["boolq", "support", "assistant", "quiz"] and "boolq" in task_names()
