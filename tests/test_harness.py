@@ -122,7 +122,9 @@ def tiny_run(tmp_path_factory, data_dir):
     save_file({"centroids": centroids}, str(run / "adapter" / "prior_centroids.safetensors"))
     shutil.copy(run / "config.yaml", run / "adapter" / "config.yaml")
     prepare_data(cfg)  # the frozen split eval scores
-    predictions = read_jsonl(evaluate(cfg) / "predictions.jsonl")
+    scored = evaluate(cfg)
+    assert json.loads((scored / "results.json").read_text())["prompt_style"] == "harness"  # reports state the style
+    predictions = read_jsonl(scored / "predictions.jsonl")
     local = run / "scored"
     for task in TASKS:
         records = read_jsonl(data_dir / task / "validation.jsonl")

@@ -59,6 +59,7 @@ def test_eval_results_have_the_promised_keys(run_dir):
         assert entry["n"] + entry["dropped"] == 8 and entry["n"] >= 4 and entry["kind"] == "choice"
         assert 0 <= entry["accuracy"] <= 1 and entry["ci95"][0] <= entry["accuracy"] <= entry["ci95"][1]
     assert results["mean_accuracy"] == pytest.approx(sum(t["accuracy"] for t in results["tasks"].values()) / 14, abs=1e-3)
+    assert results["prompt_style"] == "chat" and ", prompt style chat\n" in (run_dir / "eval" / "results.md").read_text()
     predictions = (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 14 * 8
     assert (run_dir / "eval" / "routing.png").stat().st_size > 1000

@@ -133,6 +133,7 @@ def evaluate(cfg: RunConfig) -> Path:
     for task, digest in examples_digest(examples).items():
         results["tasks"][task]["examples"] = digest
     results.update({"protocol": cfg.eval.protocol, "restricted": cfg.eval.restricted, "model": description,
+                    "prompt_style": cfg.data.prompt_style,
                     "eval_source": sources, "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "stop": cfg.eval.stop,
                                                            "do_sample": cfg.eval.do_sample, "num_beams": cfg.eval.num_beams}})
     if adapter_config is not None:
@@ -142,7 +143,8 @@ def evaluate(cfg: RunConfig) -> Path:
     write_jsonl(out / "predictions.jsonl", [as_row(p) for p in predictions])
     table = results_table(results)
     protocols = sorted({"generate" if e.kind == "generate" else cfg.eval.protocol for e in examples})
-    atomic_write_text(out / "results.md", f"{description}, protocols {', '.join(protocols)}\n\n{table}\n")
+    atomic_write_text(out / "results.md", f"{description}, protocols {', '.join(protocols)}, prompt style "
+                      f"{cfg.data.prompt_style}\n\n{table}\n")
     if recorder is not None and state.num_processes == 1:
         routes, order = recorder.routes()
         if routes is not None:
