@@ -85,7 +85,7 @@ def _task_specs(sources: dict) -> dict:
         for key, value, valid in range_violations(specs[name]):
             raise ConfigError(f"config key 'data.sources.{name}.{key}': {value!r} is out of range (must be {valid})")
         for key, value, valid in choice_violations(specs[name]):
-            raise ConfigError(f"config key 'data.sources.{name}.{key}': '{value}' is not one of {', '.join(valid)}")
+            raise _not_a_choice(f"data.sources.{name}.{key}", value, valid)
     return specs
 
 
@@ -270,15 +270,17 @@ def _validate(cfg: RunConfig, derived: set[str] = frozenset()) -> None:
     _check_cross_keys(cfg)
 
 
+def _not_a_choice(key: str, value, valid: list) -> ConfigError:
+    names = ["null" if v is None else v for v in valid]
+    return ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(names)}")
+
+
 def _check_choices(cfg: RunConfig) -> None:
     from rexft.formats import FIELDS, FORMATS
     from rexft.tasks import task_names
 
-    violations = choice_violations(cfg)
-    if violations:
-        key, value, valid = violations[0]
-        names = ["null" if v is None else v for v in valid]
-        raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(names)}")
+    for key, value, valid in choice_violations(cfg):
+        raise _not_a_choice(key, value, valid)
     for name, spec in cfg.data.sources.items():
         if spec.format not in FORMATS:
             raise ConfigError(f"config key 'data.sources.{name}.format': '{spec.format}' is not one of {', '.join(FORMATS)}")
