@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("rexft.train:train", "inject adapters and train; write adapter/ and checkpoints/"),
     "eval": ("rexft.eval.stage:evaluate", "score the validation sets; write eval/results.json"),
     "merge-export": ("rexft.export:merge_export", "merge or export adapters for standard tools; write export/"),
+    "serve": ("rexft.serve.stage:serve", "serve the run behind an OpenAI-compatible endpoint (local engine or vLLM)"),
 }
 
 

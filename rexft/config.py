@@ -382,6 +382,33 @@ class ExportConfig:
     # AVX512-BF16 / AMX), else the model's dtype
     route_dtype: str = one_of("auto", choices=("auto",) + DTYPES)
     max_shard_size: str = "2GB"
+    # per_task / per_cluster: refuse, with one line, what vLLM's multi-LoRA server cannot load (a rank above
+    # 512, targets outside the decoder's linear layers); false for adapters meant for PEFT only
+    vllm_compatible: bool = True
+
+
+@dataclass
+class ServeConfig:
+    """``rexft serve``: an OpenAI-compatible endpoint for a trained run (rexft/serve/)."""
+
+    # local: rexft's engine serves the exact dynamic mixture, each request with its own prior | vllm: a
+    # vLLM OpenAI server with every per-cluster / per-task export as a LoRA module, a router in front
+    backend: str = one_of("local", choices=("local", "vllm"))
+    host: str = "127.0.0.1"  # 0.0.0.0 exposes the endpoint beyond this machine
+    port: int = bounded(8000, ge=0, le=65535)  # 0: any free port (printed at start-up)
+    api_key: Optional[str] = None  # required as "Authorization: Bearer KEY" on every endpoint but /health (also REXFT_API_KEY)
+    max_tokens: int = bounded(256, ge=1)  # a request's default max_tokens, and the most it may ask for
+    max_model_len: Optional[int] = bounded(None, ge=16, allow=(None,))  # prompt + max_tokens (null: the model's context)
+    route_log: bool = True  # append every request's route to run_dir/serve/routes.jsonl
+    # local backend: rows decoding together (requests join and leave the decoding batch every few tokens)
+    max_batch: int = bounded(16, ge=1)
+    # vllm backend: the URL of a vLLM OpenAI server already holding the exports (e.g. a deployment with
+    # tensor parallelism, or replicas behind a load balancer); null: rexft starts and supervises one
+    upstream: Optional[str] = None
+    vllm_python: Optional[str] = None  # vLLM's virtual environment (null: REXFT_VLLM_PYTHON, else .venv-vllm/bin/python)
+    vllm_port: int = bounded(0, ge=0, le=65535)  # the supervised vLLM server's port (0: a free one)
+    vllm_args: list[str] = unbounded(default_factory=list)  # extra arguments for vLLM's server, e.g. ["--tensor-parallel-size", "2"]
+    startup_timeout: float = bounded(600.0, gt=0)  # seconds for the supervised vLLM to become healthy
 
 
 @dataclass
@@ -395,6 +422,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @property
     def path(self) -> Path:

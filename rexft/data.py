@@ -101,7 +101,7 @@ def letter_token_ids(tokenizer, fmt: PromptFormat, n: int) -> tuple[list[int], l
     return encoded[0][:prefix], ids
 
 
-def _tokens(tokenizer, fmt: PromptFormat, messages: list[dict], generation_prompt: bool = True) -> list[int]:
+def message_tokens(tokenizer, fmt: PromptFormat, messages: list[dict], generation_prompt: bool = True) -> list[int]:
     # chat templates carry their own special tokens
     return tokenizer(fmt.render(tokenizer, messages, generation_prompt), add_special_tokens=not fmt.chat).input_ids
 
@@ -119,7 +119,7 @@ def encode_prompt(example: Example, tokenizer, fmt: PromptFormat, max_length: in
     options, the last user turn) cannot fit even so: the example is dropped, never cut into."""
     budget = max_length - reserve
     fmt = fmt.of(example)
-    ids = _tokens(tokenizer, fmt, fmt.messages(example))
+    ids = message_tokens(tokenizer, fmt, fmt.messages(example))
     if len(ids) <= budget:
         return ids, False
     if example.messages is not None:  # chat: drop the oldest turns (after a system turn) until it fits
@@ -130,7 +130,7 @@ def encode_prompt(example: Example, tokenizer, fmt: PromptFormat, max_length: in
             while drop < len(messages) - 1 and messages[drop]["role"] != "user":
                 drop += 1  # keep the conversation starting with a user turn
             messages = messages[:head] + messages[drop:]
-            ids = _tokens(tokenizer, fmt, messages)
+            ids = message_tokens(tokenizer, fmt, messages)
         return (ids, True) if len(ids) <= budget else (None, True)
     if example.context_chars:  # cut the context's tail; re-tokenizing can shift a token or two, so retry
         start = example.context_start
@@ -138,7 +138,7 @@ def encode_prompt(example: Example, tokenizer, fmt: PromptFormat, max_length: in
         cut = len(ids) - budget + 4
         while len(ids) > budget and cut <= len(context_ids) + 4:
             trimmed = _without_context_tail(example, context_ids, len(context_ids) - cut, tokenizer)
-            ids = _tokens(tokenizer, fmt, fmt.messages(trimmed))
+            ids = message_tokens(tokenizer, fmt, fmt.messages(trimmed))
             cut += max(1, len(ids) - budget)
     return (ids, True) if len(ids) <= budget else (None, True)
 
@@ -176,8 +176,8 @@ def assistant_spans(tokenizer, fmt: PromptFormat, messages: list[dict], ids: lis
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i == 0:
             continue
-        before = _tokens(tokenizer, fmt, messages[:i])
-        through = _tokens(tokenizer, fmt, messages[: i + 1], generation_prompt=False)
+        before = message_tokens(tokenizer, fmt, messages[:i])
+        through = message_tokens(tokenizer, fmt, messages[: i + 1], generation_prompt=False)
         if len(through) > len(before) and through[: len(before)] == before and ids[: len(through)] == through:
             spans.append((len(before), len(through)))
     return spans
@@ -214,7 +214,7 @@ def _kept_messages(messages: list[dict], tokenizer, fmt: PromptFormat, prompt: l
     head = 1 if messages[0]["role"] == "system" else 0
     for start in range(head, len(messages)):
         kept = messages[:head] + messages[start:]
-        if _tokens(tokenizer, fmt, kept) == prompt:
+        if message_tokens(tokenizer, fmt, kept) == prompt:
             return kept
     return messages
 

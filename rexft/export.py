@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -73,22 +74,41 @@ def merge_into_base(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+VLLM_MAX_RANK = 512  # the largest --max-lora-rank vLLM accepts (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_refusal(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str | None:
+    """Why vLLM's multi-LoRA server could not load an adapter with these factors (None: it can). vLLM loads
+    LoRA on the linear layers of the decoder blocks, up to rank 512, with no bias, DoRA or modules_to_save
+    (write_peft_adapter writes none of those three)."""
+    rank = max(A.shape[0] for A, _ in factors.values())
+    if rank > VLLM_MAX_RANK:
+        return f"its rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_MAX_RANK})"
+    outside = sorted(name for name in factors if not re.search(r"\.\d+\.", name))
+    if outside:
+        return (f"{len(outside)} target module(s) lie outside the decoder blocks ({', '.join(outside[:3])}), "
+                "where vLLM loads no LoRA")
+    return None
+
+
 def write_peft_adapter(directory: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], base_name: str,
                        dtype: torch.dtype) -> Path:
-    """A PEFT LoRA adapter with delta W = B A per layer (lora_alpha = r, so PEFT's scaling is 1)."""
+    """A PEFT LoRA adapter with delta W = B A per layer: one rank r for every layer (a thinner layer's
+    factors padded with zero rows of A and columns of B, which add nothing), lora_alpha = r so the scaling is
+    1 (it is folded into B A already), no bias: what PEFT and vLLM's multi-LoRA server load alike (vLLM
+    ignores rank_pattern and alpha_pattern)."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
-    pattern = {name: rank for name, rank in ranks.items() if rank != r}
+    r = max(A.shape[0] for A, _ in factors.values())
     config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(factors), lora_dropout=0.0, bias="none",
-                        task_type="CAUSAL_LM", base_model_name_or_path=base_name,
-                        rank_pattern=pattern, alpha_pattern=dict(pattern))
+                        task_type="CAUSAL_LM", base_model_name_or_path=base_name)
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(directory))
     tensors = {}
     for name, (A, B) in factors.items():
+        pad = r - A.shape[0]
+        A, B = torch.nn.functional.pad(A, (0, 0, 0, pad)), torch.nn.functional.pad(B, (0, pad))
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(dtype).contiguous().cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(dtype).contiguous().cpu()
     save_file(tensors, str(directory / "adapter_model.safetensors"))
@@ -378,9 +398,15 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
             continue
         group_routes = mean_routes(routes, tokens, [position[i] for i in index])
         factors[name] = static_factors(model, group_routes)
+        refusal = cfg.export.vllm_compatible and vllm_refusal(factors[name])
+        if refusal:
+            raise RexftError(f"export {by}/{folder_name(name)}: vLLM could not load this adapter: {refusal}; "
+                             "pass export.vllm_compatible=false to write it for PEFT only")
         write_peft_adapter(folder / folder_name(name), factors[name], cfg.model.name_or_path, dtype)
         written[name] = len(index)
     result = {by: written, "folders": {name: folder_name(name) for name in written},  # task -> its folder under by/
+              "rank": max((A.shape[0] for f in factors.values() for A, _ in f.values()), default=0),
+              "vllm_compatible": cfg.export.vllm_compatible,
               "dtype": str(dtype).replace("torch.", ""), "route_examples": cfg.export.route_examples,
               "route_dtype": str(route_dtype or next(model.parameters()).dtype).replace("torch.", "")}
     if checked:

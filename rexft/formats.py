@@ -167,3 +167,12 @@ def gold_option(answer: Any, options: list[str], answer_format: str, check: Chec
 
 FORMATS: dict[str, Callable[[dict, TaskSpec, Checker, str, int], Example]] = {
     "instruction": instruction, "chat": chat, "choice": choice}
+
+
+def prompt_of_chat(messages: list[dict]) -> str:
+    """The text rexft embeds for a conversation: a single user turn as it is, else the turns (system
+    aside) as ``role: content`` lines, as rexft's chat-format examples write their prompts."""
+    turns = [m for m in messages if m["role"] != "system"]
+    if len(turns) == 1:
+        return turns[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in turns)

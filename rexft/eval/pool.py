@@ -32,7 +32,7 @@ import os
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -550,6 +550,19 @@ def device_profile(device, overrides: dict | None = None) -> DeviceProfile:
 
 
 # ---------------------------------------------------------------------------------------------- the engine
+@dataclass
+class Feed:
+    """A server's hooks into ``PoolEngine.generate`` (``rexft serve``'s local backend): rows that arrive while
+    it decodes join the decoding batch, each row stops at its own token limit, and each row's tokens so far
+    are handed out after every chunk (a stream's deltas). ``arrivals()`` returns batches of new row ids whose
+    prompts it has added to the ``prompts`` dict generate() was given; ``limit(id)`` a row's most new tokens
+    (0 ends it at the next chunk: a client gone); ``partial(id, tokens)`` sees an unfinished row's tokens."""
+
+    arrivals: Callable[[], list[list[int]]]
+    limit: Callable[[int], int]
+    partial: Callable[[int, list[int]], None]
+
+
 class PoolEngine(PlainEngine):
     """The plain engine's calls, batched for a CPU: a task's shared opening runs once (and the head all
     openings share, once per eval), the rest in runs of similar length (``length_runs``); generation prefills
@@ -558,9 +571,10 @@ class PoolEngine(PlainEngine):
     prefilled rows join (``join``, ``keep``); decoding steps attend per group of rows (``rows_sdpa``)."""
 
     def __init__(self, model, tokenizer, rows: RowState | None = None, batch_size: int = 16, progress=None,
-                 profile: DeviceProfile | None = None, share_prefixes: bool = True):
+                 profile: DeviceProfile | None = None, share_prefixes: bool = True, feed: Feed | None = None):
         super().__init__(model, tokenizer, rows, batch_size, progress)
         self.profile = profile or device_profile(self.device)
+        self.feed = feed
         # Rows of a group share their opening's KV cache only where the model computes the same for all of them.
         self.share_prefixes = share_prefixes and (rows is None or rows.varies != "row")
 
@@ -630,13 +644,18 @@ class PoolEngine(PlainEngine):
 
     def _decode(self, batches, prompts, targets, shared, config, settings, margin: int | None) -> Iterator[Generated]:
         profile, capacity = self.profile, settings.decode_batch_size or self.profile.decode_batch_size
+        limit = self.feed.limit if self.feed else lambda i: settings.max_new_tokens
         queue = list(reversed(batches))
         pool: Decoding | None = None
         waiting: list[Decoding] = []  # prefilled rows not decoding yet, where caches cannot be joined
         pooled = bool(batches) and self._joinable_cache(batches[0][0], prompts[batches[0][0]][:1])
         heads: dict = {}
         sums: dict[int, float] = {}
-        while queue or waiting or pool is not None:
+        while True:
+            if self.feed:  # rows that arrived meanwhile queue behind those waiting
+                queue[:0] = reversed(self.feed.arrivals())
+            if not (queue or waiting or pool is not None):
+                break
             if pool is None and waiting:
                 pool = waiting.pop(0)
             elif queue and (pool is None or pooled and len(pool) + len(queue[-1]) <= capacity):
@@ -655,7 +674,7 @@ class PoolEngine(PlainEngine):
                     pool = waiting.pop(0)
             self._set_rows(pool.rows)  # stays set for every decoding step
             set_token_mask(self.model, None)
-            budget = max(settings.max_new_tokens - n for n in pool.generated)
+            budget = max(1, max(limit(i) - n for i, n in zip(pool.rows, pool.generated)))
             config.max_new_tokens = min(profile.decode_chunk, budget) if pooled else budget
             width = pool.input_ids.shape[1]
             plan = row_groups(_firsts(pool.attention_mask), width, profile.call_cost, margin) if margin is not None else None
@@ -669,12 +688,14 @@ class PoolEngine(PlainEngine):
             going = []
             for row, (i, before) in enumerate(zip(pool.rows, pool.generated)):
                 pool.generated[row] = before + steps
-                tokens = out[row, out.shape[1] - pool.generated[row]:][: settings.max_new_tokens].tolist()
-                if self._finished(tokens, settings):
+                tokens = out[row, out.shape[1] - pool.generated[row]:][: limit(i)].tolist()
+                if self._finished(tokens, limit(i), settings):
                     yield Generated(i, tokens, sums.get(i))
                     self.progress(1)
                 else:
                     going.append(row)
+                    if self.feed:
+                        self.feed.partial(i, tokens)
             pool = keep(pool, going, margin)
 
     def _prefill(self, batch_ids: list[int], prompts: dict[int, list[int]], shared: dict[int, int],
@@ -735,8 +756,8 @@ class PoolEngine(PlainEngine):
             probe = self.model(input_ids=torch.tensor([token], device=self.device), use_cache=True, logits_to_keep=1)
         return poolable(probe[CACHE_KWARG])
 
-    def _finished(self, tokens: list[int], settings) -> bool:
-        """Whether a row's generated tokens end it: EOS, max_new_tokens, or a stop string in the text."""
-        if len(tokens) >= settings.max_new_tokens or self.tokenizer.eos_token_id in tokens:
+    def _finished(self, tokens: list[int], limit: int, settings) -> bool:
+        """Whether a row's generated tokens end it: EOS, its limit of new tokens, or a stop string in the text."""
+        if len(tokens) >= limit or self.tokenizer.eos_token_id in tokens:
             return True
         return bool(settings.stop) and any(m in self.tokenizer.decode(tokens, skip_special_tokens=True) for m in settings.stop)

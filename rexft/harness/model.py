@@ -29,17 +29,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from rexft.adapters import load_adapter, read_adapter_config, set_prior
 from rexft.cli import saved_config
 from rexft.errors import RexftError
+from rexft.formats import prompt_of_chat
 from rexft.eval.stage import adapter_priors
 from rexft.modeling import load_model, load_tokenizer
-
-
-def prompt_of_chat(messages: list[dict]) -> str:
-    """The text rexft embeds for a conversation: a single user turn as it is, else the turns (system
-    aside) as ``role: content`` lines, as rexft's chat-format examples write their prompts."""
-    turns = [m for m in messages if m["role"] != "system"]
-    if len(turns) == 1:
-        return turns[0]["content"]
-    return "\n".join(f"{m['role']}: {m['content']}" for m in turns)
 
 
 @register_model("rexft")
