@@ -19,4 +19,5 @@ else
     "$py" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 "$py" -c "import vllm.entrypoints.openai.api_server" >/dev/null
+touch "$venv/rexft-ready"  # the serving tests run against this environment only once it is complete
 echo "$(cd "$(dirname "$py")" && pwd)/python"

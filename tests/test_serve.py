@@ -336,10 +336,11 @@ def test_upstream_down_gives_502_then_recovers(run):
 
 
 def vllm_python() -> str | None:
-    for candidate in (os.environ.get("REXFT_VLLM_PYTHON"), str(ROOT / ".venv-vllm" / "bin" / "python")):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    return None
+    """REXFT_VLLM_PYTHON, or .venv-vllm once scripts/setup_vllm.sh completed it."""
+    if os.environ.get("REXFT_VLLM_PYTHON"):
+        return os.environ["REXFT_VLLM_PYTHON"]
+    ready = ROOT / ".venv-vllm" / "rexft-ready"
+    return str(ROOT / ".venv-vllm" / "bin" / "python") if ready.is_file() else None
 
 
 @pytest.mark.slow
