@@ -109,7 +109,7 @@ def fidelity(args, overrides: list[str]) -> dict:
     for line in (cfg.path / cfg.eval.output / "predictions.jsonl").read_text().splitlines():
         row = json.loads(line)
         if not row.get("dropped") and "rouge_l" in row:
-            predictions[row["task"], row["id"]] = row["rouge_l"]
+            predictions[row["task"], row["id"]] = row
     examples = [e for e in evalset.examples if (e.task, e.row) in predictions]
     unseen = {id(e) for e in examples if e.task in evalset.unseen}
     report = json.loads((cfg.path / "prior" / "report.json").read_text())
@@ -122,7 +122,7 @@ def fidelity(args, overrides: list[str]) -> dict:
         seconds = time.perf_counter() - clock
     finally:
         stop_server(process)
-    rows, agree, share = {}, [], []
+    rows, agree, share, same = {}, [], [], 0
     for example, (body, _, status) in zip(examples, answers):
         if body is None:
             raise SystemExit(f"request for {example.task} row {example.row} failed with status {status}")
@@ -131,11 +131,13 @@ def fidelity(args, overrides: list[str]) -> dict:
         entry = rows.setdefault(example.task, {"unseen": id(example) in unseen, "n": 0, "serve": 0.0, "eval": 0.0})
         entry["n"] += 1
         entry["serve"] += served
-        entry["eval"] += predictions[example.task, example.row]
+        entry["eval"] += predictions[example.task, example.row]["rouge_l"]
+        same += text == predictions[example.task, example.row]["prediction"]
         route = body["rexft_route"]
-        if example.task in task_column and route["adapter"].startswith("cluster"):
+        # the cluster chosen: the per-cluster adapter's, or (local backend) the nearest centroid's
+        chosen = int(route["adapter"].removeprefix("cluster")) if route["how"] == "cluster" else route["cluster"]
+        if example.task in task_column and chosen is not None:
             column = [counts[c][task_column[example.task]] for c in range(len(counts))]
-            chosen = int(route["adapter"].removeprefix("cluster"))
             agree.append(chosen == max(range(len(column)), key=column.__getitem__))
             share.append(column[chosen] / max(1, sum(column)))
     for entry in rows.values():
@@ -150,10 +152,11 @@ def fidelity(args, overrides: list[str]) -> dict:
                             "eval": statistics.mean(r["eval"] for r in chosen)}
     result = {"backend": args.backend, "seconds": round(seconds, 1), "macro": macro, "tasks": rows,
               "route_agreement": sum(agree) / max(1, len(agree)), "route_share": statistics.mean(share) if share else None,
-              "routed_requests": len(agree)}
+              "routed_requests": len(agree), "same_text": same, "requests": len(examples)}
     for split, m in macro.items():
         print(f"{split}: {m['tasks']} tasks, {m['requests']} requests: ROUGE-L via rexft serve ({args.backend}) "
               f"{m['serve']:.3f} vs rexft eval {m['eval']:.3f} ({m['serve'] - m['eval']:+.3f})")
+    print(f"same text as rexft eval's prediction: {same}/{len(examples)}")
     print(f"route agreement (held-in): {result['route_agreement']:.3f} of {len(agree)} requests routed to their task's "
           f"majority cluster; mean share of the task's training prompts in the cluster chosen {result['route_share']:.3f}")
     return result

@@ -187,6 +187,32 @@ def test_local_stream_equals_the_whole_answer(local):
     assert chunks[-1]["usage"] == whole["usage"]
 
 
+def test_local_stop_strings_cut_the_text(local):
+    prompts = eval_prompts(local.run_dir, 6)
+    body = {"model": "smoke", "max_tokens": 12, "temperature": 0}
+    texts = [local.post("/v1/completions", {**body, "prompt": p}).json()["choices"][0]["text"] for p in prompts]
+    prompt, text = next(((p, t) for p, t in zip(prompts, texts) if len(t) >= 4), (None, None))
+    if prompt is None:
+        pytest.skip("the tiny model's greedy answers are all shorter than 4 characters")
+    cut = local.post("/v1/completions", {**body, "prompt": prompt, "stop": [text[2:4]]}).json()["choices"][0]
+    assert cut["text"] == text[: text.index(text[2:4])] and cut["finish_reason"] == "stop"
+
+
+def test_per_task_routing_sends_a_task_s_prompts_to_its_adapter(run):
+    """The per-task router: each held-out prompt goes to the task whose training prompts' mean embedding is
+    nearest, which for these four tasks is its own."""
+    from rexft.cli import compose
+    from rexft.serve.router import build_router
+
+    cfg, _ = compose(run)
+    tasks = ["boolq", "piqa", "copa", "winogrande"]
+    router = build_router(cfg, {t: cfg.path / t for t in tasks}, "per_task")
+    rows = [json.loads(line) for line in (cfg.path / "data" / "validation.jsonl").read_text().splitlines()]
+    routed = [(row["task"], router.route(row["prompt"])[0]) for row in rows[:40]]
+    assert all(route.how == "task" and route.router_ms > 0 for _, route in routed)
+    assert sum(task == route.adapter for task, route in routed) >= 0.9 * len(routed)
+
+
 def test_local_chat_uses_the_template_and_stops_at_max_tokens(local):
     messages = [{"role": "user", "content": eval_prompts(local.run_dir, 1)[0]}]
     response = local.post("/v1/chat/completions", {"model": "smoke", "messages": messages, "max_tokens": 3,
@@ -353,8 +379,7 @@ def test_vllm_backend_serves_the_exports_as_peft_would(run):
 
     server = Server(run + ["serve.backend=vllm", "serve.startup_timeout=400"], timeout=420)
     try:
-        group = subprocess.run(["pgrep", "-f", "vllm.entrypoints.openai.api_server"], capture_output=True, text=True)
-        assert group.stdout.strip(), "no vLLM process found"
+        leader = vllm_leader(server)
         model_dir = Path(next(a.split("=", 1)[1] for a in run if a.startswith("model.name_or_path=")))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         for prompt in eval_prompts(server.run_dir, 3):
@@ -378,12 +403,31 @@ def test_vllm_backend_serves_the_exports_as_peft_would(run):
         assert server.post("/v1/completions", {"model": "nope", "prompt": "hi"}).status_code == 404
         assert server.post("/v1/completions", {"model": "smoke", "prompt": "x" * 3000}).status_code == 400
         assert httpx.get(f"{server.url}/v1/models").json()["data"][1]["id"].startswith("cluster")
+        # vLLM dies: 503 with the reason while the supervisor restarts it, then served again
+        os.kill(leader, signal.SIGKILL)
+        deadline, statuses = time.monotonic() + 300, []
+        while time.monotonic() < deadline:
+            status = server.post("/v1/completions", {"model": "smoke", "prompt": "hi", "max_tokens": 2}).status_code
+            statuses.append(status)
+            if status == 200 and 503 in statuses:
+                break
+            time.sleep(1)
+        assert 503 in statuses and statuses[-1] == 200, statuses
+        leader = vllm_leader(server)  # the restarted one
     finally:
         code = server.stop()
     assert code in (0, -signal.SIGTERM)
     time.sleep(2)
-    left = subprocess.run(["pgrep", "-f", "vllm.entrypoints|VLLM::"], capture_output=True, text=True).stdout.split()
+    left = subprocess.run(["pgrep", "-g", str(leader)], capture_output=True, text=True).stdout.split()
     assert not left, f"vLLM processes left behind: {left}"
+
+
+def vllm_leader(server: Server) -> int:
+    """The pid of the vLLM server rexft serve supervises (its child; the leader of vLLM's process group)."""
+    found = subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", "vllm.entrypoints.openai.api_server"],
+                           capture_output=True, text=True).stdout.split()
+    assert found, "no vLLM process under rexft serve"
+    return int(found[0])
 
 
 # ---------------------------------------------------------------------------------------------- export
