@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DATA, ROOT, run_cli
+from conftest import ROOT, run_cli
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")

@@ -86,14 +86,18 @@ class Prompts:
     max_length: int
 
     def text(self, tokens: list[int], stop: list[str]) -> str:
-        """New tokens up to the first EOS, as text cut before the first stop string."""
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and eos in tokens:
-            tokens = tokens[: tokens.index(eos)]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        for marker in stop:
-            text = text.split(marker, 1)[0]
-        return text.strip()
+        return new_text(self.tokenizer, tokens, stop).strip()
+
+
+def new_text(tokenizer, tokens: list[int], stop) -> str:
+    """Generated tokens up to the first EOS, as text cut before the first stop string."""
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in tokens:
+        tokens = tokens[: tokens.index(eos)]
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    for marker in stop:
+        text = text.split(marker, 1)[0]
+    return text
 
 
 def first_token(engine, prompts: Prompts, examples: list[Example], ids: list[int] | None = None,

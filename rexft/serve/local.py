@@ -24,6 +24,7 @@ import torch
 from rexft.adapters import set_prior
 from rexft.eval.engine import RowState, generation_config
 from rexft.eval.pool import Feed, PoolEngine, device_profile
+from rexft.eval.protocols import new_text
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class LocalBackend:
     def _partial(self, job: Job, tokens: list[int]) -> None:
         """A stream's new text: decoded so far, held back where a stop string or a multi-byte character may
         still be forming."""
-        text = self.text(tokens, job.stops)
+        text = new_text(self.tokenizer, tokens, job.stops)
         hold = max((len(s) - 1 for s in job.stops), default=0)
         text = text[: len(text) - hold] if hold else text
         text = text.rstrip("\ufffd")
@@ -155,19 +156,10 @@ class LocalBackend:
             job.emit("delta", text[len(job.sent):])
             job.sent = text
 
-    def text(self, tokens: list[int], stops: tuple[str, ...]) -> str:
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and eos in tokens:
-            tokens = tokens[: tokens.index(eos)]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        for marker in stops:
-            text = text.split(marker, 1)[0]
-        return text
-
     def finish(self, tokens: list[int], job: Job) -> tuple[str, str]:
         """The row's text and OpenAI's finish_reason: "stop" (EOS or a stop string) or "length"."""
         tokens = tokens[: job.limit]
-        text = self.text(tokens, job.stops)
+        text = new_text(self.tokenizer, tokens, job.stops)
         eos = self.tokenizer.eos_token_id
         stopped = (eos is not None and eos in tokens) or any(s in self.tokenizer.decode(tokens, skip_special_tokens=True)
                                                              for s in job.stops)
