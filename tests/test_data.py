@@ -1,5 +1,6 @@
 """Task loaders on real records: gold letters, options, prompts, schema errors, mixture, tokenization."""
 
+import hashlib
 import json
 
 import pytest
@@ -183,3 +184,17 @@ def test_hub_path_maps_ids_and_splits_and_matches_local_files(data_dir, monkeypa
     assert [e.to_dict() for e in from_hub][:50] == [e.to_dict() for e in validation_examples("anli", str(data_dir))][:50]
     (split,) = build_splits(DataConfig(tasks=["anli"], local_dir=None))  # no train_r1 served: validation is split
     assert ("anli", None, "train_r1") in asked[2:] and split.train_source.startswith("validation")
+
+
+# Digests of the first 5 validation examples (task, row, prompt, options, gold letter, trimmable context), pinned
+# from the loaders before built-in tasks were read through the source path: a change to any prompt is caught here.
+PINNED = {("chat", "boolq"): "bcc5bedea201727a", ("chat", "hellaswag"): "015fe65d2b05b091",
+          ("chat", "mmlu"): "08eaf99ad2e32c5e", ("harness", "boolq"): "3d2a7bc89c22b146",
+          ("harness", "hellaswag"): "16ef6a1b3efc1892", ("harness", "mmlu"): "88b1a4b106257ab9"}
+
+
+@pytest.mark.parametrize("style, task", sorted(PINNED))
+def test_builtin_examples_match_their_pinned_digest(style, task, data_dir):
+    rows = [[e.task, e.row, e.prompt, e.options, e.letter, e.context_chars]
+            for e in validation_examples(task, data_dir, style)[:5]]
+    assert hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16] == PINNED[style, task]
