@@ -1,8 +1,11 @@
-"""The user's task sources (``data.sources``): records from local files or the hub.
+"""Task sources: records from local files or the hub, for the user's sources (``data.sources``) and the built-in
+tasks alike (a built-in is a preset: its module's spec and record converter, rexft/tasks/common.py).
 
-    TaskSpec (config) -> records of the train / validation splits (local file, folder of split files or hub dataset)
+    TaskSpec -> records of the train / validation splits (local file, folder of split files or hub dataset)
       -> tasks: one, or one per distinct value of ``task_column`` (include / exclude)
-      -> Examples through the spec's format (rexft/formats.py)
+      -> Examples through a record converter: the spec's format (rexft/formats.py) or a built-in task's module
+
+A missing split is filled by the one fallback policy, rexft/splits.py ``fallback_split``.
 
 JSON Lines, JSON and CSV files are decoded and parsed here (with the spec's ``encoding``), so every error names
 the file and the line as an editor shows it (1-based; a CSV file's header is line 1), and CSV cells stay the text

@@ -1,5 +1,5 @@
-"""Splits: each task's records read (built-ins and sources), split into train and held-out rows, mixed; and the
-run's frozen split, what ``rexft data`` trained on and held out, read by every later stage.
+"""Splits: each task's records read (built-ins and sources, one path: rexft/sources.py), split into train and
+held-out rows (one fallback policy for a missing split: :func:`fallback_split`), mixed; and the run's frozen split, what ``rexft data`` trained on and held out, read by every later stage.
 
 ``rexft data`` writes, beside data/train.jsonl (the training mixture, the examples that fit data.max_length) and
 data/validation.jsonl (every evaluation example: held-in tasks' held-out rows, unseen tasks' rows),

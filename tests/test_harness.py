@@ -33,6 +33,9 @@ def test_chat_style_is_unchanged(data_dir):
         for example in validation_examples(task, str(data_dir))[:20]:
             fields = example.to_dict()
             assert fields.pop("prompt_style") == "chat"
+            assert fields.pop("target") is None
+            fields["answer"] = example.letter  # what the digest hashed when the gold letter was named `answer`
+            del fields["gold"]
             digest.update(json.dumps(fields, sort_keys=True).encode())
             for fmt in (PromptFormat(True, "{prompt}\nAnswer:"), PromptFormat(False, "{prompt}\nAnswer:")):
                 digest.update(json.dumps(encode_example(example, tokenizer, fmt, 256)).encode())
