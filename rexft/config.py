@@ -258,9 +258,10 @@ class DataConfig:
     temperature: float = bounded(1.0, gt=0)  # T for mixture=temperature
     # examples drawn for mixture=temperature (null: the sum of the caps)
     mixture_size: Optional[int] = bounded(None, ge=1, allow=(None,))
-    # Tasks with no train split: train on the first `validation_train_fraction` of a seeded shuffle
-    # of the validation split and evaluate on the disjoint rest ("split_validation"), or leave the
-    # task out of training ("skip"). Open interval: 0 would train on nothing, 1 evaluate on nothing.
+    # Tasks with no train split (built-ins and sources alike; rexft/splits.py fallback_split is the one policy):
+    # train on the first `validation_train_fraction` of a seeded shuffle of the validation split and evaluate
+    # on the disjoint rest ("split_validation"), or leave the task out of training ("skip"). A source whose
+    # train_split is null is evaluated only. Open interval: 0 would train on nothing, 1 evaluate on nothing.
     no_train_split: str = one_of("split_validation", choices=("split_validation", "skip"))
     validation_train_fraction: float = bounded(0.5, gt=0, lt=1)
     packing: bool = False  # training only: several examples per row of max_length tokens (batch_size counts rows)

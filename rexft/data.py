@@ -2,9 +2,9 @@
 
     records: built-in tasks (hub or <local_dir>/<task>/<split>.jsonl, one loader each under rexft/tasks/)
              and the user's sources (data.sources: local files or hub datasets, see rexft/sources.py)
-      -> Example: choice (prompt, options, gold letter) or generative (prompt or messages, target text)
-      -> train / eval split per task (no train split: disjoint parts of validation; no validation split:
-         a held-out part of train)
+      -> Example: choice (prompt, options, gold index) or generative (prompt or messages, target text)
+      -> train / eval split per task (rexft/splits.py fallback_split: no train split: disjoint parts of
+         validation; no validation split: a held-out part of train)
       -> mixture (caps, proportional or temperature sampling; seeded)
       -> token ids with the chat template (or plain template), loss on the answer / target tokens only;
          context (a passage, an input, old turns) is trimmed to fit data.max_length, and an example that
@@ -57,7 +57,9 @@ class PromptFormat:
     def target(example: Example) -> str:
         """What follows the prompt in training: a chat-style choice example's gold letter, a harness-style
         one's gold continuation, a generative example's target text."""
-        return example.options[example.answer_index] if example.prompt_style == "harness" else example.answer
+        if example.kind == "generate":
+            return example.target
+        return example.options[example.gold] if example.prompt_style == "harness" else example.letter
 
     @staticmethod
     def messages(example: Example) -> list[dict]:

@@ -3,7 +3,7 @@
     instruction   instruction [+ input] -> output        Alpaca / Tk-Instruct style, rendered by the spec's template
     chat          messages -> the last assistant turn    OpenAI {role, content} or ShareGPT {from, value} turns;
                                                          loss on every assistant turn, the last one is the target
-    choice        question + options -> gold letter      laid out and scored like the built-in tasks; the answer is
+    choice        question + options -> gold option      laid out and scored like the built-in tasks; the answer is
                                                          read as the spec's answer_format (index, letter, text, auto)
 
 A format maps one record (through the spec's column map) to one :class:`Example`, or fails naming the
@@ -58,7 +58,7 @@ def _text(record: dict, column: str, check: Checker, optional: bool = False) -> 
     return value
 
 
-def instruction(record: dict, spec: TaskSpec, check: Checker, task: str, row: int) -> Example:
+def instruction(record: dict, spec: TaskSpec, check: Checker) -> Example:
     text = _text(record, column_of(spec, "instruction"), check, optional="{instruction}" not in spec.template)
     given = _text(record, column_of(spec, "input"), check, optional="input" not in spec.columns)
     output = record.get(column_of(spec, "output"))
@@ -77,11 +77,11 @@ def instruction(record: dict, spec: TaskSpec, check: Checker, task: str, row: in
         context = (start, len(given)) if start >= 0 else (0, 0)
     else:
         prompt, context = spec.template_no_input.format(instruction=text), (0, 0)
-    return Example(task, row, prompt, [], references[0], context_chars=context[1], context_start=context[0],
-                   references=references, system=system or None)
+    return Example(check.task, check.row, prompt, target=references[0], context_chars=context[1],
+                   context_start=context[0], references=references, system=system or None)
 
 
-def chat(record: dict, spec: TaskSpec, check: Checker, task: str, row: int) -> Example:
+def chat(record: dict, spec: TaskSpec, check: Checker) -> Example:
     column = column_of(spec, "messages")
     turns = record.get(column)
     if turns is None:
@@ -108,11 +108,11 @@ def chat(record: dict, spec: TaskSpec, check: Checker, task: str, row: int) -> E
     if not any(m["role"] == "user" for m in before):
         check.fail(f"the conversation in '{column}' has no user turn before its last assistant turn")
     prompt = "\n".join(f"{m['role']}: {m['content']}" for m in before if m["role"] != "system")
-    return Example(task, row, prompt, [], messages[last]["content"], references=[messages[last]["content"]],
-                   messages=before)
+    return Example(check.task, check.row, prompt, target=messages[last]["content"],
+                   references=[messages[last]["content"]], messages=before)
 
 
-def choice(record: dict, spec: TaskSpec, check: Checker, task: str, row: int) -> Example:
+def choice(record: dict, spec: TaskSpec, check: Checker) -> Example:
     column = column_of(spec, "options")
     if isinstance(column, (list, tuple)):  # one column per option (CSV files, MMLU-style)
         options = [record.get(c) for c in column]
@@ -126,10 +126,7 @@ def choice(record: dict, spec: TaskSpec, check: Checker, task: str, row: int) ->
     gold = gold_option(answer, options, spec.answer_format, check)
     question = _text(record, column_of(spec, "question"), check)
     context = _text(record, column_of(spec, "context"), check, optional="context" not in spec.columns)
-    prompt, options, gold, context_chars = multiple_choice(question, options, gold, context)
-    return Example(task, row, prompt, options, LETTERS[gold], context_chars)
-
-
+    return multiple_choice(check, question, options, gold, context)
 
 
 def answer_readings(answer: Any, options: list[str]) -> dict[str, int]:
@@ -165,7 +162,7 @@ def gold_option(answer: Any, options: list[str], answer_format: str, check: Chec
     return next(iter(readings.values()))
 
 
-FORMATS: dict[str, Callable[[dict, TaskSpec, Checker, str, int], Example]] = {
+FORMATS: dict[str, Callable[[dict, TaskSpec, Checker], Example]] = {
     "instruction": instruction, "chat": chat, "choice": choice}
 
 

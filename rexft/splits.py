@@ -1,5 +1,5 @@
-"""Splits: each task's records read (built-ins and sources), split into train and held-out rows, mixed; and the
-run's frozen split, what ``rexft data`` trained on and held out, read by every later stage.
+"""Splits: each task's records read (built-ins and sources, one path: rexft/sources.py), split into train and
+held-out rows (one fallback policy for a missing split: :func:`fallback_split`), mixed; and the run's frozen split, what ``rexft data`` trained on and held out, read by every later stage.
 
 ``rexft data`` writes, beside data/train.jsonl (the training mixture, the examples that fit data.max_length) and
 data/validation.jsonl (every evaluation example: held-in tasks' held-out rows, unseen tasks' rows),
@@ -23,10 +23,11 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rexft.config import DataConfig, RunConfig
+from rexft.config import DataConfig, RunConfig, TaskSpec
 from rexft.errors import RexftError
+from rexft.sources import SourceTask, load_source, load_tasks, source_files
 from rexft.tasks import get_task
-from rexft.tasks.common import LETTERS, Checker, Example
+from rexft.tasks.common import Example, converter, source_spec
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -34,58 +35,12 @@ TRAINING_ONLY = ("packing", "max_dropped_fraction")  # data keys that change no 
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def read_records(task: str, split: str, local_dir: str | None) -> tuple[list[dict], str] | None:
-    """Raw records of one split and a name for error messages; None if the split does not exist."""
+def load_builtin(task: str, data: DataConfig) -> SourceTask:
+    """A built-in task's train and validation examples (None where a split is absent), in data.prompt_style: its
+    module's spec read through the source path like a user's local JSONL source, each record converted by its module."""
     module = get_task(task)
-    if local_dir is not None:
-        folder = Path(local_dir) / task
-        if not folder.is_dir():
-            raise RexftError(f"{task}: no folder {folder} (data.local_dir={local_dir})")
-        path = folder / f"{split}.jsonl"
-        if not path.is_file():
-            return None
-        records = []
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise RexftError(f"{task}: {path} is not UTF-8 text (byte offset {err.start}); restore the file") from None
-        # One record per line (not splitlines(): U+2028 may sit inside a string), so line N is record N.
-        for number, line in enumerate(text.removesuffix("\n").split("\n"), 1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise RexftError(f"{task}: {path} line {number} column {err.colno}: not valid JSON ({err.msg})") from None
-        return records, str(path)
-    import datasets  # the hub path, for online users
-
-    hub_path, hub_name = module.HUB
-    hub_split = module.HUB_SPLITS[split]
-    try:
-        dataset = datasets.load_dataset(hub_path, hub_name, split=hub_split)
-    except ValueError:  # unknown split
-        return None
-    return [dict(r) for r in dataset], f"hub {hub_path}/{hub_name or ''}[{hub_split}]"
-
-
-def load_examples(task: str, split: str, local_dir: str | None, prompt_style: str = "chat") -> list[Example] | None:
-    """A built-in task's examples in a prompt style: chat (``to_example``) or harness (``to_harness``,
-    lm-eval's zero-shot format; see rexft/tasks/common.py)."""
-    loaded = read_records(task, split, local_dir)
-    if loaded is None:
-        return None
-    records, source = loaded
-    module = get_task(task)
-    layout = module.to_harness if prompt_style == "harness" else module.to_example
-    examples = []
-    unit = "record" if source.startswith("hub ") else "line"  # a local file holds one record per line
-    for row, record in enumerate(records):
-        check = Checker(task, source, row, f"{unit} {row + 1}")
-        if not isinstance(record, dict):
-            check.fail("record is not a JSON object")
-        check.fields(record, module.FIELDS)
-        prompt, options, gold, context_chars = layout(record, check)
-        examples.append(Example(task, row, prompt, options, LETTERS[gold], context_chars, prompt_style=prompt_style))
-    return examples
+    (found,) = load_tasks(task, task, source_spec(task, module, data), data, converter(module, data.prompt_style))
+    return found
 
 
 # ------------------------------------------------------------------------------------------- splitting
@@ -94,10 +49,14 @@ class TaskSplit:
     task: str
     train: list[Example]
     eval: list[Example]
-    train_source: str  # "train" | "validation (first part of a seeded shuffle)" | "train (held-out part ...)" | "none"
+    train_source: str  # where the train rows come from, in words (:func:`fallback_split`; "none": not trained on)
     source: str = ""  # the data.tasks entry it came from: a built-in task or a data.sources name
-    kind: str = "choice"  # choice | generate (what its examples are)
     answers: str = ""  # a choice source: how its answers were read (index, letter, text; "letter=text": both agreed)
+
+    @property
+    def kind(self) -> str:
+        """What its examples are (choice | generate), as they say; "empty" for a task with no rows."""
+        return next((e.kind for e in self.train + self.eval), "empty")
 
     @property
     def eval_from(self) -> str:
@@ -114,40 +73,41 @@ def _seeded_order(n: int, seed: int, task: str) -> list[int]:
     return order
 
 
-def split_task(task: str, cfg: DataConfig) -> TaskSplit:
-    validation = load_examples(task, "validation", cfg.local_dir, cfg.prompt_style)
-    if validation is None:
-        raise RexftError(f"{task}: no validation split (data.local_dir={cfg.local_dir})")
-    train = load_examples(task, "train", cfg.local_dir, cfg.prompt_style)
-    if train is not None:
-        return TaskSplit(task, train, validation, "train", task)
-    if cfg.no_train_split == "skip":
-        return TaskSplit(task, [], validation, "none", task)
-    order = _seeded_order(len(validation), cfg.seed, task)
+def fallback_split(found: SourceTask, spec: TaskSpec, cfg: DataConfig) -> tuple[list[Example], list[Example], str]:
+    """(train, eval, train_source) of one task: the one policy for a task missing a split, built-in or source.
+
+    both splits: train on train, evaluate on validation ("train");
+    no validation split: hold out a seeded share ``holdout`` of train (the spec's; at least one row) for
+        evaluation: "train rows (seeded 90% part; eval on the held-out rest)";
+    no train split: data.no_train_split=split_validation trains on a seeded share data.validation_train_fraction
+        of validation and evaluates on the rest: "validation rows (seeded 50% part; eval on the rest)";
+        data.no_train_split=skip, or a source whose train_split is null, evaluates on all of validation ("none").
+    The shares are seeded by data.seed and the task name, so the same files give the same rows.
+    """
+    if found.train is not None and found.eval is not None:
+        return found.train, found.eval, "train"
+    if found.eval is None:
+        order = _seeded_order(len(found.train), cfg.seed, found.task)
+        cut = len(order) - max(1, round(len(order) * spec.holdout)) if len(order) > 1 else len(order)
+        return ([found.train[i] for i in sorted(order[:cut])], [found.train[i] for i in sorted(order[cut:])],
+                f"train rows (seeded {1 - spec.holdout:.0%} part; eval on the held-out rest)")
+    if cfg.no_train_split == "skip" or spec.train_split is None:
+        return [], found.eval, "none"
+    order = _seeded_order(len(found.eval), cfg.seed, found.task)
     cut = int(len(order) * cfg.validation_train_fraction)
-    train_rows, eval_rows = sorted(order[:cut]), sorted(order[cut:])
-    return TaskSplit(task, [validation[i] for i in train_rows], [validation[i] for i in eval_rows],
-                     f"validation rows (seeded {cfg.validation_train_fraction:.0%} part; eval on the rest)", task)
+    return ([found.eval[i] for i in sorted(order[:cut])], [found.eval[i] for i in sorted(order[cut:])],
+            f"validation rows (seeded {cfg.validation_train_fraction:.0%} part; eval on the rest)")
 
 
-def source_splits(name: str, cfg: DataConfig) -> list[TaskSplit]:
-    """The tasks of one user source; where it has no validation split, a seeded share of train is held out."""
-    from rexft.sources import load_source
-
-    spec = cfg.sources[name]
-    splits = []
-    for found in load_source(name, spec, cfg):
-        train, evaluation, origin = found.train or [], found.eval, "train" if found.train is not None else "none"
-        if evaluation is None:
-            order = _seeded_order(len(train), cfg.seed, found.task)
-            cut = len(order) - max(1, round(len(order) * spec.holdout)) if len(order) > 1 else len(order)
-            evaluation = [train[i] for i in sorted(order[cut:])]
-            train = [train[i] for i in sorted(order[:cut])]
-            origin = f"train rows (seeded {1 - spec.holdout:.0%} part; eval on the held-out rest)"
-        examples = train or evaluation
-        kind = examples[0].kind if examples else ("choice" if spec.format == "choice" else "generate")
-        splits.append(TaskSplit(found.task, train, evaluation, origin, name, kind, ", ".join(found.readings)))
-    return splits
+def entry_splits(entry: str, cfg: DataConfig) -> list[TaskSplit]:
+    """The tasks of one data.tasks entry, a built-in task or a user source, split by :func:`fallback_split`."""
+    if entry in cfg.sources:
+        spec = cfg.sources[entry]
+        found = load_source(entry, spec, cfg)
+    else:
+        spec = source_spec(entry, get_task(entry), cfg)
+        found = [load_builtin(entry, cfg)]
+    return [TaskSplit(task.task, *fallback_split(task, spec, cfg), entry, ", ".join(task.readings)) for task in found]
 
 
 def cap_examples(examples: list[Example], cap: int | None, seed: int, task: str) -> list[Example]:
@@ -172,16 +132,11 @@ def build_splits(cfg: DataConfig, entries: list[str] | None = None, unseen: bool
     Deterministic from data.seed."""
     splits, origin = [], {}
     for entry in entries if entries is not None else cfg.tasks:
-        if entry in cfg.sources:
-            spec = cfg.sources[entry]
-            found = source_splits(entry, cfg)
-            caps = (spec.train_per_task if spec.train_per_task is not None else cfg.train_per_task,
-                    spec.eval_per_task if spec.eval_per_task is not None else cfg.eval_per_task)
-        else:
-            split = split_task(entry, cfg)
-            split.kind = "choice"
-            found, caps = [split], (cfg.train_per_task, cfg.eval_per_task)
-        for split in found:
+        spec = cfg.sources.get(entry)
+        caps = (cfg.train_per_task, cfg.eval_per_task) if spec is None else (
+            spec.train_per_task if spec.train_per_task is not None else cfg.train_per_task,
+            spec.eval_per_task if spec.eval_per_task is not None else cfg.eval_per_task)
+        for split in entry_splits(entry, cfg):
             if split.task in origin:
                 raise RexftError(f"two tasks are named '{split.task}' (from {origin[split.task]} and {entry}); "
                                  "rename one (a source's task column values are task names)")
@@ -251,16 +206,10 @@ def sha256(path: Path) -> str:
 
 def input_files(data: DataConfig, entries: list[str]) -> dict[str, dict]:
     """Every local file the entries read: path -> {source, sha256} (hub datasets are not fingerprinted)."""
-    from rexft.sources import source_files
-
     files = {}
     for entry in entries:
-        if entry in data.sources:
-            paths = source_files(entry, data.sources[entry], data)
-        elif data.local_dir is not None:
-            paths = [p for p in (Path(data.local_dir) / entry / f"{s}.jsonl" for s in ("train", "validation")) if p.is_file()]
-        else:
-            paths = []
+        spec = data.sources[entry] if entry in data.sources else source_spec(entry, get_task(entry), data)
+        paths = source_files(entry, spec, data)
         files.update({str(p.resolve()): {"source": entry, "sha256": sha256(p)} for p in paths})
     return files
 
@@ -340,7 +289,11 @@ def warn_changed_files(record: dict) -> None:
 def _examples(path: Path) -> list[Example]:
     from rexft.rundir import read_jsonl
 
-    return [Example(**row) for row in read_jsonl(path)]
+    rows = read_jsonl(path)
+    if rows and "answer" in rows[0]:  # written before examples had gold / target fields
+        raise RexftError(f"{path} was written by an older rexft (examples with an `answer` field): run `rexft data` "
+                         "with this run's recipe and overrides again")
+    return [Example(**row) for row in rows]
 
 
 def frozen_mixture(cfg: RunConfig) -> list[Example]:
@@ -365,7 +318,7 @@ def frozen_splits(cfg: RunConfig, record: dict | None = None, unseen: bool = Fal
         if not _not_scored(example, record):
             evaluation.setdefault(example.task, []).append(example)
     return [TaskSplit(task, [e for _, e in sorted(train.get(task, {}).items())], evaluation.get(task, []),
-                      entry["train_source"], entry["source"], entry["kind"])
+                      entry["train_source"], entry["source"])
             for task, entry in record["tasks"].items() if entry["unseen"] == unseen]
 
 
@@ -410,5 +363,6 @@ def examples_digest(examples: list[Example]) -> dict[str, str]:
     """task -> a short digest of the examples scored: two runs with the same digest scored the same examples."""
     rows: dict[str, list] = {}
     for example in examples:
-        rows.setdefault(example.task, []).append([example.row, example.prompt, example.answer])
+        answer = example.letter if example.kind == "choice" else example.target  # as digests were written before
+        rows.setdefault(example.task, []).append([example.row, example.prompt, answer])
     return {task: hashlib.sha256(json.dumps(sorted(r)).encode()).hexdigest()[:12] for task, r in rows.items()}

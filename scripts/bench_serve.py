@@ -127,7 +127,7 @@ def fidelity(args, overrides: list[str]) -> dict:
         if body is None:
             raise SystemExit(f"request for {example.task} row {example.row} failed with status {status}")
         text = body["choices"][0]["message"]["content"].strip()
-        served = rouge_l(text, example.references or [example.answer])
+        served = rouge_l(text, example.references or [example.target])
         entry = rows.setdefault(example.task, {"unseen": id(example) in unseen, "n": 0, "serve": 0.0, "eval": 0.0})
         entry["n"] += 1
         entry["serve"] += served

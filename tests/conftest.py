@@ -28,6 +28,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def validation_examples(task: str, local_dir, prompt_style: str = "chat") -> list:
+    """A built-in task's validation examples, read as `rexft data` reads them (local_dir None: the hub)."""
+    from rexft.config import DataConfig
+    from rexft.splits import load_builtin
+
+    data = DataConfig(tasks=[task], local_dir=None if local_dir is None else str(local_dir), prompt_style=prompt_style)
+    return load_builtin(task, data).eval
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA / "MANIFEST.md").is_file():

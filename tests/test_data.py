@@ -1,16 +1,20 @@
 """Task loaders on real records: gold letters, options, prompts, schema errors, mixture, tokenization."""
 
+import hashlib
 import json
 
 import pytest
 
 from rexft.config import DataConfig, ModelConfig
 from rexft.data import IGNORE_INDEX, PromptFormat, encode_example
-from rexft.splits import build_splits, load_examples, mixture, read_records
+from rexft.sources import read_file
+from rexft.splits import build_splits, mixture
 from rexft.errors import RexftError
 from rexft.modeling import byte_tokenizer
 from rexft.tasks import task_names
 from rexft.tasks.common import LETTERS
+
+from conftest import validation_examples
 
 ALL_TASKS = task_names()
 
@@ -54,11 +58,11 @@ def test_all_fourteen_tasks_are_registered():
 
 @pytest.mark.parametrize("task", ALL_TASKS)
 def test_gold_letter_points_at_the_raw_label(task, data_dir):
-    records, _ = read_records(task, "validation", str(data_dir))
-    examples = load_examples(task, "validation", str(data_dir))
+    records = read_file(data_dir / task / "validation.jsonl", task).rows
+    examples = validation_examples(task, str(data_dir))
     assert len(examples) == len(records) > 0
     for example, record in list(zip(examples, records))[:300]:
-        assert example.options[LETTERS.index(example.answer)] == raw_gold_text(task, record)
+        assert example.options[example.gold] == raw_gold_text(task, record)
         assert len(example.options) == N_OPTIONS.get(task, 2)
         assert record[QUESTION_FIELD[task]].strip()[:40] in example.prompt
         for i, option in enumerate(example.options):  # every option is lettered in the prompt
@@ -67,7 +71,7 @@ def test_gold_letter_points_at_the_raw_label(task, data_dir):
 
 def test_binary_convention_puts_the_positive_reading_first(data_dir):
     for task in ("boolq", "wic", "wsc", "rte", "multirc"):
-        assert load_examples(task, "validation", str(data_dir))[0].options == ["yes", "no"]
+        assert validation_examples(task, str(data_dir))[0].options == ["yes", "no"]
 
 
 def _write(tmp_path, task, rows):
@@ -79,17 +83,17 @@ def test_missing_field_names_task_file_and_row(tmp_path):
     _write(tmp_path, "copa", [{"premise": "p", "choice1": "a", "choice2": "b", "question": "cause", "label": 0},
                               {"premise": "p", "choice1": "a", "question": "cause", "label": 0}])
     with pytest.raises(RexftError, match=r"copa: .*copa/validation.jsonl line 2: missing field 'choice2'"):
-        load_examples("copa", "validation", str(tmp_path))
+        validation_examples("copa", str(tmp_path))
 
 
 def test_out_of_range_label_names_the_row(tmp_path):
     _write(tmp_path, "anli", [{"premise": "p", "hypothesis": "h", "label": 3}])
     with pytest.raises(RexftError, match=r"anli: .* line 1: label 3 is out of range for 3 options"):
-        load_examples("anli", "validation", str(tmp_path))
+        validation_examples("anli", str(tmp_path))
 
 
 def test_missing_task_folder_is_named(tmp_path):
-    with pytest.raises(RexftError, match="piqa: no folder"):
+    with pytest.raises(RexftError, match="piqa: path .*piqa not found"):
         build_splits(DataConfig(tasks=["piqa"], local_dir=str(tmp_path)))
 
 
@@ -123,21 +127,21 @@ def test_temperature_mixture_flattens_task_sizes(data_dir):
 def test_labels_mask_everything_but_the_answer(data_dir):
     tok = byte_tokenizer()
     fmt = PromptFormat.for_model(tok, ModelConfig(use_chat_template=False))
-    example = load_examples("copa", "validation", str(data_dir))[0]
+    example = validation_examples("copa", str(data_dir))[0]
     row = encode_example(example, tok, fmt, 512)
     answer = [t for t in row["labels"] if t != IGNORE_INDEX]
-    assert tok.decode(answer) == f" {example.answer}</s>"
+    assert tok.decode(answer) == f" {example.letter}</s>"
     assert row["labels"][: row["prompt_length"]] == [IGNORE_INDEX] * row["prompt_length"]
 
 
 def test_truncation_trims_the_passage_never_options_or_answer(data_dir):
     tok = byte_tokenizer()
     fmt = PromptFormat.for_model(tok, ModelConfig(use_chat_template=False))
-    example = max(load_examples("boolq", "validation", str(data_dir))[:50], key=lambda e: len(e.prompt))
+    example = max(validation_examples("boolq", str(data_dir))[:50], key=lambda e: len(e.prompt))
     row = encode_example(example, tok, fmt, 200)
     text = tok.decode(row["input_ids"])
     assert len(row["input_ids"]) <= 200 and row["truncated"]
-    assert text.endswith(f"A. yes\nB. no\nAnswer: {example.answer}</s>")
+    assert text.endswith(f"A. yes\nB. no\nAnswer: {example.letter}</s>")
     assert "Question:" in text
 
 
@@ -175,8 +179,22 @@ def test_hub_path_maps_ids_and_splits_and_matches_local_files(data_dir, monkeypa
         return real_load("json", data_files=str(file), split="train")
 
     monkeypatch.setattr(datasets, "load_dataset", fake_hub)
-    from_hub = load_examples("anli", "validation", None)
-    assert asked == [("anli", None, "dev_r1")]
-    assert [e.to_dict() for e in from_hub][:50] == [e.to_dict() for e in load_examples("anli", "validation", str(data_dir))][:50]
+    from_hub = validation_examples("anli", None)
+    assert asked == [("anli", None, "train_r1"), ("anli", None, "dev_r1")]  # train first; no train_r1 served
+    assert [e.to_dict() for e in from_hub][:50] == [e.to_dict() for e in validation_examples("anli", str(data_dir))][:50]
     (split,) = build_splits(DataConfig(tasks=["anli"], local_dir=None))  # no train_r1 served: validation is split
-    assert asked[-1] == ("anli", None, "train_r1") and split.train_source.startswith("validation")
+    assert ("anli", None, "train_r1") in asked[2:] and split.train_source.startswith("validation")
+
+
+# Digests of the first 5 validation examples (task, row, prompt, options, gold letter, trimmable context), pinned
+# from the loaders before built-in tasks were read through the source path: a change to any prompt is caught here.
+PINNED = {("chat", "boolq"): "bcc5bedea201727a", ("chat", "hellaswag"): "015fe65d2b05b091",
+          ("chat", "mmlu"): "08eaf99ad2e32c5e", ("harness", "boolq"): "3d2a7bc89c22b146",
+          ("harness", "hellaswag"): "16ef6a1b3efc1892", ("harness", "mmlu"): "88b1a4b106257ab9"}
+
+
+@pytest.mark.parametrize("style, task", sorted(PINNED))
+def test_builtin_examples_match_their_pinned_digest(style, task, data_dir):
+    rows = [[e.task, e.row, e.prompt, e.options, e.letter, e.context_chars]
+            for e in validation_examples(task, data_dir, style)[:5]]
+    assert hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16] == PINNED[style, task]

@@ -104,7 +104,7 @@ def test_hand_checkable_first_token_scores(examples, engine):
         assert row.predicted == "B"
         assert row.scores == pytest.approx([1 - norm, 5 - norm], abs=1e-4)
     results = summarize(out, sorted({e.task for e in binary}))
-    gold_b = [e.answer == "B" for e in binary]
+    gold_b = [e.gold == 1 for e in binary]
     assert sum(r["accuracy"] * r["n"] for r in results["tasks"].values()) == pytest.approx(sum(gold_b), abs=0.01)
 
 

@@ -31,7 +31,7 @@ def seeded():
 
 
 def examples() -> list[Example]:
-    return [Example("gen", i, prompt, [], "reference text", references=["reference text", "other text"])
+    return [Example("gen", i, prompt, target="reference text", references=["reference text", "other text"])
             for i, prompt in enumerate(PROMPTS)]
 
 
@@ -94,7 +94,7 @@ def test_a_tasks_shared_instruction_is_computed_once_and_changes_nothing():
     instructions = {"opposite": "Definition: give the opposite of the word.\n\nInput: ",
                     "count": "Definition: count the letters of the input, then say them.\nInput: ", "alone": "One of a kind: "}
     words = {"opposite": ["hot", "up", "a long river", "dark"], "count": ["abc", "hello there", "x"], "alone": ["only"]}
-    data = [Example(task, i, instructions[task] + word, [], "ref " + word) for task in words for i, word in enumerate(words[task])]
+    data = [Example(task, i, instructions[task] + word, target="ref " + word) for task in words for i, word in enumerate(words[task])]
     tokens = []
     model.model.embed_tokens.register_forward_hook(lambda module, args, out: tokens.append(args[0].numel()))
     runs = {}
@@ -121,7 +121,7 @@ def test_the_head_all_openings_share_runs_once_and_changes_nothing():
     instructions = {"opposite": "Give the opposite of the word: ", "count": "Count the letters, then say them: ",
                     "upper": "Write it in capitals: "}
     words = {"opposite": ["hot", "up", "a long river"], "count": ["abc", "hello there"], "upper": ["only", "b"]}
-    data = [Example(task, i, system + instructions[task] + word, [], "ref " + word)
+    data = [Example(task, i, system + instructions[task] + word, target="ref " + word)
             for task in words for i, word in enumerate(words[task])]
     tokens = []
     model.model.embed_tokens.register_forward_hook(lambda module, args, out: tokens.append(args[0].numel()))
@@ -310,8 +310,8 @@ def test_score_examples_hands_each_protocol_its_rows_as_indices_of_all_examples(
     """A mixed list: per-row state (e.g. each row's static export) is set with indices into the whole list."""
     from rexft.eval.protocols import score_examples
 
-    mixed = [Example("pick", 0, "Pick one: A. yes B. no", ["yes", "no"], "A"), *examples()[:3],
-             Example("pick", 1, "Pick again: A. up B. down", ["up", "down"], "B")]
+    mixed = [Example("pick", 0, "Pick one: A. yes B. no", ["yes", "no"], 0), *examples()[:3],
+             Example("pick", 1, "Pick again: A. up B. down", ["up", "down"], 1)]
     seen = []
     engine = engine_for(tiny_model(), batch_size=2, rows=RowState(seen.append, "row"))
     score_examples(engine, Prompts(TOK, FMT, 512), mixed, EvalConfig(max_new_tokens=3))
@@ -454,7 +454,7 @@ def test_every_protocol_on_both_engines_gives_the_same_text_and_scores_with_nan_
     the same again when every fresh buffer holds NaN."""
     from rexft.eval.protocols import first_token, loglik, score_examples
 
-    choice = [Example("pick", i, f"Question {i}: which is {w}? A. {w} B. not {w} C. neither", [w, f"not {w}", "neither"], "ABC"[i % 3])
+    choice = [Example("pick", i, f"Question {i}: which is {w}? A. {w} B. not {w} C. neither", [w, f"not {w}", "neither"], i % 3)
               for i, w in enumerate(["warm", "a long word here", "up", "x"])]
     mixed = choice + examples()
     models = {"trex": (trex_model(), torch.rand(len(mixed), 8)),

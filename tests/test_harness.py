@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from rexft.data import PromptFormat, encode_example
-from rexft.splits import load_examples
 from rexft.modeling import byte_tokenizer
 from rexft.tasks import task_names
+
+from conftest import validation_examples
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -29,9 +30,12 @@ def test_chat_style_is_unchanged(data_dir):
     tokenizer.chat_template = TEMPLATE
     digest = hashlib.sha256()
     for task in task_names():
-        for example in load_examples(task, "validation", str(data_dir))[:20]:
+        for example in validation_examples(task, str(data_dir))[:20]:
             fields = example.to_dict()
             assert fields.pop("prompt_style") == "chat"
+            assert fields.pop("target") is None
+            fields["answer"] = example.letter  # what the digest hashed when the gold letter was named `answer`
+            del fields["gold"]
             digest.update(json.dumps(fields, sort_keys=True).encode())
             for fmt in (PromptFormat(True, "{prompt}\nAnswer:"), PromptFormat(False, "{prompt}\nAnswer:")):
                 digest.update(json.dumps(encode_example(example, tokenizer, fmt, 256)).encode())
@@ -40,12 +44,12 @@ def test_chat_style_is_unchanged(data_dir):
 
 def test_harness_style_trains_on_the_gold_continuation(data_dir):
     tokenizer = byte_tokenizer()
-    example = load_examples("boolq", "validation", str(data_dir), "harness")[0]
+    example = validation_examples("boolq", str(data_dir), "harness")[0]
     assert example.options == [" no", " yes"] and example.prompt.endswith("?\nAnswer:")
     row = encode_example(example, tokenizer, PromptFormat(True, "{prompt}"), 4096)  # a chat model: still plain text
     text = tokenizer.decode(row["input_ids"])
-    assert text == f"<s>{example.prompt}{example.options[example.answer_index]}</s>"
-    assert tokenizer.decode(row["input_ids"][row["prompt_length"]:]) == f"{example.options[example.answer_index]}</s>"
+    assert text == f"<s>{example.prompt}{example.options[example.gold]}</s>"
+    assert tokenizer.decode(row["input_ids"][row["prompt_length"]:]) == f"{example.options[example.gold]}</s>"
 
 
 def test_harness_style_needs_loglik():
@@ -79,7 +83,7 @@ def test_harness_prompts_are_lm_evals(data_dir, tmp_path):
     for name in names:
         task = tasks[f"rexft_{name}"]
         task.build_all_requests(limit=5)
-        examples = load_examples(name, "validation", str(tmp_path / "data"), "harness")
+        examples = validation_examples(name, str(tmp_path / "data"), "harness")
         by_doc: dict[int, list] = {}
         for instance in task.instances:
             by_doc.setdefault(instance.doc_id, []).append(instance)
@@ -89,7 +93,7 @@ def test_harness_prompts_are_lm_evals(data_dir, tmp_path):
             assert contexts == {example.prompt}, name
             assert [instance.args[1] for instance in sorted(instances, key=lambda i: i.idx)] == example.options, name
             target, choices = task.doc_to_target(instances[0].doc), task.doc_to_choice(instances[0].doc)
-            assert (target if isinstance(target, int) else choices.index(target)) == example.answer_index, name
+            assert (target if isinstance(target, int) else choices.index(target)) == example.gold, name
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +237,7 @@ def test_chat_style_through_lm_eval(tiny_run, tmp_path):
     lm.tokenizer.chat_template = "<s>" + TEMPLATE.replace("<|assistant|>", "<|assistant|>\n")
     out = lm_eval.simple_evaluate(model=lm, tasks=[f"rexft_chat_{t}" for t in TASKS], apply_chat_template=True,
                                   task_manager=task_manager(local, tmp_path / "tasks"), log_samples=True, bootstrap_iters=0)
-    examples = [e for task in TASKS for e in load_examples(task, "validation", str(local), "chat")]
+    examples = [e for task in TASKS for e in validation_examples(task, str(local), "chat")]
     priors = adapter_priors(run / "adapter", read_adapter_config(run / "adapter"), [e.prompt for e in examples],
                             saved_config(run))
     engine = make_engine("auto", lm.model, lm.tokenizer, prior_state(lm.model, priors), 3)

@@ -68,7 +68,7 @@ def test_instruction_file_with_a_task_column_in_every_file_type(tmp_path, suffix
         assert split.train_source.startswith("train rows (seeded 50% part")
         example = split.train[0]
         record = INSTRUCTION_ROWS[example.row]
-        assert example.prompt == f"{record['prompt']}\nWord: {record['text']}" and example.answer == record["answer"]
+        assert example.prompt == f"{record['prompt']}\nWord: {record['text']}" and example.target == record["answer"]
         assert example.prompt[example.context_start:example.context_start + example.context_chars] == record["text"]
     again = splits_of(tmp_path, mine=spec(path=f"mine{suffix}", holdout=0.5, **INSTRUCTION))
     assert [e.row for e in again[0].eval] == [e.row for e in splits[0].eval]  # seeded
@@ -94,7 +94,7 @@ def test_chat_sharegpt_roles_and_the_prompt_the_prior_embeds(tmp_path):
     assert example.messages[0] == {"role": "system", "content": "Be brief."}
     assert [m["role"] for m in example.messages] == ["system", "user", "assistant", "user"]
     word = CHAT_ROWS[example.row]["conversation"][0]["value"].split()[1].rstrip(".")
-    assert example.answer == word.upper()
+    assert example.target == word.upper()
     # the prior embeds the conversation before the last assistant turn, never the target
     assert example.prompt == f"user: Say {word}.\nassistant: {word}!\nuser: Again, louder: {word}."
 
@@ -106,7 +106,7 @@ def test_choice_with_option_columns_letters_and_indices(tmp_path):
     assert split.kind == "choice"
     for example in split.train + split.eval:
         record = CHOICE_ROWS[example.row]
-        assert example.options == [record["A"], "nothing"] and example.answer == "A"
+        assert example.options == [record["A"], "nothing"] and example.letter == "A"
         assert example.prompt == f"{record['q']}\nA. {record['A']}\nB. nothing"
 
 
@@ -174,7 +174,7 @@ def test_loss_is_on_the_target_tokens_only(tmp_path, chat):
     for example in split.train:
         row = encode_example(example, tok, fmt, 512)
         labelled = [t for t in row["labels"] if t != IGNORE_INDEX]
-        assert tok.decode(labelled[:-1]) == fmt.answer_text(example.answer) and labelled[-1] == tok.eos_token_id
+        assert tok.decode(labelled[:-1]) == fmt.answer_text(example.target) and labelled[-1] == tok.eos_token_id
         assert row["labels"][: row["prompt_length"]] == [IGNORE_INDEX] * row["prompt_length"]
 
 
@@ -185,7 +185,7 @@ def test_chat_loss_covers_every_assistant_turn_and_old_turns_go_first(tmp_path):
     write(tmp_path / "chat.jsonl", CHAT_ROWS)
     (split,) = splits_of(tmp_path, talk=spec(format="chat", path="chat.jsonl", columns={"messages": "conversation"}))
     example = split.train[0]
-    word = example.answer.lower()
+    word = example.target.lower()
     row = encode_example(example, tok, fmt, 512)
     labelled = tok.decode([t for t in row["labels"] if t != IGNORE_INDEX])
     assert labelled == f"{word}!<|im_end|>\n{word.upper()}</s>"  # the earlier reply (with its end tag) and the target
@@ -229,7 +229,7 @@ def test_real_sni_records_expand_into_120_tasks(data_dir):
     assert all(len(s.train) == 100 and len(s.eval) == 20 and s.train_source == "train" for s in splits)
     record = json.loads((data_dir / "sni" / "train.jsonl").read_text().splitlines()[0])
     first = splits[0].train[0]
-    assert first.task == record["task_name"] and first.answer == record["targets"]
+    assert first.task == record["task_name"] and first.target == record["targets"]
     assert first.prompt == (f"Definition: {record['definition']}\n\nNow complete the following example -\n"
                             f"Input: {record['inputs']}\nOutput:")
     unseen = build_splits(cfg.data, ["sni_test"])

@@ -96,7 +96,7 @@ def test_a_choice_record_is_its_example_or_one_clear_line(drawn):
         return
     (example,) = examples
     assert example.options == options  # in order, byte-identical
-    assert example.options[example.answer_index] == options[gold]  # the gold is the intended option's text
+    assert example.options[example.gold] == options[gold]  # the gold is the intended option's text
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -109,4 +109,4 @@ def test_an_instruction_record_is_its_example_or_one_clear_line(drawn):
         assert not output.strip(), "only an empty target is refused"
         return
     (example,) = examples
-    assert example.answer == output and example.prompt == instruction  # byte-identical
+    assert example.target == output and example.prompt == instruction  # byte-identical

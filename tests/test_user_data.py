@@ -45,9 +45,9 @@ def test_digit_option_texts_are_read_as_the_answer_format_says(tmp_path):
                                          r"as text C \('3'\); set answer_format"):
         splits(tmp_path, n=dict(path="n.jsonl", **PICK))
     (as_text,) = splits(tmp_path, n=dict(path="n.jsonl", answer_format="text", **PICK))
-    assert {e.answer for e in as_text.train + as_text.eval} == {"C"} and as_text.answers == "text"
+    assert {e.letter for e in as_text.train + as_text.eval} == {"C"} and as_text.answers == "text"
     (as_index,) = splits(tmp_path, n=dict(path="n.jsonl", answer_format="index", **PICK))
-    assert {e.answer for e in as_index.train + as_index.eval} == {"D"} and as_index.answers == "index"
+    assert {e.letter for e in as_index.train + as_index.eval} == {"D"} and as_index.answers == "index"
     jsonl(tmp_path / "l.jsonl", [{"q": "Pick", "opts": ["A", "x"], "gold": "A"}, {"q": "Pick", "opts": ["y", "z"], "gold": 1}])
     (agreeing,) = splits(tmp_path, l=dict(path="l.jsonl", **PICK))  # "A" is letter A and text A: they agree
     assert agreeing.answers == "letter=text, index"
@@ -194,7 +194,7 @@ def test_eval_skips_what_data_dropped_reports_empty_tasks_and_scores_unseen_task
     assert [(e.task, e.row) for e in chosen.examples if e.task in "ab"] == [("a", 0)]
     assert sorted(e.row for e in chosen.examples if e.task == "other") == list(range(10))  # unseen: all its rows
     assert chosen.unseen == {"other"} and chosen.tasks == ["mine", "a", "b", "other"]
-    scored = [GeneratedPrediction(e.task, e.row, e.answer, [e.answer], 1.0, 1.0, 0.5) for e in chosen.examples]
+    scored = [GeneratedPrediction(e.task, e.row, e.target, [e.target], 1.0, 1.0, 0.5) for e in chosen.examples]
     results = summarize(scored + [Dropped("a", 1)], chosen.tasks, chosen.unseen)
     assert results["tasks"]["a"]["n"] == 1 and results["tasks"]["b"]["n"] == 0
     table = results_table(results)

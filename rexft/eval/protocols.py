@@ -120,8 +120,8 @@ def first_token(engine, prompts: Prompts, examples: list[Example], ids: list[int
             else:
                 top = int(logprobs[row].argmax())
                 predicted = LETTERS[options.index(top)] if top in options else None
-            records[i] = ChoicePrediction(example.task, example.row, example.answer, predicted,
-                                          [round(float(s), 5) for s in scores], round(-float(scores[example.answer_index]), 5))
+            records[i] = ChoicePrediction(example.task, example.row, example.letter, predicted,
+                                          [round(float(s), 5) for s in scores], round(-float(scores[example.gold]), 5))
     return [records.get(i) or Dropped(e.task, e.row) for i, e in zip(ids, examples)]
 
 
@@ -142,8 +142,8 @@ def loglik(engine, prompts: Prompts, examples: list[Example], ids: list[int] | N
         scores = [sums[k, j] for j in range(len(example.options))]
         normed = [s / max(1, len(o.encode())) for s, o in zip(scores, example.options)]
         best = lambda values: LETTERS[max(range(len(values)), key=values.__getitem__)]
-        records.append(ChoicePrediction(example.task, example.row, example.answer, best(scores), [round(s, 5) for s in scores],
-                                        round(-normed[example.answer_index], 5), predicted_norm=best(normed)))
+        records.append(ChoicePrediction(example.task, example.row, example.letter, best(scores), [round(s, 5) for s in scores],
+                                        round(-normed[example.gold], 5), predicted_norm=best(normed)))
     return records
 
 
@@ -184,7 +184,7 @@ def generate(engine, prompts: Prompts, examples: list[Example], settings, ids: l
     records: dict[int, Prediction] = {}
     for out in engine.generate(tokens, targets, {i: by_id[i].task for i in tokens}, config, settings):
         example, text = by_id[out.id], prompts.text(out.tokens[: settings.max_new_tokens], settings.stop)
-        references = example.references or [example.answer]
+        references = example.references or [example.target]
         records[out.id] = GeneratedPrediction(example.task, example.row, text, references, round(rouge_l(text, references), 5),
                                               exact_match(text, references),
                                               mean_nll(out.target_logprob, len(targets.get(out.id, ()))))

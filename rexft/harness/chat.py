@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import partial
 
 from rexft.tasks import get_task, task_names
-from rexft.tasks.common import Checker
+from rexft.tasks.common import Checker, converter
 
 
 def chat_docs(dataset, task: str):
@@ -18,9 +18,8 @@ def chat_docs(dataset, task: str):
 
     def layout(record: dict, row: int) -> dict:
         check = Checker(task, "lm-eval dataset", row)
-        check.fields(record, module.FIELDS)
-        prompt, options, gold, _ = module.to_example(record, check)
-        return {"rexft_prompt": prompt, "rexft_options": options, "rexft_gold": gold}
+        example = converter(module, "chat")(record, check)
+        return {"rexft_prompt": example.prompt, "rexft_options": example.options, "rexft_gold": example.gold}
 
     return dataset.map(layout, with_indices=True)
 

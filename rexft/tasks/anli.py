@@ -11,11 +11,11 @@ def to_example(record, check):
     gold = check.label(record["label"], 3)
     question = (f"Hypothesis: {record['hypothesis']}\nQuestion: Does the premise entail the hypothesis, "
                 "is it neutral, or does it contradict it?")
-    return multiple_choice(question, ["entailment", "neutral", "contradiction"], gold, context=record["premise"])
+    return multiple_choice(check, question, ["entailment", "neutral", "contradiction"], gold, context=record["premise"])
 
 
 def to_harness(record, check):
     """lm-eval anli_r1: True = entailment, Neither = neutral, False = contradiction."""
     gold = check.label(record["label"], 3)
     text = f"{record['premise']}\nQuestion: {record['hypothesis']} True, False, or Neither?\nAnswer:"
-    return continuations(text, ["True", "Neither", "False"], gold, context_chars=len(record["premise"]) + 1)
+    return continuations(check, text, ["True", "Neither", "False"], gold, context_chars=len(record["premise"]) + 1)

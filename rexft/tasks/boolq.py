@@ -9,11 +9,11 @@ FIELDS = {"question": str, "passage": str, "label": int}
 
 def to_example(record, check):
     positive = check.label(record["label"], 2) == 1
-    return multiple_choice(f"Question: {record['question']}?", YES_NO, yes_no(positive), context=record["passage"])
+    return multiple_choice(check, f"Question: {record['question']}?", YES_NO, yes_no(positive), context=record["passage"])
 
 
 def to_harness(record, check):
     """lm-eval boolq: options [no, yes], so label 1 (true) is the second."""
     gold = check.label(record["label"], 2)
     text = f"{record['passage']}\nQuestion: {record['question']}?\nAnswer:"
-    return continuations(text, ["no", "yes"], gold, context_chars=len(record["passage"]) + 1)
+    return continuations(check, text, ["no", "yes"], gold, context_chars=len(record["passage"]) + 1)

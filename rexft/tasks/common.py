@@ -1,12 +1,14 @@
 """What every task loader shares: the example type, schema checks and the multiple-choice prompt layout.
 
-A task module under rexft/tasks/ defines
+A built-in task is a preset of the source path (rexft/sources.py): a module under rexft/tasks/ defines its spec
     HUB = (path, name)                  the dataset on the Hugging Face hub
     HUB_SPLITS = {"train": ..., "validation": ...}   hub split names behind the local file names
     FIELDS = {field: type, ...}         the record schema the loader checks
-    def to_example(record, check) -> Example-parts via ``multiple_choice``
-    def to_harness(record, check) -> Example-parts via ``continuations``
-and nothing else. Two prompt styles (``data.prompt_style``):
+and its record converters
+    def to_example(record, check) -> Example   via ``multiple_choice``
+    def to_harness(record, check) -> Example   via ``continuations``
+and nothing else. Its records are read like a user's local JSONL source, <local_dir>/<task>/{train,validation}.jsonl
+(or the hub's HUB_SPLITS when data.local_dir is null): :func:`source_spec`. Two prompt styles (``data.prompt_style``):
 
 chat (``to_example``): ``context`` (a passage that truncation may trim) followed by the question and the
 lettered options, rendered with the model's chat template; binary tasks always put the positive reading
@@ -21,9 +23,12 @@ on is the gold continuation. Scored with ``eval.protocol=loglik``, as lm-eval sc
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Optional
 
+from rexft.config import DataConfig, TaskSpec
 from rexft.errors import RexftError
 
 LETTERS = "ABCDEFGHIJ"
@@ -31,8 +36,8 @@ LETTERS = "ABCDEFGHIJ"
 
 @dataclass
 class Example:
-    """One example of any task. A choice example has options and a gold letter; a generative example has
-    a target text (and maybe more references). Stages ask ``kind`` rather than look at task names.
+    """One example of any task. A choice example has options and the gold option's index; a generative example
+    has a target text (and maybe more references). Stages ask ``kind`` rather than look at task names.
 
     The prompt is the user text the model answers; for chat examples it is the conversation before the
     target turn written out as text (what the sentence embedder sees), and ``messages`` holds the turns.
@@ -41,22 +46,24 @@ class Example:
     task: str
     row: int  # 0-based position of the record in its split (file line / hub row)
     prompt: str  # choice: context + question + lettered options; generative: the prompt (no target)
-    options: list[str]  # choice: option texts in letter order; generative: []
-    answer: str  # choice: gold letter; generative: the target text the loss is on
+    options: list[str] = field(default_factory=list)  # choice: option texts in letter order; generative: []
+    gold: Optional[int] = None  # choice: index of the gold option (its letter is LETTERS[gold]); generative: None
+    target: Optional[str] = None  # generative: the target text the loss is on; choice: None
     context_chars: int = 0  # prompt[context_start:context_start + context_chars] may be trimmed to fit max_length
     context_start: int = 0
-    references: Optional[list[str]] = None  # generative: every acceptable output (answer is the first)
+    references: Optional[list[str]] = None  # generative: every acceptable output (the target is the first)
     messages: Optional[list[dict]] = None  # chat: the turns before the target turn ({role, content}, system first)
     system: Optional[str] = None  # instruction: a system text for the chat template
     prompt_style: str = "chat"  # harness: lm-eval's plain-text prompt, options are continuations (see above)
 
     @property
     def kind(self) -> str:
-        return "choice" if self.options else "generate"
+        return "choice" if self.gold is not None else "generate"
 
     @property
-    def answer_index(self) -> int:
-        return LETTERS.index(self.answer)
+    def letter(self) -> str:
+        """A choice example's gold letter: what a chat-style choice example is trained to answer."""
+        return LETTERS[self.gold]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,19 +100,22 @@ class Checker:
         return index
 
 
-def multiple_choice(question: str, options: list[str], gold: int, context: str = "") -> tuple[str, list[str], int, int]:
-    """Lay out one prompt: returns (prompt, options, gold index, trimmable context length)."""
+def multiple_choice(check: Checker, question: str, options: list[str], gold: int, context: str = "") -> Example:
+    """The chat-style choice example of the checked record: the context (trimmable) and the question, then
+    the lettered options."""
     context_block = f"{context}\n" if context else ""
     lettered = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
-    return f"{context_block}{question}\n{lettered}", list(options), gold, len(context_block)
+    return Example(check.task, check.row, f"{context_block}{question}\n{lettered}", list(options), gold,
+                   context_chars=len(context_block))
 
 
-def continuations(text: str, choices: list[str], gold: int, context_chars: int = 0,
-                  delimiter: str = " ") -> tuple[str, list[str], int, int]:
-    """A harness-style example: (prompt, options, gold index, trimmable context length). Each option is
-    ``delimiter + choice``, the continuation lm-eval scores after ``text`` (its ``target_delimiter``);
-    ``text[:context_chars]`` is a passage that truncation may trim."""
-    return text, [f"{delimiter}{choice}" for choice in choices], gold, context_chars
+def continuations(check: Checker, text: str, choices: list[str], gold: int, context_chars: int = 0,
+                  delimiter: str = " ") -> Example:
+    """The harness-style example of the checked record. Each option is ``delimiter + choice``, the continuation
+    lm-eval scores after ``text`` (its ``target_delimiter``); ``text[:context_chars]`` is a passage that
+    truncation may trim."""
+    return Example(check.task, check.row, text, [f"{delimiter}{choice}" for choice in choices], gold,
+                   context_chars=context_chars, prompt_style="harness")
 
 
 YES_NO = ["yes", "no"]
@@ -123,3 +133,28 @@ def keyed_choices(record: dict, check: Checker) -> tuple[list[str], int]:
     if record["answerKey"] not in labels:
         check.fail(f"label {record['answerKey']!r} is out of range for choices {labels}")
     return texts, labels.index(record["answerKey"])
+
+
+Converter = Callable[[dict, Checker], Example]  # one record (checked as it is read) -> its example
+
+
+def source_spec(task: str, module: ModuleType, data: DataConfig) -> TaskSpec:
+    """Where a built-in task's records come from, as a source: the local folder <local_dir>/<task> and its
+    train.jsonl / validation.jsonl (named exactly: mmlu's folder also holds dev.jsonl), or the hub's splits."""
+    hub, subset = module.HUB
+    if data.local_dir is None:
+        return TaskSpec(hub=hub, subset=subset, train_split=module.HUB_SPLITS["train"],
+                        validation_split=module.HUB_SPLITS["validation"])
+    return TaskSpec(path=str(Path(data.local_dir) / task), hub=hub, subset=subset,
+                    train_split="train.jsonl", validation_split="validation.jsonl")
+
+
+def converter(module: ModuleType, prompt_style: str) -> Converter:
+    """A built-in task's record converter in a prompt style, its schema (FIELDS) checked first."""
+    layout = module.to_harness if prompt_style == "harness" else module.to_example
+
+    def convert(record: dict, check: Checker) -> Example:
+        check.fields(record, module.FIELDS)
+        return layout(record, check)
+
+    return convert

@@ -9,11 +9,11 @@ FIELDS = {"question": str, "choices": dict, "answerKey": str}
 
 def to_example(record, check):
     texts, gold = keyed_choices(record, check)
-    return multiple_choice(f"Question: {record['question']}", texts, gold)
+    return multiple_choice(check, f"Question: {record['question']}", texts, gold)
 
 
 def to_harness(record, check):
     """lm-eval commonsense_qa: lettered options in the prompt, the letter is the continuation."""
     texts, gold = keyed_choices(record, check)
     lettered = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(texts))
-    return continuations(f"Question: {record['question'].strip()}\n{lettered}\nAnswer:", list(LETTERS[: len(texts)]), gold)
+    return continuations(check, f"Question: {record['question'].strip()}\n{lettered}\nAnswer:", list(LETTERS[: len(texts)]), gold)

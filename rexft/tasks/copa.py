@@ -10,7 +10,7 @@ FIELDS = {"premise": str, "choice1": str, "choice2": str, "question": str, "labe
 def to_example(record, check):
     gold = check.label(record["label"], 2)
     question = f"Premise: {record['premise']}\nQuestion: What was the {record['question']}?"
-    return multiple_choice(question, [record["choice1"], record["choice2"]], gold)
+    return multiple_choice(check, question, [record["choice1"], record["choice2"]], gold)
 
 
 def to_harness(record, check):
@@ -21,4 +21,4 @@ def to_harness(record, check):
         check.fail(f"field 'question' should be cause or effect, got {record['question']!r}")
     connector = {"cause": "because", "effect": "therefore"}[record["question"]]
     choices = [" " + choice[:1].lower() + choice[1:] for choice in (record["choice1"], record["choice2"])]
-    return continuations(record["premise"].strip()[:-1] + f" {connector}", choices, gold)
+    return continuations(check, record["premise"].strip()[:-1] + f" {connector}", choices, gold)

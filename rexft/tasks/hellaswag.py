@@ -14,7 +14,7 @@ def to_example(record, check):
         check.fail(f"field 'endings' should hold 4 endings, has {len(record['endings'])}")
     gold = check.label(record["label"], 4)
     question = f"{record['activity_label']}: {record['ctx']}\nQuestion: Which ending is the most plausible?"
-    return multiple_choice(question, record["endings"], gold)
+    return multiple_choice(check, question, record["endings"], gold)
 
 
 def _clean(text: str) -> str:
@@ -30,4 +30,4 @@ def to_harness(record, check):
     check.fields(record, {"ctx_a": str, "ctx_b": str})
     gold = check.label(record["label"], 4)
     query = _clean(f"{record['activity_label']}: {record['ctx_a']} {record['ctx_b'].capitalize()}")
-    return continuations(query, [_clean(ending) for ending in record["endings"]], gold)
+    return continuations(check, query, [_clean(ending) for ending in record["endings"]], gold)

@@ -11,7 +11,7 @@ def to_example(record, check):
     gold = check.label(record["answer"], len(record["choices"]))
     subject = (record.get("subject") or "").replace("_", " ")
     header = f"The following is a question about {subject}.\n" if subject else ""
-    return multiple_choice(f"{header}Question: {record['question']}", record["choices"], gold)
+    return multiple_choice(check, f"{header}Question: {record['question']}", record["choices"], gold)
 
 
 def to_harness(record, check):
@@ -22,4 +22,4 @@ def to_harness(record, check):
     check.fields(record, {"subject": str})
     description = f"The following are multiple choice questions (with answers) about {record['subject'].replace('_', ' ')}.\n\n"
     lettered = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(record["choices"]))
-    return continuations(f"{description}{record['question'].strip()}\n{lettered}\nAnswer:", list(LETTERS[:4]), gold)
+    return continuations(check, f"{description}{record['question'].strip()}\n{lettered}\nAnswer:", list(LETTERS[:4]), gold)

@@ -11,7 +11,7 @@ def to_example(record, check):
     positive = check.label(record["label"], 2) == 1
     question = (f"Question: {record['question']}\nCandidate answer: {record['answer']}\n"
                 "Is the candidate answer correct?")
-    return multiple_choice(question, YES_NO, yes_no(positive), context=record["paragraph"])
+    return multiple_choice(check, question, YES_NO, yes_no(positive), context=record["paragraph"])
 
 
 def to_harness(record, check):
@@ -20,4 +20,4 @@ def to_harness(record, check):
     gold = check.label(record["label"], 2)
     text = f"{record['paragraph']}\nQuestion: {record['question']}\nAnswer:"
     choices = [f"{record['answer']}\nIs the answer correct? {word}" for word in ("yes", "no")]
-    return continuations(text, choices, gold, context_chars=len(record["paragraph"]) + 1)
+    return continuations(check, text, choices, gold, context_chars=len(record["paragraph"]) + 1)

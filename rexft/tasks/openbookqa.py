@@ -9,10 +9,10 @@ FIELDS = {"question_stem": str, "choices": dict, "answerKey": str}
 
 def to_example(record, check):
     texts, gold = keyed_choices(record, check)
-    return multiple_choice(f"Question: {record['question_stem']}", texts, gold)
+    return multiple_choice(check, f"Question: {record['question_stem']}", texts, gold)
 
 
 def to_harness(record, check):
     """lm-eval openbookqa: the bare question stem, each choice as the continuation."""
     texts, gold = keyed_choices(record, check)
-    return continuations(record["question_stem"], texts, gold)
+    return continuations(check, record["question_stem"], texts, gold)

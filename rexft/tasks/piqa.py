@@ -9,11 +9,11 @@ FIELDS = {"goal": str, "sol1": str, "sol2": str, "label": int}
 
 def to_example(record, check):
     gold = check.label(record["label"], 2)
-    return multiple_choice(f"Goal: {record['goal']}\nQuestion: Which solution is better?",
+    return multiple_choice(check, f"Goal: {record['goal']}\nQuestion: Which solution is better?",
                            [record["sol1"], record["sol2"]], gold)
 
 
 def to_harness(record, check):
     """lm-eval piqa."""
     gold = check.label(record["label"], 2)
-    return continuations(f"Question: {record['goal']}\nAnswer:", [record["sol1"], record["sol2"]], gold)
+    return continuations(check, f"Question: {record['goal']}\nAnswer:", [record["sol1"], record["sol2"]], gold)

@@ -10,11 +10,11 @@ FIELDS = {"premise": str, "hypothesis": str, "label": int}
 def to_example(record, check):
     entailed = check.label(record["label"], 2) == 0
     question = f"Question: Does this imply that \"{record['hypothesis']}\"?"
-    return multiple_choice(question, YES_NO, yes_no(entailed), context=record["premise"])
+    return multiple_choice(check, question, YES_NO, yes_no(entailed), context=record["premise"])
 
 
 def to_harness(record, check):
     """lm-eval sglue_rte: True = entailment (label 0), False = not entailment."""
     gold = check.label(record["label"], 2)
     text = f"{record['premise']}\nQuestion: {record['hypothesis']} True or False?\nAnswer:"
-    return continuations(text, ["True", "False"], gold, context_chars=len(record["premise"]) + 1)
+    return continuations(check, text, ["True", "False"], gold, context_chars=len(record["premise"]) + 1)

@@ -10,11 +10,11 @@ FIELDS = {"context": str, "question": str, "answerA": str, "answerB": str, "answ
 def to_example(record, check):
     gold = check.label(record["label"], 3, base=1)
     options = [record["answerA"], record["answerB"], record["answerC"]]
-    return multiple_choice(f"Question: {record['question']}", options, gold, context=record["context"])
+    return multiple_choice(check, f"Question: {record['question']}", options, gold, context=record["context"])
 
 
 def to_harness(record, check):
     """lm-eval social_iqa."""
     gold = check.label(record["label"], 3, base=1)
     options = [record["answerA"], record["answerB"], record["answerC"]]
-    return continuations(f"Q: {record['context']} {record['question']}\nA:", options, gold)
+    return continuations(check, f"Q: {record['context']} {record['question']}\nA:", options, gold)

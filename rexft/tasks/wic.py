@@ -11,7 +11,7 @@ def to_example(record, check):
     positive = check.label(record["label"], 2) == 1
     question = (f"Sentence 1: {record['sentence1']}\nSentence 2: {record['sentence2']}\n"
                 f"Question: Is the word \"{record['word']}\" used with the same meaning in both sentences?")
-    return multiple_choice(question, YES_NO, yes_no(positive))
+    return multiple_choice(check, question, YES_NO, yes_no(positive))
 
 
 def to_harness(record, check):
@@ -21,4 +21,4 @@ def to_harness(record, check):
     word = record["sentence1"][record["start1"]:record["end1"]]
     text = (f"Sentence 1: {record['sentence1']}\nSentence 2: {record['sentence2']}\nQuestion: Is the word "
             f"'{word}' used in the same way in the two sentences above?\nAnswer:")
-    return continuations(text, ["no", "yes"], gold)
+    return continuations(check, text, ["no", "yes"], gold)

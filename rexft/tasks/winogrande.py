@@ -10,7 +10,7 @@ FIELDS = {"sentence": str, "option1": str, "option2": str, "answer": str}
 def to_example(record, check):
     gold = check.label(record["answer"], 2, base=1)
     question = f"{record['sentence']}\nQuestion: Which option fills the blank (_)?"
-    return multiple_choice(question, [record["option1"], record["option2"]], gold)
+    return multiple_choice(check, question, [record["option1"], record["option2"]], gold)
 
 
 def to_harness(record, check):
@@ -23,4 +23,4 @@ def to_harness(record, check):
         check.fail("field 'sentence' has no blank (_)")
     blank = sentence.index("_")
     rest = sentence[blank + 1:]
-    return continuations(sentence[:blank].rstrip(), [f"{record['option1']}{rest}", f"{record['option2']}{rest}"], gold)
+    return continuations(check, sentence[:blank].rstrip(), [f"{record['option1']}{rest}", f"{record['option2']}{rest}"], gold)

@@ -13,7 +13,7 @@ def to_example(record, check):
     positive = check.label(record["label"], 2) == 1
     question = (f"{record['text']}\nQuestion: In the passage above, does the pronoun "
                 f"\"{record['span2_text']}\" refer to \"{record['span1_text']}\"?")
-    return multiple_choice(question, YES_NO, yes_no(positive))
+    return multiple_choice(check, question, YES_NO, yes_no(positive))
 
 
 def _detokenize(text: str) -> str:
@@ -33,4 +33,4 @@ def to_harness(record, check):
     passage = _detokenize(before + f" *{pronoun}*" + after)
     prompt = (f"Passage: {passage}\nQuestion: In the passage above, does the pronoun \"*{pronoun}*\" refer to "
               f"\"*{noun}*\"?\nAnswer:")
-    return continuations(prompt, ["no", "yes"], gold)
+    return continuations(check, prompt, ["no", "yes"], gold)
