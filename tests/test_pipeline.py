@@ -25,7 +25,7 @@ def test_data_stage_writes_examples_and_stats(run_dir):
     assert 14 * 16 * 0.9 <= stats["train_examples"] <= 14 * 16  # a few byte-long hellaswag items are dropped, not cut
     assert all(t["kind"] == "choice" and t["dropped"] <= 24 for t in stats["tasks"].values())
     first = json.loads((run_dir / "data" / "train.jsonl").read_text().splitlines()[0])
-    assert {"task", "row", "prompt", "options", "answer"} <= set(first)
+    assert {"task", "row", "prompt", "options", "gold"} <= set(first) and isinstance(first["gold"], int)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "config.data.yaml").is_file()
 
 
