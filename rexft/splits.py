@@ -27,7 +27,7 @@ from rexft.config import DataConfig, RunConfig, TaskSpec
 from rexft.errors import RexftError
 from rexft.sources import SourceTask, load_source, load_tasks, source_files
 from rexft.tasks import get_task
-from rexft.tasks.common import Example, converter, source_spec
+from rexft.tasks.common import LETTERS, Example, converter, source_spec
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -289,11 +289,21 @@ def warn_changed_files(record: dict) -> None:
 def _examples(path: Path) -> list[Example]:
     from rexft.rundir import read_jsonl
 
-    rows = read_jsonl(path)
-    if rows and "answer" in rows[0]:  # written before examples had gold / target fields
-        raise RexftError(f"{path} was written by an older rexft (examples with an `answer` field): run `rexft data` "
-                         "with this run's recipe and overrides again")
-    return [Example(**row) for row in rows]
+    return [Example(**_current_fields(row)) for row in read_jsonl(path)]
+
+
+def _current_fields(row: dict) -> dict:
+    """A row as Example takes it. Rows written before examples had ``gold`` / ``target`` carry ``answer``: the
+    gold letter of a choice example (one with options), else the target text."""
+    if "answer" not in row:
+        return row
+    row = dict(row)
+    answer = row.pop("answer")
+    if row.get("options"):
+        row["gold"] = LETTERS.index(answer)
+    else:
+        row["target"] = answer
+    return row
 
 
 def frozen_mixture(cfg: RunConfig) -> list[Example]:

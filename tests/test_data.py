@@ -198,3 +198,16 @@ def test_builtin_examples_match_their_pinned_digest(style, task, data_dir):
     rows = [[e.task, e.row, e.prompt, e.options, e.letter, e.context_chars]
             for e in validation_examples(task, data_dir, style)[:5]]
     assert hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16] == PINNED[style, task]
+
+
+def test_rows_written_before_gold_and_target_are_read_as_they_meant(tmp_path):
+    """A run directory from before Example had gold / target (rows with `answer`) keeps working."""
+    from rexft.splits import _examples
+
+    rows = [{"task": "boolq", "row": 3, "prompt": "Q?\nA. yes\nB. no", "options": ["yes", "no"], "answer": "B"},
+            {"task": "sni", "row": 5, "prompt": "Say hi", "options": [], "answer": "hi", "references": ["hi", "hello"]}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    choice, generative = _examples(path)
+    assert (choice.kind, choice.gold, choice.letter, choice.target) == ("choice", 1, "B", None)
+    assert (generative.kind, generative.gold, generative.target) == ("generate", None, "hi")
