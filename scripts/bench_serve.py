@@ -5,12 +5,14 @@
               score of the dynamic adapter, per task and macro; and the route agreement: the share of
               held-in requests routed to the cluster where cluster-prior put most of their task's
               training prompts (and the mean share of the task's training prompts in the cluster chosen)
+    router    the router alone, in-process and unloaded: embedding + nearest centroid per eval prompt, one at a time
     load      a bounded load test: C concurrent clients sending N chat requests in all (eval prompts,
               greedy, max_tokens M): throughput, p50/p99 latency, errors, and the router's own time
               (embedding + nearest centroid) against the end-to-end latency
 
     python scripts/bench_serve.py fidelity recipe=demo-sni [--backend vllm] [--clients 4]
     python scripts/bench_serve.py load recipe=demo-sni --backend local --clients 8 32 --requests 200
+    python scripts/bench_serve.py router recipe=demo-sni
 
 The run must be trained, evaluated and exported (bash scripts/demo_sni.sh). The server is started as a user
 starts it (`rexft serve ... serve.port=P`) and stopped with SIGTERM. Results: run_dir/serve/bench_*.json.
@@ -195,9 +197,27 @@ def load(args, overrides: list[str]) -> dict:
             "cpu": os.cpu_count()}
 
 
+# --------------------------------------------------------------------------------------------- router
+def router(args, overrides: list[str]) -> dict:
+    from rexft.formats import prompt_of_chat
+    from rexft.serve.router import build_router
+    from rexft.serve.stage import exports_of
+
+    cfg, evalset = examples_and_config(overrides)
+    mode, exports, _ = exports_of(cfg)
+    route = build_router(cfg, exports, mode)
+    texts = [prompt_of_chat(request_body(cfg, e, 1)["messages"]) for e in evalset.examples]
+    route.route(texts[0])  # warm-up
+    ms = sorted(route.route(text)[0].router_ms for text in texts)
+    result = {"prompts": len(ms), "router_p50_ms": round(ms[len(ms) // 2], 2),
+              "router_p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 2), "mode": mode}
+    print(f"router ({mode}), {len(ms)} prompts one at a time: p50 {result['router_p50_ms']} ms, p99 {result['router_p99_ms']} ms")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("fidelity", "load"))
+    parser.add_argument("what", choices=("fidelity", "load", "router"))
     parser.add_argument("--backend", choices=("local", "vllm"), default="vllm")
     parser.add_argument("--clients", type=int, nargs="+", default=None)
     parser.add_argument("--requests", type=int, default=200)
@@ -206,11 +226,11 @@ def main() -> None:
     args.clients = args.clients or ([4] if args.what == "fidelity" else [8, 32])
     if args.what == "fidelity":
         args.clients = args.clients[0]
-    result = (fidelity if args.what == "fidelity" else load)(args, overrides)
+    result = {"fidelity": fidelity, "load": load, "router": router}[args.what](args, overrides)
     from rexft.cli import compose
 
     run_dir = compose(overrides)[0].path
-    out = run_dir / "serve" / f"bench_{args.what}_{args.backend}.json"
+    out = run_dir / "serve" / (f"bench_{args.what}_{args.backend}.json" if args.what != "router" else "bench_router.json")
     out.write_text(json.dumps({**result, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}, indent=2) + "\n")
     print(f"wrote {out}")
 
