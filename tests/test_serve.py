@@ -230,6 +230,26 @@ def test_local_chat_uses_the_template_and_stops_at_max_tokens(local):
     assert done and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
 
 
+def test_local_backend_takes_requests_first_come_first_served():
+    """A run takes the waiting requests that decode like it only up to the first that does not: a sampled or
+    seeded request is not overtaken by greedy ones arriving after it."""
+    import asyncio
+    from collections import deque
+    from types import SimpleNamespace
+
+    from rexft.serve.local import Job, LocalBackend
+
+    loop = asyncio.new_event_loop()
+    greedy = lambda i: Job([1], None, 4, 0.0, 1.0, (), None, loop, id=i)
+    sampled = Job([1], None, 4, 0.7, 0.9, (), None, loop, id=2)
+    backend = SimpleNamespace(pending=deque([greedy(0), greedy(1), sampled, greedy(3)]), ready=threading.Condition())
+    taken = LocalBackend._take(backend, greedy(9).key, room=10)
+    assert [job.id for job in taken] == [0, 1] and [job.id for job in backend.pending] == [2, 3]
+    assert LocalBackend._take(backend, greedy(9).key, room=10) == []  # the sampled request runs next
+    assert [job.id for job in LocalBackend._take(backend, sampled.key, room=10)] == [2]
+    loop.close()
+
+
 BAD_REQUESTS = [  # (what, path, body, status, error code)
     ("malformed JSON", "/v1/completions", '{"model": "smoke", "prompt": ', 400, "invalid_json"),
     ("not an object", "/v1/completions", "[1, 2]", 400, "invalid_json"),

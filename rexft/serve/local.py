@@ -1,11 +1,12 @@
 """The local backend: rexft's own engine serves the exact dynamic mixture, each request with its own prior.
 
-One worker thread owns the model. Requests queue; the worker starts a decoding run with the oldest and every
-waiting request that samples the same way (temperature, top_p, stop strings; a request with a ``seed`` runs
+One worker thread owns the model. Requests queue; the worker starts a decoding run with the oldest and the
+requests behind it that sample the same way (temperature, top_p, stop strings; a request with a ``seed`` runs
 alone, so its seed means the same thing every time), and requests that arrive while it decodes join the
-running batch every few tokens, as rows join eval's decoding pool (``rexft.eval.pool.Feed``). Each row stops
-at its own ``max_tokens``; a stream receives its new text after every chunk of tokens; a client that goes
-away has its row dropped at the next chunk. Each row's adapter state is its request's prior (the embedding's
+running batch every few tokens, as rows join eval's decoding pool (``rexft.eval.pool.Feed``), until one that
+samples otherwise is waiting (it runs next: first come, first served). Each row stops at its own
+``max_tokens``; a stream receives its new text after every chunk of tokens; a client that goes away has its
+row dropped at the next chunk. Each row's adapter state is its request's prior (the embedding's
 similarities to the run's centroids, as at training), set through eval's per-row hook (``RowState``).
 """
 
@@ -104,11 +105,12 @@ class LocalBackend:
             self.running = {}
 
     def _take(self, key: tuple, room: int) -> list[Job]:
-        """Waiting jobs that decode like ``key``, oldest first, at most ``room``."""
+        """Waiting jobs that decode like ``key``, oldest first, at most ``room``, and none that arrived after a
+        job that decodes otherwise (first come, first served: that job's run starts when this one ends)."""
+        taken = []
         with self.ready:
-            taken = [job for job in self.pending if job.key == key][:room]
-            for job in taken:
-                self.pending.remove(job)
+            while self.pending and self.pending[0].key == key and len(taken) < room:
+                taken.append(self.pending.popleft())
         return taken
 
     def _decode(self, first: Job) -> None:
