@@ -320,7 +320,7 @@ class TrainerConfig:
     batch_size: int = bounded(4, ge=1)  # per device
     grad_accum: int = bounded(1, ge=1)
     max_grad_norm: float = bounded(1.0, ge=0)  # gradient clipping (0: off)
-    mixed_precision: str = one_of("auto", choices=("auto", "no", "bf16", "fp16"))  # auto: bf16 on a bf16 GPU, else no
+    mixed_precision: str = one_of("auto", choices=("auto", "no", "bf16", "fp16"))  # auto: bf16 where computed natively (GPU, AVX512-BF16/AMX CPU)
     gradient_checkpointing: bool = False
     # adafactor: transformers', at a fixed lr; adamw_8bit / paged_adamw_8bit: bitsandbytes' 8-bit states
     optimizer: str = one_of("adamw", choices=("adamw", "adafactor", "adamw_8bit", "paged_adamw_8bit"))

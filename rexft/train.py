@@ -29,7 +29,8 @@ from rexft.config import RunConfig, TrainerConfig, config_root
 from rexft.data import (IGNORE_INDEX, PromptFormat, check_dropped, collate, collate_packed, length_grouped_order,
                          pack_rows, tokenize_examples)
 from rexft.errors import RexftError
-from rexft.modeling import load_model, load_tokenizer
+from rexft.modeling import load_model, load_tokenizer, native_bf16
+from rexft.prior import ADAPTER_CENTROIDS
 
 log = logging.getLogger(__name__)
 MEMORY_KEYS = ("trainer.batch_size (raise trainer.grad_accum to keep the global batch), data.max_length, "
@@ -60,10 +61,15 @@ def _deepspeed_plugin(cfg: TrainerConfig, num_processes: int, mixed_precision: s
     return DeepSpeedPlugin(hf_ds_config=ds)
 
 
-def resolve_mixed_precision(setting: str) -> str:
+def resolve_mixed_precision(setting: str, deepspeed: bool = False) -> str:
+    """``auto``: bf16 autocast where the device computes bf16 natively (a bf16 GPU, or a CPU with AVX512-BF16
+    or AMX), else none. DeepSpeed on a CPU keeps float32 (its CPU bf16 path is not one rexft tests)."""
     if setting != "auto":
         return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and deepspeed:
+        return "no"
+    return "bf16" if native_bf16(device) else "no"
 
 
 def make_accelerator(cfg: RunConfig):
@@ -72,7 +78,8 @@ def make_accelerator(cfg: RunConfig):
 
     trainer = cfg.trainer
     on_cpu = not torch.cuda.is_available()
-    mixed_precision = resolve_mixed_precision(trainer.mixed_precision)
+    mixed_precision = resolve_mixed_precision(trainer.mixed_precision, deepspeed=bool(trainer.deepspeed))
+    log.info("mixed precision: %s (trainer.mixed_precision=%s)", mixed_precision, trainer.mixed_precision)
     plugin = None
     if trainer.deepspeed:
         # DeepSpeed initialises the process group itself (gloo on CPU); Accelerate's cpu=True disables it.
@@ -415,7 +422,7 @@ class Trainer:
             if (cfg.path / "config.yaml").exists():
                 shutil.copy(cfg.path / "config.yaml", adapter_dir / "config.yaml")
             if self.prior_meta is not None:
-                shutil.copy(cfg.path / "prior" / "centroids.safetensors", adapter_dir / "prior_centroids.safetensors")
+                shutil.copy(cfg.path / "prior" / "centroids.safetensors", adapter_dir / ADAPTER_CENTROIDS)
             log.info("adapter saved to %s (final loss %.4f)", adapter_dir, loss)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()

@@ -1,4 +1,4 @@
-"""Nothing tuned to one machine: dtypes and the eval pool's costs are chosen by what the device supports."""
+"""Nothing tuned to one machine: dtypes, mixed precision and the eval pool's costs follow what the device supports."""
 
 import pytest
 import torch
@@ -60,3 +60,27 @@ def test_the_pool_profile_is_chosen_by_device_and_overridable():
     assert device_profile("cpu", {"decode_chunk": 8}).decode_chunk == 8
     with pytest.raises(RexftError, match="decode_chunks"):
         device_profile("cpu", {"decode_chunks": 8})
+
+
+def test_mixed_precision_auto_trains_in_bf16_only_where_native(cpu, monkeypatch):
+    from rexft.train import resolve_mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu("AVX512", {"avx512f", "avx512_bf16"})
+    assert resolve_mixed_precision("auto") == "bf16"
+    assert resolve_mixed_precision("auto", deepspeed=True) == "no"  # DeepSpeed's CPU path stays float32
+    assert resolve_mixed_precision("no") == "no"
+    cpu("AVX512", {"avx512f"})  # AVX-512 without bf16 instructions
+    assert resolve_mixed_precision("auto") == "no"
+    cpu("AVX2", {"avx2"})
+    assert resolve_mixed_precision("auto") == "no"
+    assert resolve_mixed_precision("bf16") == "bf16"  # asked for: given, emulated or not
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_mixed_precision("auto", deepspeed=True) == "bf16"
+
+
+def test_machine_summary_names_what_figures_depend_on():
+    line = modeling.machine_summary(probe=False)
+    assert f"torch {torch.__version__}" in line and "transformers " in line and "native bf16 " in line
+    assert modeling.matmul_gflops(n=64, seconds=0.01) > 0
