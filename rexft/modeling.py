@@ -139,6 +139,51 @@ def native_bf16(device) -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
+def machine_summary(probe: bool = True) -> str:
+    """One line naming what a benchmark's figures depend on: the CPU (or GPU), torch's kernels, whether bf16
+    is native, the library versions, and (``probe``) the float32 matmul rate measured now, so figures from
+    two days can be told apart by machine or by library."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "-"
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    line = (f"{where}; torch kernels {torch.backends.cpu.get_cpu_capability()}, native bf16 "
+            f"{'yes' if native_bf16(device) else 'no'}; " +
+            ", ".join(f"{name} {installed(name)}" for name in ("torch", "transformers", "peft", "accelerate")))
+    if probe:
+        line += f"; float32 matmul {matmul_gflops(device):.0f} GFLOP/s"
+    return line
+
+
+def matmul_gflops(device: str = "cpu", n: int = 1024, seconds: float = 0.5) -> float:
+    """The float32 matmul rate of ``device`` now (n x n x n, best of repeats for about ``seconds``)."""
+    import time
+
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best, spent = float("inf"), 0.0
+    while spent < seconds:
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+    return 2 * n ** 3 / best / 1e9
+
+
 def compute_dtype(name: str, model) -> torch.dtype | None:
     """The dtype a pass of ``model`` computes in under autocast (None: the model's own). ``auto``: bfloat16
     where the device computes it natively (``native_bf16``) and the model is in float32, else the model's."""

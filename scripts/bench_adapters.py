@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from rexft.modeling import machine_summary
 
 METHODS = {
     # name: (adapter config or PEFT rank, peer)
@@ -99,6 +100,7 @@ def main():
     if args.child:
         print(json.dumps(measure(args.child, args)))
         return
+    print(machine_summary(), flush=True)  # what the figures below depend on
     passthrough = [f"--{k}={getattr(args, k)}" for k in ("hidden", "layers", "vocab", "seq", "batch", "steps", "dropout")]
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
     for round_index in range(args.rounds):

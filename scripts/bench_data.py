@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from rexft.modeling import machine_summary
 
 
 def run(overrides: list[str], repeats: int) -> tuple[float, dict]:
@@ -36,6 +37,7 @@ def main():
     parser.add_argument("--data", default="../shared/data")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    print(machine_summary(), flush=True)  # what the figures below depend on
     local = f"data.local_dir={args.data}"
     configs = {
         "SNI source, 30 tasks (task column)": ["recipe=demo-sni", local, "data.sources.sni.max_tasks=30",

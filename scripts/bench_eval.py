@@ -34,7 +34,7 @@ from rexft.eval import make_engine
 from rexft.eval.engine import prior_state
 from rexft.eval.protocols import Prompts, first_token, generate
 from rexft.splits import build_splits
-from rexft.modeling import load_model, load_tokenizer
+from rexft.modeling import load_model, load_tokenizer, machine_summary
 from rexft.tasks.common import LETTERS
 
 
@@ -52,6 +52,7 @@ def main():
     parser.add_argument("--decode-batch-size", type=int, default=64, help="--protocol generate: eval.decode_batch_size")
     parser.add_argument("--engine", default="auto", choices=["auto", "plain", "pool"], help="eval.engine")
     args = parser.parse_args()
+    print(machine_summary(), flush=True)  # what the figures below depend on
     if args.protocol == "generate":
         return bench_generate(args)
     overrides = [f"recipe={args.model}"] + ([f"data.local_dir={args.data}"] if args.data else [])

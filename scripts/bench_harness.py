@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from rexft.modeling import machine_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
+    print(machine_summary(), flush=True)  # what the figures below depend on
 
     if args.tables:  # print the tables of runs written before (e.g. base and adapter run apart)
         reports = [json.loads(Path(p).read_text()) for p in args.tables]

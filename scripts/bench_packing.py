@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from rexft.modeling import machine_summary
 
 
 def run(recipe: str, run_dir: Path, steps: int, extra: list[str]) -> float:
@@ -33,6 +34,7 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8, help="unpacked examples per step")
     args = parser.parse_args()
+    print(machine_summary(), flush=True)  # what the figures below depend on
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
         variants = {

@@ -17,6 +17,7 @@ import tempfile
 import time
 
 import torch
+from rexft.modeling import machine_summary
 
 
 def main():
@@ -26,6 +27,7 @@ def main():
     parser.add_argument("--points", type=int, default=200_000)
     parser.add_argument("--data", default=None)
     args = parser.parse_args()
+    print(machine_summary(), flush=True)  # what the figures below depend on
 
     from sentence_transformers import SentenceTransformer
 

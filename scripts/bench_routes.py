@@ -18,7 +18,7 @@ import rexft
 from rexft.cli import compose
 from rexft.data import PromptFormat, build_splits, encode_prompt
 from rexft.export import example_routes
-from rexft.modeling import compute_dtype, load_model, load_tokenizer, native_bf16
+from rexft.modeling import compute_dtype, load_model, load_tokenizer, machine_summary, native_bf16
 
 
 def main():
@@ -27,6 +27,7 @@ def main():
     parser.add_argument("--data", default=None)
     parser.add_argument("--dtypes", default="auto,float32,bfloat16", help="which to time, comma-separated")
     args = parser.parse_args()
+    print(machine_summary(), flush=True)  # what the figures below depend on
     cfg, _ = compose(["recipe=demo"] + ([f"data.local_dir={args.data}"] if args.data else []))
     tokenizer = load_tokenizer(cfg.model)
     model = rexft.inject_adapters(load_model(cfg.model, len(tokenizer)), cfg.adapter).eval()

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
+from rexft.modeling import machine_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -223,6 +224,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=16)
     args, overrides = parser.parse_known_args()
+    print(machine_summary(), flush=True)  # what the figures below depend on
     args.clients = args.clients or ([4] if args.what == "fidelity" else [8, 32])
     if args.what == "fidelity":
         args.clients = args.clients[0]
