@@ -349,6 +349,23 @@ def load_prior(run_dir: Path) -> tuple[torch.Tensor, dict]:
     return load_file(str(folder / "centroids.safetensors"))["centroids"], meta
 
 
+ADAPTER_CENTROIDS = "prior_centroids.safetensors"  # the prior's centroids, saved beside the trained adapter
+
+
+def adapter_prior(adapter_dir: Path, adapter_config: dict) -> tuple[torch.Tensor, dict] | None:
+    """(centroids, meta) of the prior a trained adapter takes (None if it takes none): what eval, the
+    harness, merge-export and serve compute each prompt's prior from."""
+    from safetensors.torch import load_file
+
+    spec, meta = adapter_config["adapter"], adapter_config.get("prior")
+    if spec["type"] != "trex" or not spec["use_prior"]:
+        return None
+    path = Path(adapter_dir) / ADAPTER_CENTROIDS
+    if meta is None or not path.is_file():
+        raise RexftError(f"adapter at {adapter_dir} uses a prior but carries no {ADAPTER_CENTROIDS}")
+    return load_file(str(path))["centroids"], meta
+
+
 def check_prior(meta: dict, cfg: RunConfig, adapter_prior_dim: int | None = None) -> None:
     """Saved centroids must match what the adapter and the config expect."""
     if meta["embedder"] != cfg.prior.embedder:

@@ -57,18 +57,10 @@ def load_eval_model(cfg: RunConfig):
 
 def adapter_priors(adapter_dir: Path, adapter_config: dict, prompts: list[str], cfg: RunConfig) -> torch.Tensor | None:
     """Priors for eval prompts from the centroids saved with the adapter (None if it takes none)."""
-    from safetensors.torch import load_file
+    from rexft.prior import adapter_prior, priors_from
 
-    from rexft.prior import priors_from
-
-    spec = adapter_config["adapter"]
-    if spec["type"] != "trex" or not spec["use_prior"]:
-        return None
-    meta = adapter_config.get("prior")
-    centroids_path = adapter_dir / "prior_centroids.safetensors"
-    if meta is None or not centroids_path.is_file():
-        raise RexftError(f"adapter at {adapter_dir} uses a prior but carries no prior_centroids.safetensors")
-    return priors_from(prompts, load_file(str(centroids_path))["centroids"], meta, cfg.prior)
+    prior = adapter_prior(adapter_dir, adapter_config)
+    return None if prior is None else priors_from(prompts, *prior, cfg.prior)
 
 
 def scoring_fingerprint(cfg: RunConfig) -> dict:

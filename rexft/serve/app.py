@@ -61,7 +61,9 @@ class Service:
 
     @property
     def local(self) -> bool:
-        return not hasattr(self.backend, "send")
+        from rexft.serve.local import LocalBackend
+
+        return isinstance(self.backend, LocalBackend)
 
     def prompt_ids(self, chat: bool, request) -> list[int]:
         """A completion's prompt as given (with the tokenizer's special tokens); a chat's messages rendered as

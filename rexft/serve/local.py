@@ -161,8 +161,9 @@ class LocalBackend:
     def finish(self, tokens: list[int], job: Job) -> tuple[str, str]:
         """The row's text and OpenAI's finish_reason: "stop" (EOS or a stop string) or "length"."""
         tokens = tokens[: job.limit]
-        text = new_text(self.tokenizer, tokens, job.stops)
+        text = new_text(self.tokenizer, tokens, ())
         eos = self.tokenizer.eos_token_id
-        stopped = (eos is not None and eos in tokens) or any(s in self.tokenizer.decode(tokens, skip_special_tokens=True)
-                                                             for s in job.stops)
+        stopped = (eos is not None and eos in tokens) or any(s in text for s in job.stops)
+        for marker in job.stops:
+            text = text.split(marker, 1)[0]
         return text, "stop" if stopped or len(tokens) < job.limit else "length"

@@ -86,19 +86,14 @@ class Router:
 def prior_of_run(cfg: RunConfig) -> tuple[torch.Tensor, dict] | None:
     """(centroids (k, d), meta) that the run's adapter takes its prior from, else the run's prior/ (what
     merge-export's per-cluster grouping used), else None."""
-    from safetensors.torch import load_file
+    from rexft.prior import adapter_prior, load_prior
 
-    adapter_dir = cfg.path / "adapter"
-    config_file = adapter_dir / "adapter_config.json"
+    config_file = cfg.path / "adapter" / "adapter_config.json"
     if config_file.is_file():
-        spec = json.loads(config_file.read_text())
-        if spec.get("prior") and (adapter_dir / "prior_centroids.safetensors").is_file():
-            return load_file(str(adapter_dir / "prior_centroids.safetensors"))["centroids"], spec["prior"]
-    if (cfg.path / "prior" / "meta.json").is_file():
-        from rexft.prior import load_prior
-
-        return load_prior(cfg.path)
-    return None
+        prior = adapter_prior(cfg.path / "adapter", json.loads(config_file.read_text()))
+        if prior is not None:
+            return prior
+    return load_prior(cfg.path) if (cfg.path / "prior" / "meta.json").is_file() else None
 
 
 def task_signatures(cfg: RunConfig, tasks: list[str], meta: dict) -> dict[str, torch.Tensor]:
