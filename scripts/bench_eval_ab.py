@@ -62,7 +62,7 @@ def child(args) -> dict:
         def run(batch):
             if args.protocol == "generate":
                 return [r.prediction for r in generate(engine, prompts, batch, settings)]
-            return [r.prediction for r in first_token(engine, prompts, batch)]
+            return [(getattr(r, "predicted", None), getattr(r, "scores", None)) for r in first_token(engine, prompts, batch)]
     except ImportError:  # the Scorer before the eval split
         try:
             from rexft.evaluate import Scorer
@@ -71,8 +71,9 @@ def child(args) -> dict:
         scorer = Scorer(model, tokenizer, fmt, cfg.data.max_length, args.batch_size, progress=False)
 
         def run(batch):
-            rows = scorer.generate(batch, settings) if args.protocol == "generate" else scorer.first_token(batch)
-            return [r["prediction"] for r in rows]
+            if args.protocol == "generate":
+                return [r["prediction"] for r in scorer.generate(batch, settings)]
+            return [(r.get("predicted"), r.get("scores")) for r in scorer.first_token(batch)]
 
     run(examples[:4])  # warm-up
     start = time.perf_counter()
@@ -122,7 +123,9 @@ def main() -> None:
                 for name in (("before", "after") if round_index % 2 == 0 else ("after", "before")):
                     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "x", "--child", *passthrough],
                                          cwd=trees[name], env={**os.environ, "PYTHONPATH": str(trees[name]), "REXFT_DATA": data},
-                                         capture_output=True, text=True, check=True)
+                                         capture_output=True, text=True)
+                    if out.returncode != 0:
+                        raise SystemExit(f"{name} ({trees[name]}) failed:\n{out.stderr[-3000:]}")
                     runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
                     print(f"round {round_index + 1} {name}: {runs[name][-1]}", flush=True)
         finally:
