@@ -416,6 +416,16 @@ def test_vllm_backend_serves_the_exports_as_peft_would(run):
             with torch.no_grad():
                 out = peft.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
             assert served["choices"][0]["token_ids"] == out[0, ids.shape[1]:].tolist()
+        # the run was trained without a chat template (the tokenizer has none): vLLM renders chats as training did
+        from rexft.config import ModelConfig
+        from rexft.data import PromptFormat, message_tokens
+
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is it {x}?\nA. yes"}]
+        response = server.post("/v1/chat/completions", {"model": "smoke", "messages": messages, "max_tokens": 2,
+                                                        "temperature": 0, "return_token_ids": True})
+        assert response.status_code == 200, response.text
+        plain = PromptFormat(chat=False, plain_template=ModelConfig().plain_template)
+        assert response.json()["prompt_token_ids"] == message_tokens(tokenizer, plain, messages)
         streamed = server.post("/v1/completions", {"model": "cluster00", "prompt": "Question: yes or no?",
                                                    "max_tokens": 4, "stream": True, "temperature": 0})
         text, chunks, done = stream_text(streamed)
@@ -451,6 +461,25 @@ def vllm_leader(server: Server) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- export
+@pytest.mark.parametrize("template", ["{prompt}\n\nAnswer:", "Q: {prompt} {{x}} 'a' \"b\" \\ \u00e9\nA:"])
+def test_vllm_chat_template_renders_chats_as_training_did(template):
+    """A run trained without the model's chat template gets a Jinja template for vLLM's --chat-template that
+    gives the token ids training gave (BOS included, braces and quotes in the plain template kept)."""
+    from rexft.data import PromptFormat, message_tokens
+    from rexft.modeling import byte_tokenizer
+    from rexft.serve.vllm import plain_chat_template
+
+    tokenizer = byte_tokenizer()
+    fmt = PromptFormat(chat=False, plain_template=template)
+    jinja = plain_chat_template(fmt, tokenizer)
+    for messages in ([{"role": "user", "content": "Is it {x}?\n'yes'"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+                     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]):
+        rendered = tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=False, add_generation_prompt=True)
+        assert tokenizer(rendered, add_special_tokens=False).input_ids == message_tokens(tokenizer, fmt, messages)
+    assert plain_chat_template(PromptFormat(chat=True, plain_template=template), tokenizer) is None
+
+
 def test_exports_have_one_rank_and_refuse_what_vllm_cannot_load():
     from peft import PeftModel
 

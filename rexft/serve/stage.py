@@ -76,7 +76,7 @@ def build_service(cfg: RunConfig) -> Service:
     from transformers import AutoConfig
 
     from rexft.modeling import TINY
-    from rexft.serve.vllm import VllmBackend, vllm_command, vllm_python
+    from rexft.serve.vllm import CHAT_TEMPLATE, VllmBackend, plain_chat_template, vllm_command, vllm_python
 
     if cfg.model.name_or_path == TINY:
         raise RexftError("serve.backend=vllm needs a model vLLM loads from disk or the hub; model=tiny_llama is built "
@@ -89,6 +89,15 @@ def build_service(cfg: RunConfig) -> Service:
     tokenizer = load_tokenizer(cfg.model)
     base = resolve_source(cfg.model)
     context = settings.max_model_len or AutoConfig.from_pretrained(base).max_position_embeddings
+    fmt = PromptFormat.for_model(tokenizer, cfg.model)
+    extra = list(settings.vllm_args)
+    template = plain_chat_template(fmt, tokenizer)
+    if template is not None:  # trained without the model's chat template: vLLM must render chats as training did
+        (folder / CHAT_TEMPLATE).write_text(template)
+        if settings.upstream:
+            log.warning("the run was trained without the model's chat template: start the upstream vLLM with "
+                        "--chat-template %s, or its chat requests will be formatted otherwise", folder / CHAT_TEMPLATE)
+        extra = ["--chat-template", str(folder / CHAT_TEMPLATE), *extra]
     if settings.upstream:
         backend = VllmBackend(None, settings.upstream, None, settings.startup_timeout)
     else:
@@ -98,12 +107,11 @@ def build_service(cfg: RunConfig) -> Service:
 
         port = settings.vllm_port or free_port()
         command = vllm_command(vllm_python(settings.vllm_python, config_root()), base, exports, rank, port, context,
-                               not torch.cuda.is_available(), list(settings.vllm_args))
+                               not torch.cuda.is_available(), extra)
         backend = VllmBackend(command, f"http://127.0.0.1:{port}", folder / "vllm.log", settings.startup_timeout)
     log.info("vllm backend: %d %s adapters of rank %d%s", len(exports), mode.replace("per_", ""), rank,
              f", upstream {settings.upstream}" if settings.upstream else "")
-    return Service(cfg.name, router, tokenizer, backend, list(exports), PromptFormat.for_model(tokenizer, cfg.model),
-                   context=context, uses_prior=False, **common)
+    return Service(cfg.name, router, tokenizer, backend, list(exports), fmt, context=context, uses_prior=False, **common)
 
 
 def serve(cfg: RunConfig) -> None:

@@ -26,6 +26,7 @@ from rexft.serve.protocol import APIError
 
 log = logging.getLogger(__name__)
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts as --max-lora-rank
+CHAT_TEMPLATE = "chat_template.jinja"  # in run_dir/serve: how training rendered chats, for vLLM's --chat-template
 
 
 def max_lora_rank(rank: int) -> int:
@@ -46,6 +47,26 @@ def vllm_python(configured: str | None, root: Path) -> str:
     raise RexftError("serve.backend=vllm: no vLLM environment found (serve.vllm_python, REXFT_VLLM_PYTHON, "
                      ".venv-vllm/bin/python); set one up with `bash scripts/setup_vllm.sh`, or point "
                      "serve.upstream at a running vLLM server")
+
+
+def plain_chat_template(fmt, tokenizer) -> str | None:
+    """A Jinja chat template that renders a conversation as training did without the model's chat template
+    (``PromptFormat.render`` with ``chat=False``: ``plain_template`` around one user turn as it is, or around
+    ``Role: content`` turns joined by blank lines), with the special tokens the tokenizer adds to plain text
+    written into it, since vLLM tokenizes a rendered chat without adding them. None where training used the
+    model's own template, which vLLM applies by default."""
+    if fmt.chat:
+        return None
+    marker = "\x00"
+    prefix, suffix = fmt.plain_template.format(prompt=marker).split(marker)
+    bare, full = tokenizer("x", add_special_tokens=False).input_ids, tokenizer("x").input_ids
+    start = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
+    head = tokenizer.decode(full[:start]) + prefix
+    tail = suffix + tokenizer.decode(full[start + len(bare):])
+    return ("{{ %s }}{%% if messages | length == 1 %%}{{ messages[0]['content'] }}{%% else %%}"
+            "{%% for m in messages %%}{%% if not loop.first %%}{{ '\\n\\n' }}{%% endif %%}"
+            "{{ (m['role'] | capitalize) + ': ' + m['content'] }}{%% endfor %%}{%% endif %%}{{ %s }}"
+            % (json.dumps(head), json.dumps(tail)))  # JSON strings are Jinja string literals
 
 
 def vllm_command(python: str, base: str, exports: dict[str, Path], rank: int, port: int, max_model_len: int,
