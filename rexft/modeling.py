@@ -116,13 +116,18 @@ def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
 _ONEDNN_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+def cpuinfo(field: str) -> str:
+    """A field of the first CPU in /proc/cpuinfo (Linux; "" elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field), "")
     except OSError:
-        return set()
+        return ""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is not)."""
+    return set(cpuinfo("flags").split())
 
 
 def native_bf16(device) -> bool:
@@ -152,12 +157,7 @@ def machine_summary(probe: bool = True) -> str:
         except PackageNotFoundError:
             return "-"
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpuinfo("model name") or platform.processor() or platform.machine()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     where = torch.cuda.get_device_name() if device == "cuda" else f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     line = (f"{where}; torch kernels {torch.backends.cpu.get_cpu_capability()}, native bf16 "

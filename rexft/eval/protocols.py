@@ -94,7 +94,11 @@ def new_text(tokenizer, tokens: list[int], stop) -> str:
     eos = tokenizer.eos_token_id
     if eos is not None and eos in tokens:
         tokens = tokens[: tokens.index(eos)]
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return cut_at_stops(tokenizer.decode(tokens, skip_special_tokens=True), stop)
+
+
+def cut_at_stops(text: str, stop) -> str:
+    """``text`` before the first of the ``stop`` strings."""
     for marker in stop:
         text = text.split(marker, 1)[0]
     return text

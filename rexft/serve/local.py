@@ -25,7 +25,7 @@ import torch
 from rexft.adapters import set_prior
 from rexft.eval.engine import RowState, generation_config
 from rexft.eval.pool import Feed, PoolEngine, device_profile
-from rexft.eval.protocols import new_text
+from rexft.eval.protocols import cut_at_stops, new_text
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +161,7 @@ class LocalBackend:
     def finish(self, tokens: list[int], job: Job) -> tuple[str, str]:
         """The row's text and OpenAI's finish_reason: "stop" (EOS or a stop string) or "length"."""
         tokens = tokens[: job.limit]
-        text = new_text(self.tokenizer, tokens, ())
+        whole = new_text(self.tokenizer, tokens, ())
         eos = self.tokenizer.eos_token_id
-        stopped = (eos is not None and eos in tokens) or any(s in text for s in job.stops)
-        for marker in job.stops:
-            text = text.split(marker, 1)[0]
-        return text, "stop" if stopped or len(tokens) < job.limit else "length"
+        stopped = (eos is not None and eos in tokens) or any(s in whole for s in job.stops)
+        return cut_at_stops(whole, job.stops), "stop" if stopped or len(tokens) < job.limit else "length"

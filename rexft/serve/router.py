@@ -16,7 +16,6 @@ route either way, so a deployment's routes can be compared with cluster-prior's 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -86,11 +85,12 @@ class Router:
 def prior_of_run(cfg: RunConfig) -> tuple[torch.Tensor, dict] | None:
     """(centroids (k, d), meta) that the run's adapter takes its prior from, else the run's prior/ (what
     merge-export's per-cluster grouping used), else None."""
+    from rexft.adapters import ADAPTER_CONFIG, read_adapter_config
     from rexft.prior import adapter_prior, load_prior
 
-    config_file = cfg.path / "adapter" / "adapter_config.json"
-    if config_file.is_file():
-        prior = adapter_prior(cfg.path / "adapter", json.loads(config_file.read_text()))
+    adapter_dir = cfg.path / "adapter"
+    if (adapter_dir / ADAPTER_CONFIG).is_file():
+        prior = adapter_prior(adapter_dir, read_adapter_config(adapter_dir))
         if prior is not None:
             return prior
     return load_prior(cfg.path) if (cfg.path / "prior" / "meta.json").is_file() else None

@@ -93,12 +93,13 @@ def build_service(cfg: RunConfig) -> Service:
     extra = list(settings.vllm_args)
     template = plain_chat_template(fmt, tokenizer)
     if template is not None:  # trained without the model's chat template: vLLM must render chats as training did
-        (folder / CHAT_TEMPLATE).write_text(template)
-        if settings.upstream:
-            log.warning("the run was trained without the model's chat template: start the upstream vLLM with "
-                        "--chat-template %s, or its chat requests will be formatted otherwise", folder / CHAT_TEMPLATE)
-        extra = ["--chat-template", str(folder / CHAT_TEMPLATE), *extra]
+        template_file = folder / CHAT_TEMPLATE
+        template_file.write_text(template)
+        extra = ["--chat-template", str(template_file), *extra]
     if settings.upstream:
+        if template is not None:
+            log.warning("the run was trained without the model's chat template: start the upstream vLLM with "
+                        "--chat-template %s, or its chat requests will be formatted otherwise", template_file)
         backend = VllmBackend(None, settings.upstream, None, settings.startup_timeout)
     else:
         import torch
