@@ -124,53 +124,79 @@ def _check_override(override: str) -> None:
         node, path = _child(node, part), path + [part]
 
 
-def compose(overrides: list[str]):
-    """Compose and validate; returns (typed RunConfig, resolved DictConfig)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    for override in overrides:
-        _check_override(override)
+def hydra_overrides(overrides: list[str], served: Path) -> tuple[list[str], Path | None]:
+    """The command line as Hydra overrides: ``recipe=NAME`` selects the ``recipes`` group, a recipe file is
+    served from ``served`` under a name no built-in recipe has, and a task spec's keys are added or
+    overridden (``++``: they may be absent from its YAML; the CLI checks spec keys itself).
+    Returns (overrides, the recipe file or None)."""
     import shutil
-    import tempfile
 
-    root = config_root()
-    # The dataclass schema is the base of configs/rexft.yaml's defaults list: every documented key
-    # exists (with its default) whatever group option is chosen, and Hydra type-checks while composing.
-    ConfigStore.instance().store(name="rexft_schema", node=RunConfig)
-    search, hydra_overrides, recipe_file = [f"file://{root}"], [], None
-    served = Path(tempfile.mkdtemp(prefix="rexft-recipe-"))  # a user's recipe file is served from here
+    search, out, recipe_file = [f"file://{config_root()}"], [], None
     for override in overrides:
         if not override.startswith("recipe="):
-            # a task spec's key may be absent from its YAML: add or override it (the CLI checks spec keys itself)
-            hydra_overrides.append(f"++{override}" if override.startswith("data.sources.") else override)
+            out.append(f"++{override}" if override.startswith("data.sources.") else override)
             continue
         recipe = override.split("=", 1)[1]
-        if recipe.endswith((".yaml", ".yml")):  # a path is a path: served under a name no built-in recipe has
+        if recipe.endswith((".yaml", ".yml")):
             recipe_file = Path(recipe).resolve()
             (served / "recipes" / USER_RECIPE).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(recipe, served / "recipes" / f"{USER_RECIPE}.yaml")
             search.append(f"file://{served}")
             recipe = USER_RECIPE
-        hydra_overrides.append(f"recipes={recipe}")
-    hydra_overrides.insert(0, f"hydra.searchpath=[{','.join(search)}]")
+        out.append(f"recipes={recipe}")
+    return [f"hydra.searchpath=[{','.join(search)}]", *out], recipe_file
+
+
+def compose(overrides: list[str]):
+    """Compose and validate; returns (typed RunConfig, resolved DictConfig)."""
+    import shutil
+    import tempfile
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    for override in overrides:
+        _check_override(override)
+    store_schema()
+    served = Path(tempfile.mkdtemp(prefix="rexft-recipe-"))  # a user's recipe file is served from here
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(root / "configs"), version_base=None):
-            composed = hydra_compose(config_name="rexft", overrides=hydra_overrides)
+        composed_overrides, recipe_file = hydra_overrides(overrides, served)
+        with initialize_config_dir(config_dir=str(config_root() / "configs"), version_base=None):
+            composed = hydra_compose(config_name="rexft", overrides=composed_overrides)
+    except ConfigError:
+        raise
     except Exception as err:  # Hydra's errors are multi-line and wrap OmegaConf's: name the key
-        cause = err.__cause__
-        key = getattr(cause, "full_key", None)
-        if key and cause is not None:
-            raise ConfigError(f"config key '{key}': {str(cause).strip().splitlines()[0]}") from None
-        raise ConfigError(str(err).strip().splitlines()[0]) from None
+        raise hydra_error(err) from None
     finally:
         shutil.rmtree(served, ignore_errors=True)
         GlobalHydra.instance().clear()
+    return typed_config(composed, recipe_file)
+
+
+def store_schema() -> None:
+    """The dataclass schema is the base of configs/rexft.yaml's defaults list: every documented key exists
+    (with its default) whatever group option is chosen, and Hydra type-checks while composing."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="rexft_schema", node=RunConfig)
+
+
+def hydra_error(err: Exception) -> ConfigError:
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    if key and cause is not None:
+        return ConfigError(f"config key '{key}': {str(cause).strip().splitlines()[0]}")
+    return ConfigError(str(err).strip().splitlines()[0])
+
+
+def typed_config(composed, recipe_file: Path | None = None):
+    """A composed config as the typed RunConfig, checked (types, task specs, choices, ranges, the rules
+    between keys): returns (typed RunConfig, resolved DictConfig)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         OmegaConf.set_struct(composed, False)
         schema = OmegaConf.structured(RunConfig)
@@ -375,21 +401,24 @@ def _check_cross_keys(cfg: RunConfig) -> None:
 def usage(command: str | None = None) -> str:
     lines = []
     if command is None:
-        lines += ["usage: rexft <command> [recipe=NAME] [group=option ...] [key=value ...] [--print-config]", "",
+        lines += ["usage: rexft <command> [-m] [recipe=NAME] [group=option ...] [key=value ...] [--print-config]", "",
                   "Multitask PEFT with mixtures of rank-one experts (T-REX, MoDE) and LoRA baselines.", "",
                   "commands:"]
         lines += [f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items()]
         lines += ["  eval compare   rexft eval compare RUN_DIR [RUN_DIR ...]: side-by-side table + bar chart"]
+        lines += ["  sweep report   rexft sweep report SWEEP_DIR: every job of a `-m` sweep, the best on the tuning split"]
         lines += ["  harness        rexft harness --model rexft --model_args run_dir=DIR --tasks rexft_harness ...: "
                   "lm-evaluation-harness (its own arguments) with rexft's model and task definitions"]
     else:
-        lines += [f"usage: rexft {command} [recipe=NAME] [group=option ...] [key=value ...] [--print-config]",
+        lines += [f"usage: rexft {command} [-m] [recipe=NAME] [group=option ...] [key=value ...] [--print-config]",
                   "", COMMANDS[command][1]]
     lines += ["", f"recipes:  {', '.join(options('recipe'))}"]
     lines += [f"{group + ':':<9} {', '.join(options(group))}" for group in GROUPS]
     lines += ["", "Keys are those of configs/rexft.yaml and its groups, e.g. trainer.lr=1e-4 data.local_dir=PATH.",
               "Every key, type, choice and range is checked before any work starts (an error is one line, exit 2).",
-              "--print-config prints the composed config and exits. Precedence: group < recipe < command line."]
+              "--print-config prints the composed config and exits. Precedence: group < recipe < command line.",
+              "-m / --multirun sweeps (Hydra's syntax: adapter=lora,trex trainer.lr=1e-4,1e-3; hydra/sweeper=optuna):",
+              "one run directory per job under runs/<name>/sweep-<id>/, finished jobs skipped when re-run."]
     return "\n".join(lines)
 
 
@@ -424,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "harness":  # lm-eval's own command line, not a Hydra config
         return _load("rexft.harness.run:main")(args)
+    if command == "sweep":
+        return _sweep_command(args)
     if command not in COMMANDS:
         hint = difflib.get_close_matches(command, COMMANDS, n=1)
         print(f"rexft: error: unknown command '{command}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
@@ -434,6 +465,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print_only = "--print-config" in args
     overrides = [a for a in args if a != "--print-config"]
+    if any(a in ("-m", "--multirun") for a in overrides):
+        from rexft.multirun import multirun
+
+        try:
+            return multirun(command, [a for a in overrides if a not in ("-m", "--multirun")])
+        except ConfigError as err:
+            print(f"rexft: error: {err}", file=sys.stderr)
+            return 2
     try:
         cfg, resolved = compose(overrides)
     except ConfigError as err:
@@ -446,17 +485,45 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from rexft.errors import RexftError
+
+    try:
+        run_command(command, cfg, OmegaConf.to_yaml(resolved))
+    except RexftError as err:
+        print(f"rexft: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_command(command: str, cfg: RunConfig, yaml_text: str) -> None:
+    """The command's stages (those it needs first, then itself), each after writing the resolved config; a
+    failure leaves the run directory's configs as they were."""
     from rexft.rundir import restored_on_error, save_resolved_config
 
     if command == "train" and prior_ablation(cfg):
         log.info("prior=none: the trex adapter trains without a cluster prior (adapter.use_prior=false, "
                  "the 'intuition' ablation)")
-    yaml_text = OmegaConf.to_yaml(resolved)
+    with restored_on_error(cfg.path):
+        for stage in _stages(command, cfg):
+            save_resolved_config(cfg, yaml_text, stage)
+            _stage(stage)(cfg)
+
+
+def _sweep_command(args: list[str]) -> int:
+    """``rexft sweep report DIR [--metric KEY]``: the table and plot of a sweep's jobs."""
+    from rexft.config import METRICS
+    from rexft.errors import RexftError
+    from rexft.sweep import sweep_report
+
+    if not args or args[0] != "report" or len(args) < 2 or args[1].startswith("-"):
+        print("usage: rexft sweep report SWEEP_DIR [--metric " + "|".join(("auto",) + tuple(METRICS)) + "]",
+              file=sys.stderr)
+        return 2
+    metric = args[args.index("--metric") + 1] if "--metric" in args[:-1] else "auto"
+    if metric not in ("auto",) + tuple(METRICS):
+        print(f"rexft: error: --metric '{metric}' is not one of auto, {', '.join(METRICS)}", file=sys.stderr)
+        return 2
     try:
-        with restored_on_error(cfg.path):
-            for stage in _stages(command, cfg):
-                save_resolved_config(cfg, yaml_text, stage)
-                _stage(stage)(cfg)
+        sweep_report(Path(args[1]), metric)
     except RexftError as err:
         print(f"rexft: error: {err}", file=sys.stderr)
         return 2

@@ -265,6 +265,10 @@ class DataConfig:
     no_train_split: str = one_of("split_validation", choices=("split_validation", "skip"))
     validation_train_fraction: float = bounded(0.5, gt=0, lt=1)
     packing: bool = False  # training only: several examples per row of max_length tokens (batch_size counts rows)
+    # The tuning split: this many of each held-in task's training rows (seeded by data.seed, never trained on,
+    # disjoint from the evaluation rows) that sweeps score to choose hyperparameters (eval.split=tuning), so
+    # that the rows a report shows are never the rows a setting was chosen on. 0: no tuning split.
+    tuning_per_task: int = bounded(0, ge=0)
     seed: int = bounded(0, ge=0)
 
 
@@ -368,6 +372,9 @@ class EvalConfig:
     # means the last block, so any integer is valid.
     routing_layer: int = unbounded(-1)
     output: str = "eval"  # sub-folder of run_dir for results
+    # validation: the reported held-out rows (held-in and unseen tasks) | tuning: the tuning split carved from
+    # training rows (data.tuning_per_task), what sweeps choose hyperparameters on
+    split: str = one_of("validation", choices=("validation", "tuning"))
 
 
 @dataclass
@@ -412,6 +419,24 @@ class ServeConfig:
     startup_timeout: float = bounded(600.0, gt=0)  # seconds for the supervised vLLM to become healthy
 
 
+METRICS = {  # a results.json key (rexft eval) -> the direction that is better
+    "mean_accuracy": "maximize", "mean_nll": "minimize", "mean_rouge_l": "maximize",
+    "mean_exact_match": "maximize", "mean_target_nll": "minimize",
+}
+
+
+@dataclass
+class SweepConfig:
+    """``rexft <command> -m key=a,b ...`` (Hydra's multirun): what each job runs and returns to the sweeper."""
+
+    # Run after the command in each job, on its trained adapter: tune (score the tuning split into
+    # run_dir/tuning/, the job's objective) and / or eval (the reported evaluation, run_dir/eval/)
+    then: list[str] = one_of(default_factory=lambda: ["tune"], choices=("tune", "eval"))
+    # The tuning split's metric a job returns (results.json key); auto: mean_rouge_l where the held-in tasks
+    # are generative, else mean_accuracy. Its direction (max or min) is METRICS's.
+    metric: str = one_of("auto", choices=("auto",) + tuple(METRICS))
+
+
 @dataclass
 class RunConfig:
     name: str = "default"  # recipes set it; run_dir defaults to runs/<name>
@@ -424,6 +449,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     @property
     def path(self) -> Path:

@@ -383,7 +383,7 @@ def percentile(values: list[int], q: float) -> int:
 
 
 def prepare_data(cfg: RunConfig) -> Path:
-    """``rexft data``: write data/{train,validation}.jsonl, the split record data/split.json (rexft/splits.py),
+    """``rexft data``: write data/{train,validation,tuning}.jsonl, the split record data/split.json (rexft/splits.py),
     data/stats.json and print the table."""
     from rexft.modeling import load_tokenizer
     from rexft.rundir import atomic_write_text, write_json, write_jsonl
@@ -400,8 +400,11 @@ def prepare_data(cfg: RunConfig) -> Path:
     stats = {"train_examples": sum(r is not None for r in encoded_train), "max_length": cfg.data.max_length,
              "template": "chat" if fmt.chat else "plain", "prompt_style": cfg.data.prompt_style,
              "tasks": task_stats(splits, unseen, train + evaluation, encoded_train + encoded_eval)}
+    tuning = [e for split in splits for e in split.tuning]
+    encoded_tuning = tokenize_examples(tuning, tokenizer, fmt, cfg.data.max_length, desc="tokenize tuning") if tuning else []
     kept = [e for e, r in zip(train, encoded_train) if r is not None]
-    record = split_record(cfg, splits, unseen, kept, [e for e, r in zip(evaluation, encoded_eval) if r is None])
+    record = split_record(cfg, splits, unseen, kept, [e for e, r in zip(evaluation, encoded_eval) if r is None],
+                          [e for e, r in zip(tuning, encoded_tuning) if r is None])
     empty = [s.task for s in splits + unseen if not s.eval]
     if empty:
         log.warning("no held-out rows for %s: eval reports these tasks as not scored", ", ".join(empty))
@@ -409,6 +412,7 @@ def prepare_data(cfg: RunConfig) -> Path:
     out = cfg.path / "data"
     write_jsonl(out / "train.jsonl", [e.to_dict() for e in kept])
     write_jsonl(out / "validation.jsonl", [e.to_dict() for e in evaluation])
+    write_jsonl(out / "tuning.jsonl", [e.to_dict() for e in tuning])
     write_json(record_path(cfg.path), record)
     write_json(out / "stats.json", stats)
     table = f"prompt style: {cfg.data.prompt_style}\n\n{stats_table(stats)}"
@@ -431,7 +435,7 @@ def task_stats(splits: list[TaskSplit], unseen: list[TaskSplit], examples: list[
         trained = len(pairs) - len(split.eval)  # a task's training examples come first in ``examples``
         stats[split.task] = {
             "source": split.source, "kind": split.kind, "unseen": split.task in unseen_tasks,
-            "train": sum(r is not None for r in rows[:trained]), "eval": len(split.eval),
+            "train": sum(r is not None for r in rows[:trained]), "eval": len(split.eval), "tuning": len(split.tuning),
             "train_source": split.train_source, "answers": split.answers,
             "tokens_p50": percentile(lengths, 50), "tokens_p90": percentile(lengths, 90),
             "tokens_p99": percentile(lengths, 99), "tokens_max": max(lengths, default=0),

@@ -2,11 +2,12 @@
 held-out rows (one fallback policy for a missing split: :func:`fallback_split`), mixed; and the run's frozen split, what ``rexft data`` trained on and held out, read by every later stage.
 
 ``rexft data`` writes, beside data/train.jsonl (the training mixture, the examples that fit data.max_length) and
-data/validation.jsonl (every evaluation example: held-in tasks' held-out rows, unseen tasks' rows),
+data/validation.jsonl (every evaluation example: held-in tasks' held-out rows, unseen tasks' rows), data/tuning.jsonl
+(the tuning split, data.tuning_per_task training rows per task that are never trained on: sweeps choose on it),
 
     data/split.json   the data settings it ran with; per task its source, kind, where its evaluation rows
-                      come from, the rows (0-based record ids) trained on, held out and not scored (too long
-                      for data.max_length); and the sha256 of every local file read
+                      come from, the rows (0-based record ids) trained on, held out, set aside for tuning and
+                      not scored (too long for data.max_length); and the sha256 of every local file read
 
 cluster-prior, train, eval and merge-export read these files, never the sources again: a source edited since
 is named in a warning and the recorded rows are used, so a row trained on is never scored as held out.
@@ -20,7 +21,7 @@ import json
 import logging
 import random
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rexft.config import DataConfig, RunConfig, TaskSpec
@@ -52,6 +53,7 @@ class TaskSplit:
     train_source: str  # where the train rows come from, in words (:func:`fallback_split`; "none": not trained on)
     source: str = ""  # the data.tasks entry it came from: a built-in task or a data.sources name
     answers: str = ""  # a choice source: how its answers were read (index, letter, text; "letter=text": both agreed)
+    tuning: list[Example] = field(default_factory=list)  # training rows set aside for sweeps (data.tuning_per_task)
 
     @property
     def kind(self) -> str:
@@ -117,6 +119,18 @@ def cap_examples(examples: list[Example], cap: int | None, seed: int, task: str)
     return [examples[i] for i in keep]
 
 
+def carve_tuning(examples: list[Example], cap: int | None, tuning: int, seed: int,
+                 task: str) -> tuple[list[Example], list[Example]]:
+    """(train, tuning) of a task's training rows: in one seeded order, the tuning split is the last ``tuning``
+    rows and training the first ``cap`` of the rest. With a pool of at least cap + tuning rows, training gets
+    the same rows as with no tuning split; a task keeps at least one training row."""
+    order = _seeded_order(len(examples), seed, task)
+    tuning = min(tuning, max(0, len(order) - 1))
+    rest, held = order[:len(order) - tuning], order[len(order) - tuning:]
+    return ([examples[i] for i in sorted(rest[:cap] if cap is not None else rest)],
+            [examples[i] for i in sorted(held)])
+
+
 def as_unseen(split: TaskSplit) -> TaskSplit:
     """A task never trained on is evaluated on all its rows, unless it has a validation split of its own."""
     if split.eval_from != "validation":
@@ -142,7 +156,11 @@ def build_splits(cfg: DataConfig, entries: list[str] | None = None, unseen: bool
                                  "rename one (a source's task column values are task names)")
             origin[split.task] = entry
             split = as_unseen(split) if unseen else split
-            split.train = cap_examples(split.train, caps[0], cfg.seed, split.task)
+            split.train, split.tuning = carve_tuning(split.train, caps[0], 0 if unseen else cfg.tuning_per_task,
+                                                     cfg.seed, split.task)
+            if len(split.tuning) < (0 if unseen else cfg.tuning_per_task) and split.train:
+                log.warning("%s has %d training rows: its tuning split keeps %d of data.tuning_per_task=%d",
+                            split.task, len(split.train) + len(split.tuning), len(split.tuning), cfg.tuning_per_task)
             split.eval = cap_examples(split.eval, caps[1], cfg.seed + 1, split.task)
             splits.append(split)
     return splits
@@ -214,22 +232,27 @@ def input_files(data: DataConfig, entries: list[str]) -> dict[str, dict]:
     return files
 
 
+def _rows_by_task(examples: list[Example]) -> dict[str, set[int]]:
+    rows: dict[str, set[int]] = {}
+    for example in examples:
+        rows.setdefault(example.task, set()).add(example.row)
+    return rows
+
+
 def split_record(cfg: RunConfig, splits: list[TaskSplit], unseen: list[TaskSplit], train: list[Example],
-                 not_scored: list[Example]) -> dict:
-    """The record ``rexft data`` writes: ``train`` is the kept mixture, ``not_scored`` the eval examples dropped."""
-    trained: dict[str, set[int]] = {}
-    for example in train:
-        trained.setdefault(example.task, set()).add(example.row)
-    dropped: dict[str, set[int]] = {}
-    for example in not_scored:
-        dropped.setdefault(example.task, set()).add(example.row)
+                 not_scored: list[Example], tuning_not_scored: list[Example] = ()) -> dict:
+    """The record ``rexft data`` writes: ``train`` is the kept mixture, ``not_scored`` the eval examples dropped
+    (``tuning_not_scored`` the tuning split's)."""
+    trained, dropped, tuning_dropped = _rows_by_task(train), _rows_by_task(not_scored), _rows_by_task(tuning_not_scored)
     tasks, unseen_tasks = {}, {s.task for s in unseen}
     for split in splits + unseen:
         tasks[split.task] = {"source": split.source, "kind": split.kind, "unseen": split.task in unseen_tasks,
                              "train_source": split.train_source, "eval_from": split.eval_from,
                              "train_rows": sorted(trained.get(split.task, ())),
                              "eval_rows": [e.row for e in split.eval],
-                             "not_scored": sorted(dropped.get(split.task, ()))}
+                             "not_scored": sorted(dropped.get(split.task, ())),
+                             "tuning_rows": [e.row for e in split.tuning],  # training rows, never trained on
+                             "tuning_not_scored": sorted(tuning_dropped.get(split.task, ()))}
     return {"version": VERSION, **data_settings(cfg), "files": input_files(cfg.data, cfg.data.tasks + cfg.eval.unseen_tasks),
             "tasks": tasks}
 
@@ -263,7 +286,9 @@ def read_record(cfg: RunConfig) -> dict:
 def differing_settings(record: dict, cfg: RunConfig) -> tuple[str, str] | None:
     """(key = value now, key = value recorded) of the first data setting that differs, else None."""
     now, then = data_settings(cfg), {"data": record.get("data", {}), "unseen_tasks": record.get("unseen_tasks", [])}
-    pairs = [(f"data.{k}", v, then["data"].get(k)) for k, v in now["data"].items()]
+    # a key added to DataConfig after the record was written reads as its default there
+    defaults = {f.name: f.default for f in DataConfig.__dataclass_fields__.values() if not callable(f.default_factory)}
+    pairs = [(f"data.{k}", v, then["data"].get(k, defaults.get(k))) for k, v in now["data"].items()]
     pairs.append(("eval.unseen_tasks", now["unseen_tasks"], then["unseen_tasks"]))
     for key, value, recorded in pairs:
         if value != recorded:
@@ -343,10 +368,29 @@ class EvalSet:
     unseen: set[str]
 
 
+def tuning_set(cfg: RunConfig, record: dict) -> EvalSet:
+    """eval.split=tuning: the held-in tasks' tuning rows (training rows never trained on), less those too long."""
+    if not any(entry.get("tuning_rows") for entry in record["tasks"].values()):
+        raise RexftError(f"eval.split=tuning: run directory {cfg.path} has no tuning split; set "
+                         "data.tuning_per_task=N (training rows per task set aside) and run `rexft data` again")
+    names = {s.task for s in select_splits(frozen_splits(cfg, record), cfg.eval.tasks)}
+    out = EvalSet([], [], sorted(names, key=list(record["tasks"]).index), {}, set())
+    for example in _examples(cfg.path / "data" / "tuning.jsonl"):
+        if example.task not in names:
+            continue
+        skipped = example.row in record["tasks"][example.task]["tuning_not_scored"]
+        (out.not_scored if skipped else out.examples).append(example)
+        out.sources[example.task] = "tuning rows held out from training"
+    return out
+
+
 def eval_set(cfg: RunConfig) -> EvalSet:
     """Held-in tasks (eval.tasks, or all of data.tasks) and unseen tasks (eval.unseen_tasks): the recorded
-    held-out rows, less those `rexft data` found too long (counted, not scored), capped at eval.limit."""
+    held-out rows, less those `rexft data` found too long (counted, not scored), capped at eval.limit.
+    With eval.split=tuning, the tuning split instead (:func:`tuning_set`)."""
     record = read_record(cfg)
+    if cfg.eval.split == "tuning":
+        return tuning_set(cfg, record)
     held = select_splits(frozen_splits(cfg, record), cfg.eval.tasks)
     unseen = frozen_splits(cfg, record, unseen=True)
     out = EvalSet([], [], [s.task for s in held + unseen], {}, {s.task for s in unseen})

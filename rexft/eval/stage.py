@@ -144,7 +144,9 @@ def evaluate(cfg: RunConfig) -> Path:
     shown = table if len(tasks) <= 30 else f"{summary_lines(results)}\n({len(tasks)} tasks: the per-task table is in {out / 'results.md'})"
     print(f"\n{description} — protocols {', '.join(protocols)}\n{shown}")
     held = sorted(t for t, s in sources.items() if s != "validation")
-    if held:
+    if cfg.eval.split == "tuning":
+        print("(the tuning split: training rows set aside by `rexft data`, never trained on, not the reported rows)")
+    elif held:
         listed = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "")
         print(f"(evaluated on rows held out from training for {listed}: the tasks have no separate split)")
     return out
