@@ -1,292 +1,297 @@
-"""Quality study on a real pretrained model: SmolLM2-135M-Instruct on the 14-task mixture, or on SNI.
+"""The quality study, tuned fairly: every method's lr chosen on the tuning split, then more seeds at that lr.
 
-    python scripts/quality_study.py --per-task 48 --eval-per-task 30 --out docs/quality_study_cpu.md
-    # the GPU study: --per-task 100000 --epochs 3 (all local train data)
-    python scripts/quality_study.py --benchmark sni --tasks 40 --per-task 8 --eval-per-task 3 \
-        --unseen-tasks 10 --unseen-per-task 4 --lr 1e-3 --out docs/quality_study_sni_cpu.md
-    # the SNI GPU study: --benchmark sni --tasks 120 --per-task 100 --eval-per-task 20 --unseen-tasks 30
-    #   --unseen-per-task 100 --epochs 3
+    python scripts/quality_study.py run --study sni          # resumable: re-run after a kill, finished jobs are skipped
+    python scripts/quality_study.py report --study sni       # docs/quality_study_sni_cpu.md from what has finished
+    python scripts/quality_study.py run --study cs14         # the 14-task mixture (recipe study-cs14)
 
-SNI (``--benchmark sni``, recipe demo-sni): the staged SNI training tasks (the first --tasks of 120),
-held-in evaluation on their validation instances and the unseen test tasks apart, by ROUGE-L, exact
-match and target NLL (mean nats per target token), with paired intervals per example like the
-accuracy study.
+Per method, through the real CLI (Hydra multirun, rexft/multirun.py):
 
-Every method is trained through the real CLI on the same examples, steps, sequence length and
-learning-rate budget (one value, --lr, for all), then evaluated on the same held-out validation
-examples (first_token protocol). The report gives per-task and mean accuracy with 95% Wilson intervals,
-the gold answer letter's NLL (far lower variance than accuracy at this size), trainable parameters,
-wall time, and paired 95% intervals for each method's difference to the base model and to LoRA: a
-difference is claimed only where its interval excludes zero.
+    rexft train -m recipe=R adapter=A trainer.lr=3e-4,1e-3,3e-3 hydra.sweep.dir=ROOT/A/tune    # seed 0
+    rexft train -m recipe=R adapter=A trainer.lr=<best on the tuning split> trainer.seed=1,2 hydra.sweep.dir=ROOT/A/seeds
+
+Each job trains, scores the tuning split (training rows never trained on: what the lr is chosen by) and then the
+reported held-in and unseen rows. The base model is evaluated once. ``run`` copies each finished job's small
+records (configs, metrics, results, predictions; not the weights) into docs/studies/<study>/, where ``report``
+reads them: the study can be reported, and resumed, from the repository alone.
+
+The report: per method the chosen lr and the tuning curve, held-in and unseen means over seeds, and paired
+differences against LoRA r=32 with 95% intervals from a bootstrap over tasks and, within each task, seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import platform
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-METHODS = {
-    "base (zero-shot)": None,
-    "lora r=32": ["adapter=lora", "prior=none"],
-    "trex 4x8 + prior": ["adapter=trex"],
-    "trex 4x8, no prior": ["adapter=trex", "adapter.use_prior=false"],
-    "mode 6x4": ["adapter=mode", "prior=none"],
-    "molora 4x8": ["adapter=molora", "prior=none"],
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+STUDIES = {
+    "sni": {"recipe": "study-sni", "doc": "docs/quality_study_sni_cpu.md", "metric": "mean_target_nll"},
+    "cs14": {"recipe": "study-cs14", "doc": "docs/quality_study_cpu.md", "metric": "mean_nll"},
 }
-
-
-SNI_METHODS = {
-    "base (zero-shot)": None,
-    "lora r=32": ["adapter=lora", "prior=none"],
-    "mode 6x4": ["adapter=mode_6x4", "prior=none"],
-    "molora 4x8": ["adapter=molora", "prior=none"],
-    "trex 4x8 + prior": ["adapter=trex", "prior=minilm"],
-    "trex 4x8, no prior": ["adapter=trex", "prior=none"],
+METHODS = {  # in the order they run: the comparisons that matter most finish first
+    "lora r=32": "lora",
+    "trex 4x8 + prior": "trex",
+    "mode 6x4": "mode_6x4",
+    "trex 4x8, no prior": "trex_noprior",
+    "molora 4x8": "molora",
+    "lora r=8": "lora_r8",
 }
+LRS = ("3e-4", "1e-3", "3e-3")
+SEEDS = ("1", "2")  # seed 0 is the tuning job at the chosen lr
+KEPT = ("sweep-job.json", "config.yaml", "config.train.yaml", "metrics.jsonl", "adapter/adapter_config.json",
+        "tuning/results.json", "tuning/predictions.jsonl", "eval/results.json", "eval/predictions.jsonl",
+        "data/stats.json")
 
 
-def rexft(*args: str) -> float:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "rexft", *args], check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+def rexft(*args: str) -> int:
+    print("+ rexft " + " ".join(args), file=sys.stderr, flush=True)
+    return subprocess.run([sys.executable, "-m", "rexft", *args], cwd=REPO).returncode
 
 
-def run_method(name: str, extra: list[str] | None, common: list[str], root: Path, shared_prior: Path,
-               wall: dict, params: dict, commands: list[str]) -> Path:
-    """Train and evaluate one method through the CLI (the base model: evaluate only), in its own run
-    directory with the shared prior; records wall time, trainable parameters and the commands."""
-    run_dir = root / name.split(" (")[0].replace(" ", "_").replace(",", "").replace("=", "").replace("+", "plus")
-    if extra is None:
-        command = ["eval", *common, f"run_dir={run_dir}", "eval.use_adapter=false"]
-        wall[name] = rexft(*command)
-        commands.append("rexft " + " ".join(command))
-        return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(run_dir / "prior", ignore_errors=True)
-    shutil.copytree(shared_prior / "prior", run_dir / "prior")
-    train = ["train", *common, *extra, f"run_dir={run_dir}"]
-    evaluate = ["eval", *common, *extra, f"run_dir={run_dir}"]
-    wall[name] = rexft(*train) + rexft(*evaluate)
-    commands += ["rexft " + " ".join(train), "rexft " + " ".join(evaluate)]
-    params[name] = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["parameters"]["trainable"]
-    return run_dir
+def collect(job_dir: Path, into: Path) -> None:
+    """The job's small records, copied under docs/studies/ (the weights stay in the run directory)."""
+    for name in KEPT:
+        if (job_dir / name).is_file():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(job_dir / name, into / name)
 
 
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a - b and the half-width of its 95% interval (normal approximation, paired by example)."""
-    d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / len(d)
-    var = sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1)
-    return mean, 1.96 * math.sqrt(var / len(d))
+def collect_sweep(sweep_dir: Path, into: Path) -> None:
+    for job in sorted(sweep_dir.glob("*/sweep-job.json")):
+        collect(job.parent, into / job.parent.name)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--per-task", type=int, default=48)
-    parser.add_argument("--eval-per-task", type=int, default=30)
-    parser.add_argument("--epochs", type=float, default=1)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--max-length", type=int, default=320)
-    parser.add_argument("--root", default="runs/quality")
-    parser.add_argument("--out", default="docs/quality_study_cpu.md")
-    parser.add_argument("--methods", nargs="*", default=None)
-    parser.add_argument("--benchmark", default="commonsense14", choices=["commonsense14", "sni"])
-    parser.add_argument("--tasks", type=int, default=40, help="sni: the first N of the 120 staged training tasks")
-    parser.add_argument("--unseen-tasks", type=int, default=10, help="sni: the first N of the 30 unseen test tasks")
-    parser.add_argument("--unseen-per-task", type=int, default=4)
-    args = parser.parse_args()
-    if args.benchmark == "sni":
-        return sni_study(args)
-    args.methods = args.methods or list(METHODS)
-    root = Path(args.root)
-    common = ["recipe=demo", f"data.train_per_task={args.per_task}", f"data.eval_per_task={args.eval_per_task}",
-              f"data.max_length={args.max_length}", f"trainer.epochs={args.epochs}", f"trainer.lr={args.lr}"]
-    shared_prior = root / "prior-source"
-    wall = {}
-    if not (shared_prior / "prior" / "meta.json").is_file():
-        wall["cluster-prior"] = rexft("cluster-prior", *common, f"run_dir={shared_prior}")
-    results, params, commands = {}, {}, []
-    for name in args.methods:
-        run_dir = run_method(name, METHODS[name], common, root, shared_prior, wall, params, commands)
-        results[name] = {
-            "summary": json.loads((run_dir / "eval" / "results.json").read_text()),
-            "predictions": [json.loads(l) for l in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()],
-        }
-        print(f"{name}: mean accuracy {results[name]['summary']['mean_accuracy']:.3f}, {wall[name]:.0f} s", file=sys.stderr)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(report(results, params, wall, commands, args))
-    print(Path(args.out).read_text())
+def chosen_lr(sweep_dir: Path, metric: str) -> str | None:
+    from rexft.sweep import best, sweep_jobs
+
+    jobs = sweep_jobs(sweep_dir, metric)
+    if any(j.status != "ok" or j.tuning is None for j in jobs) or len(jobs) < len(LRS):
+        return None
+    return best(jobs).params["trainer.lr"]
 
 
-def report(results, params, wall, commands, args) -> str:
-    names = list(results)
-    tasks = list(results[names[0]]["summary"]["tasks"])
-    n_eval = sum(t["n"] for t in results[names[0]]["summary"]["tasks"].values())
-    import os
+def run(args) -> None:
+    study = STUDIES[args.study]
+    root, docs = Path(args.root) / args.study, Path(args.docs) / args.study
+    recipe = [f"recipe={study['recipe']}", *args.override]
+    base = root / "base"
+    if not (base / "eval" / "results.json").is_file():
+        rexft("data", *recipe, f"run_dir={base}")
+        rexft("eval", *recipe, f"run_dir={base}", "eval.use_adapter=false")
+    collect(base, docs / "base")
+    for name in args.methods or METHODS:
+        adapter = METHODS[name]
+        started = time.perf_counter()
+        tune = root / adapter / "tune"
+        rexft("train", "-m", *recipe, f"adapter={adapter}", f"trainer.lr={','.join(LRS)}", f"hydra.sweep.dir={tune}")
+        collect_sweep(tune, docs / adapter / "tune")
+        lr = chosen_lr(tune, study["metric"])
+        if lr is None:
+            print(f"{name}: a tuning job did not finish; its seeds wait for the next run", file=sys.stderr)
+            continue
+        seeds = root / adapter / "seeds"
+        rexft("train", "-m", *recipe, f"adapter={adapter}", f"trainer.lr={lr}", f"trainer.seed={','.join(SEEDS)}",
+              f"hydra.sweep.dir={seeds}")
+        collect_sweep(seeds, docs / adapter / "seeds")
+        print(f"{name}: lr {lr} chosen on the tuning split; {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
-    import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    lines = ["# Quality study: SmolLM2-135M-Instruct on the 14-task mixture", "",
-             f"Machine: {platform.machine()}, {platform.system()}, {os.cpu_count()} cores, {device}. "
-             f"Budget: {args.per_task} training examples per task (fewer where a task has fewer), {args.epochs} epoch(s), "
-             f"sequence length <= {args.max_length}, batch 8, lr {args.lr} (the same single value for every method: "
-             f"a learning-rate search budget of one), seed 0. Evaluation: {n_eval} held-out validation examples "
-             f"({args.eval_per_task} per task; for tasks without a local train split, validation rows disjoint from the "
-             "training rows), protocol first_token (restricted argmax over option letters).", "",
-             "## Accuracy per task (95% Wilson interval in the mean row)", "",
-             "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for task in tasks:
-        lines.append(f"| {task} | " + " | ".join(f"{results[n]['summary']['tasks'][task]['accuracy']:.3f}" for n in names) + " |")
+# ------------------------------------------------------------------------------------------------- report
+def _read(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
 
-    def pooled(name):
-        preds = results[name]["predictions"]
-        correct = sum(p["predicted"] == p["gold"] for p in preds)
-        from rexft.metrics import wilson
 
-        low, high = wilson(correct, len(preds))
-        return f"{correct / len(preds):.3f} [{low:.3f}, {high:.3f}]"
+def _predictions(path: Path) -> dict[tuple, dict]:
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["task"], r["id"]): r for r in rows if "id" in r}
 
-    lines.append("| **macro mean** | " + " | ".join(f"**{results[n]['summary']['mean_accuracy']:.3f}**" for n in names) + " |")
-    lines.append("| pooled accuracy [95% CI] | " + " | ".join(pooled(n) for n in names) + " |")
-    lines += ["", "## Held-out answer NLL per task (nats per gold letter; lower is better)", "",
-              "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for task in tasks:
-        lines.append(f"| {task} | " + " | ".join(f"{results[n]['summary']['tasks'][task]['nll']:.3f}" for n in names) + " |")
-    lines.append("| **mean** | " + " | ".join(f"**{results[n]['summary']['mean_nll']:.3f}**" for n in names) + " |")
-    lines += ["", "## Differences, paired by example (95% interval); claimed only where the interval excludes 0", "",
-              "| method | vs | accuracy difference | NLL difference | claim |", "|---|---|---|---|---|"]
-    for name in names:
-        for peer in ("base (zero-shot)", "lora r=32"):
-            if name == peer or peer not in results or name == "base (zero-shot)":
+
+def method_runs(docs: Path, adapter: str, metric: str) -> dict:
+    """A method's tuning jobs (lr -> tuning metric) and its runs at the chosen lr (seed -> eval records)."""
+    tuning, runs, seconds = {}, {}, 0.0
+    for job in sorted((docs / adapter / "tune").glob("*/sweep-job.json")):
+        record = json.loads(job.read_text())
+        params = dict(o.split("=", 1) for o in record["overrides"])
+        seconds += sum(s["seconds"] for s in record["steps"].values())
+        results = _read(job.parent / "tuning" / "results.json")
+        if results is not None and all(s["status"] == "ok" for s in record["steps"].values()):
+            lr = next((g for g in LRS if float(g) == float(params["trainer.lr"])), params["trainer.lr"])
+            tuning[lr] = (results[metric], job.parent)
+    if len(tuning) < len(LRS):
+        return {"tuning": {lr: v for lr, (v, _) in tuning.items()}, "runs": {}, "seconds": seconds, "lr": None}
+    better = min if metric.endswith("nll") else max
+    lr = better(tuning, key=lambda k: tuning[k][0])
+    candidates = [("0", tuning[lr][1])] + [
+        (json.loads(j.read_text())["overrides"], j.parent) for j in sorted((docs / adapter / "seeds").glob("*/sweep-job.json"))]
+    for seed, job_dir in candidates:
+        if isinstance(seed, list):
+            seed = dict(o.split("=", 1) for o in seed).get("trainer.seed", "?")
+            seconds += sum(s["seconds"] for s in json.loads((job_dir / "sweep-job.json").read_text())["steps"].values())
+        results = _read(job_dir / "eval" / "results.json")
+        if results is not None:
+            metrics = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            runs[seed] = {"results": results, "predictions": _predictions(job_dir / "eval" / "predictions.jsonl"),
+                          "tokens_per_s": next((m["tokens_per_s"] for m in reversed(metrics) if "tokens_per_s" in m), None),
+                          "steps": max((m.get("step", 0) for m in metrics), default=0),
+                          "trainable": (_read(job_dir / "adapter" / "adapter_config.json") or {}).get("parameters", {}).get("trainable")}
+    return {"tuning": {k: v for k, (v, _) in tuning.items()}, "runs": runs, "seconds": seconds, "lr": lr}
+
+
+def paired_bootstrap(mine: dict, theirs: dict, field: str, tasks: list[str], resamples: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float] | None:
+    """Mean over tasks of the per-task mean difference (mine - theirs, paired by example and by seed index),
+    with a 95% percentile interval from resampling tasks and, within each task, seeds."""
+    import numpy as np
+
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return None
+    diffs = np.full((len(tasks), len(seeds)), np.nan)
+    for i, task in enumerate(tasks):
+        for j, s in enumerate(seeds):
+            pairs = [(r[field], theirs[s]["predictions"][key][field]) for key, r in mine[s]["predictions"].items()
+                     if key[0] == task and key in theirs[s]["predictions"] and r.get(field) is not None]
+            if pairs:
+                diffs[i, j] = sum(a - b for a, b in pairs) / len(pairs)
+    diffs = diffs[~np.isnan(diffs).any(1)]
+    if not len(diffs):
+        return None
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, len(diffs), size=(resamples, len(diffs)))
+    s = rng.integers(0, diffs.shape[1], size=(resamples, len(diffs), diffs.shape[1]))
+    means = np.take_along_axis(diffs[t], s, axis=2).mean(axis=(1, 2))
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diffs.mean()), float(low), float(high)
+
+
+def report(name: str, docs: Path, doc: Path) -> None:
+    import statistics
+
+    study = STUDIES[name]
+    metric = study["metric"]
+    generative = name == "sni"
+    fields = [("rouge_l", "ROUGE-L", "mean_rouge_l"), ("target_nll", "target NLL", "mean_target_nll")] if generative \
+        else [("correct", "accuracy", "mean_accuracy"), ("nll", "answer NLL", "mean_nll")]
+    methods = {m: method_runs(docs, a, metric) for m, a in METHODS.items() if (docs / a).is_dir()}
+    base = _read(docs / "base" / "eval" / "results.json")
+    base_runs = {"0": {"predictions": _predictions(docs / "base" / "eval" / "predictions.jsonl")}} if base else {}
+    for runs in [base_runs] + [m["runs"] for m in methods.values()]:
+        for run in runs.values():  # a choice row's correctness as a number, paired like ROUGE-L
+            for row in run["predictions"].values():
+                if "gold" in row:
+                    row["correct"] = float(row.get("predicted") == row["gold"])
+    lines = [f"Tuning metric: `{metric}` on the tuning split (lower is better for NLL); lr grid {', '.join(LRS)}; "
+             f"seeds 0 (the tuning run) and {', '.join(SEEDS)} at the chosen lr.", "",
+             "### Learning rate, chosen on the tuning split", "",
+             "| method | " + " | ".join(f"lr {lr}" for lr in LRS) + " | chosen |", "|---|" + "---|" * (len(LRS) + 1)]
+    for method, m in methods.items():
+        lines.append(f"| {method} | " + " | ".join(f"{m['tuning'][lr]:.4f}" if lr in m["tuning"] else "(running)" for lr in LRS)
+                     + f" | {m['lr'] or '-'} |")
+    head = [f"held-in {label}" for _, label, _ in fields] + [f"unseen {label}" for _, label, _ in fields]
+    lines += ["", "### Held-in and unseen tasks at the chosen lr (mean ± sd over seeds)", "",
+              "| method | seeds | " + " | ".join(head) + " | trainable | tokens/s | steps |", "|---|" + "---|" * (len(head) + 4)]
+
+    def cell(values, digits: int = 3):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        return f"{statistics.mean(values):.{digits}f}" + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
+
+    if base:
+        lines.append("| base (zero-shot) | - | " + " | ".join(
+            cell([base.get(prefix + key)]) for prefix in ("", "unseen_") for _, _, key in fields) + " | 0 | - | 0 |")
+    for method, m in methods.items():
+        runs = list(m["runs"].values())
+        if not runs:
+            continue
+        lines.append(f"| {method} | {len(runs)} | " + " | ".join(
+            cell([r["results"].get(prefix + key) for r in runs]) for prefix in ("", "unseen_") for _, _, key in fields)
+            + f" | {runs[0]['trainable']:,} | {cell([r['tokens_per_s'] for r in runs], 0)} | {runs[0]['steps']} |")
+    reference = methods.get("lora r=32", {}).get("runs", {})
+    lines += ["", "### Paired differences against LoRA r=32 (95% interval: bootstrap over tasks, and seeds within a task)",
+              "", "| method | tasks | " + " | ".join(f"Δ {label}" for _, label, _ in fields) + " | claim |", "|---|" + "---|" * (len(fields) + 2)]
+    for method, m in [("base (zero-shot)", {"runs": base_runs})] + list(methods.items()):
+        if method == "lora r=32" or not m["runs"] or not reference:
+            continue
+        mine = m["runs"] if method != "base (zero-shot)" else {s: base_runs["0"] for s in reference}
+        for unseen in (False, True):
+            results = next(iter(reference.values()))["results"]["tasks"]
+            tasks = [t for t, e in results.items() if e.get("unseen", False) == unseen and e.get("n")]
+            if not tasks:
                 continue
-            key = lambda p: (p["task"], p["id"])
-            mine = sorted(results[name]["predictions"], key=key)
-            theirs = sorted(results[peer]["predictions"], key=key)
-            acc, acc_ci = paired([float(p["predicted"] == p["gold"]) for p in mine], [float(p["predicted"] == p["gold"]) for p in theirs])
-            nll, nll_ci = paired([p["nll"] for p in mine], [p["nll"] for p in theirs])
-            claims = []
-            if abs(acc) > acc_ci:
-                claims.append(f"accuracy {'higher' if acc > 0 else 'lower'}")
-            if abs(nll) > nll_ci:
-                claims.append(f"NLL {'lower' if nll < 0 else 'higher'}")
-            lines.append(f"| {name} | {peer} | {acc:+.3f} ± {acc_ci:.3f} | {nll:+.3f} ± {nll_ci:.3f} | {', '.join(claims) or 'no significant difference'} |")
-    lines += ["", "## Cost", "", "| method | trainable parameters | wall time (train + eval) |", "|---|---|---|"]
-    for name in names:
-        lines.append(f"| {name} | {params.get(name, 0):,} | {wall[name]:.0f} s |")
-    if "cluster-prior" in wall:
-        lines.append(f"| (cluster-prior, shared) | - | {wall['cluster-prior']:.0f} s |")
-    lines += ["", "## Commands", "", "```bash", f"python scripts/quality_study.py --per-task {args.per_task} "
-              f"--eval-per-task {args.eval_per_task} --epochs {args.epochs} --lr {args.lr} --out {args.out}", "# which runs:"]
-    lines += commands + ["```", ""]
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------- SNI
-def sni_study(args) -> None:
-    from rexft.metrics import bootstrap_ci
-
-    methods = {name: SNI_METHODS[name] for name in (args.methods or SNI_METHODS)}
-    root = Path(args.root if args.root != "runs/quality" else "runs/quality-sni")
-    max_length = args.max_length if args.max_length != 320 else 768
-    common = ["recipe=demo-sni", f"data.sources.sni.max_tasks={args.tasks}", f"data.train_per_task={args.per_task}",
-              f"data.eval_per_task={args.eval_per_task}", f"data.sources.sni_test.max_tasks={args.unseen_tasks}",
-              f"data.sources.sni_test.eval_per_task={args.unseen_per_task}", f"data.max_length={max_length}",
-              f"trainer.epochs={args.epochs}", f"trainer.lr={args.lr}"]
-    shared_prior = root / "prior-source"
-    wall, results, params, commands = {}, {}, {}, []
-    if not (shared_prior / "prior" / "meta.json").is_file():
-        wall["cluster-prior"] = rexft("cluster-prior", *common, f"run_dir={shared_prior}")
-        commands.append("rexft " + " ".join(["cluster-prior", *common, f"run_dir={shared_prior}"]))
-    started = time.perf_counter()
-    for name, extra in methods.items():
-        run_dir = run_method(name, extra, common, root, shared_prior, wall, params, commands)
-        predictions = [json.loads(l) for l in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
-        results[name] = {"summary": json.loads((run_dir / "eval" / "results.json").read_text()),
-                         "predictions": {(p["task"], p["id"]): p for p in predictions if not p.get("dropped")}}
-        summary = results[name]["summary"]
-        print(f"{name}: held-in ROUGE-L {summary['mean_rouge_l']:.3f}, unseen {summary.get('unseen_mean_rouge_l', 0):.3f}, "
-              f"{wall[name]:.0f} s", file=sys.stderr)
-    total = time.perf_counter() - started + wall.get("cluster-prior", 0)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(sni_report(results, params, wall, commands, args, total, bootstrap_ci))
-    print(Path(args.out).read_text())
-
-
-def sni_report(results, params, wall, commands, args, total, bootstrap_ci) -> str:
-    import os
-
-    import torch
-
-    names = list(results)
-    first = results[names[0]]["summary"]
-    unseen = {t for t, e in first["tasks"].items() if e["unseen"]}
-    held = [t for t in first["tasks"] if t not in unseen]
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    n_held = sum(first["tasks"][t]["n"] for t in held)
-    n_unseen = sum(first["tasks"][t]["n"] for t in unseen)
-    lines = ["# SNI quality study: SmolLM2-135M-Instruct on Super-NaturalInstructions tasks", "",
-             f"Machine: {platform.machine()}, {platform.system()}, {os.cpu_count()} cores, {device}. Whole study: "
-             f"{total / 60:.0f} min. Budget, the same for every method: the first {args.tasks} of the 120 staged SNI training "
-             f"tasks (the staged file orders them round-robin over SNI categories), {args.per_task} training instances each, "
-             f"{args.epochs} epoch(s), batch 8, lr {args.lr} (one value for every method), sequence length <= 768 "
-             "(longer examples dropped), seed 0. Prompt: Tk-Instruct's (definition, input, output cue) in SmolLM2's chat "
-             f"template. Evaluation: greedy decoding, at most 32 new tokens; held-in: {n_held} validation instances of the "
-             f"training tasks ({args.eval_per_task} per task); unseen: {n_unseen} instances of the first {args.unseen_tasks} "
-             f"of SNI's 30 staged test tasks ({args.unseen_per_task} per task), never trained on (mixture adapters route "
-             "them with priors from the trained centroids).", "",
-             "Metrics: ROUGE-L (F, rouge-score with stemming, max over references), exact match (SQuAD normalisation), "
-             "target NLL (mean nats per target token under teacher forcing: the least noisy of the three at this size). "
-             "Macro means over tasks with 95% bootstrap intervals (resampling examples within tasks).", "",
-             "## Macro means", "",
-             "| method | held-in ROUGE-L [95% CI] | held-in EM | held-in target NLL | unseen ROUGE-L [95% CI] | unseen EM | unseen target NLL | trainable parameters | wall time |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name in names:
-        s = results[name]["summary"]
-        ci, uci = s["mean_rouge_l_ci95"], s.get("unseen_mean_rouge_l_ci95", [0, 0])
-        lines.append(f"| {name} | {s['mean_rouge_l']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {s['mean_exact_match']:.3f} | "
-                     f"{s['mean_target_nll']:.3f} | {s.get('unseen_mean_rouge_l', 0):.3f} [{uci[0]:.3f}, {uci[1]:.3f}] | "
-                     f"{s.get('unseen_mean_exact_match', 0):.3f} | {s.get('unseen_mean_target_nll', 0):.3f} | "
-                     f"{params.get(name, 0):,} | {wall[name]:.0f} s |")
-    lines += ["", "## Differences, paired by example (95% interval); claimed only where the interval excludes 0", "",
-              "| method | vs | split | ROUGE-L difference | EM difference | target NLL difference | claim |",
-              "|---|---|---|---|---|---|---|"]
-    for name in names:
-        for peer in ("base (zero-shot)", "lora r=32"):
-            if name == peer or peer not in results or name == "base (zero-shot)":
-                continue
-            for split, tasks in (("held-in", set(held)), ("unseen", unseen)):
-                keys = sorted(k for k in results[name]["predictions"] if k[0] in tasks and k in results[peer]["predictions"])
-                if not keys:
+            cells, claims = [], []
+            for field, label, _ in fields:
+                found = paired_bootstrap(mine, reference, field, tasks)
+                if found is None:
+                    cells.append("-")
                     continue
-                mine = [results[name]["predictions"][k] for k in keys]
-                theirs = [results[peer]["predictions"][k] for k in keys]
-                cells, claims = [], []
-                for metric, better in (("rouge_l", 1), ("exact_match", 1), ("target_nll", -1)):
-                    diff, half = paired([p[metric] for p in mine], [p[metric] for p in theirs])
-                    cells.append(f"{diff:+.3f} ± {half:.3f}")
-                    if abs(diff) > half:
-                        label = {"rouge_l": "ROUGE-L", "exact_match": "EM", "target_nll": "NLL"}[metric]
-                        claims.append(f"{label} {'better' if diff * better > 0 else 'worse'}")
-                lines.append(f"| {name} | {peer} | {split} | " + " | ".join(cells) + f" | {', '.join(claims) or 'no significant difference'} |")
-    lines += ["", "## Per task (ROUGE-L)", "", "<details><summary>every task, held-in then unseen</summary>", "",
-              "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for task in held + sorted(unseen):
-        cells = [f"{results[n]['summary']['tasks'][task].get('rouge_l', 0):.3f}" for n in names]
-        lines.append(f"| {task}{' (unseen)' if task in unseen else ''} | " + " | ".join(cells) + " |")
-    lines += ["", "</details>", "", "## Commands", "", "```bash",
-              f"python scripts/quality_study.py --benchmark sni --tasks {args.tasks} --per-task {args.per_task} "
-              f"--eval-per-task {args.eval_per_task} --unseen-tasks {args.unseen_tasks} --unseen-per-task {args.unseen_per_task} "
-              f"--epochs {args.epochs} --lr {args.lr} --out {args.out}", "# which runs:"]
-    lines += commands + ["```", ""]
-    return "\n".join(lines)
+                mean, low, high = found
+                cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+                if low > 0 or high < 0:
+                    good = (mean < 0) == label.endswith("NLL")
+                    claims.append(f"{label} {'better' if good else 'worse'}")
+            lines.append(f"| {method} ({'unseen' if unseen else 'held-in'}) | {len(tasks)} | " + " | ".join(cells)
+                         + f" | {', '.join(claims) or 'no difference shown'} |")
+    hours = sum(m["seconds"] for m in methods.values()) / 3600
+    lines += ["", f"CPU time of the finished jobs: {hours:.1f} h of wall time on 2 cores (train, tune and eval steps; "
+              "the base model's evaluation not included)."]
+    plot = tuning_plot(methods, metric, docs / "tuning.png")
+    if plot:
+        lines += ["", f"![tuning curves](studies/{name}/tuning.png)"]
+    text = doc.read_text() if doc.is_file() else "<!-- study:begin -->\n<!-- study:end -->\n"
+    start, end = text.index("<!-- study:begin -->"), text.index("<!-- study:end -->")
+    doc.write_text(text[:start] + "<!-- study:begin -->\n" + "\n".join(lines) + "\n" + text[end:])
+    print("\n".join(lines))
+
+
+def tuning_plot(methods: dict, metric: str, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {m: v["tuning"] for m, v in methods.items() if len(v["tuning"]) > 1}
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method, points in curves.items():
+        lrs = sorted(points, key=float)
+        ax.plot([float(lr) for lr in lrs], [points[lr] for lr in lrs], marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"tuning split: {metric}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("--study", choices=tuple(STUDIES), default="sni")
+    parser.add_argument("--root", default=os.environ.get("REXFT_STUDY_ROOT", str(REPO / "runs" / "study")),
+                        help="where the run directories go (the weights; docs/studies/ keeps the records)")
+    parser.add_argument("--methods", nargs="*", choices=tuple(METHODS), default=None)
+    parser.add_argument("--override", nargs="*", default=[], help="extra key=value for every command (smoke tests)")
+    parser.add_argument("--docs", default=str(REPO / "docs" / "studies"), help="where the jobs' records are kept")
+    parser.add_argument("--out", default=None, help="the report (default: the study's doc under docs/)")
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args)
+    else:
+        report(args.study, Path(args.docs) / args.study, Path(args.out or REPO / STUDIES[args.study]["doc"]))
 
 
 if __name__ == "__main__":
