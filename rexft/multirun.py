@@ -135,17 +135,34 @@ def _launch(command: str, recipe_file: Path | None, overrides: list[str]) -> Non
         sys.argv = argv
 
 
-def _step(job_dir: Path, name: str, merged, run, overrides: list[str]) -> None:
-    """One step of a job, skipped when it already finished with this config (less ``sweep``, which says what
-    runs after, not how); its outcome recorded."""
+def _digest(merged) -> str:
+    """What a step's record is checked against: the resolved config less ``sweep`` (which says what runs
+    after a step, not how it runs)."""
     from omegaconf import OmegaConf
 
-    from rexft.sweep import config_digest, describe_error, finished, record_step
+    from rexft.sweep import config_digest
 
-    digest = config_digest(OmegaConf.to_yaml(OmegaConf.masked_copy(merged, [k for k in merged if k != "sweep"])))
+    return config_digest(OmegaConf.to_yaml(OmegaConf.masked_copy(merged, [k for k in merged if k != "sweep"])))
+
+
+def _interrupted(job_dir: Path, name: str, merged) -> bool:
+    """The step started with this config and never finished (the process was killed)."""
+    from rexft.sweep import read_record
+
+    entry = read_record(job_dir)["steps"].get(name)
+    return bool(entry) and entry["status"] == "running" and entry["config"] == _digest(merged)
+
+
+def _step(job_dir: Path, name: str, merged, run, overrides: list[str]) -> None:
+    """One step of a job, skipped when it already finished with this config; its outcome recorded (``running``
+    while it runs, so a killed step is known as such)."""
+    from rexft.sweep import describe_error, finished, record_step
+
+    digest = _digest(merged)
     if finished(job_dir, name, digest):
         log.info("%s: %s already finished with this config, skipped", job_dir.name, name)
         return
+    record_step(job_dir, name, "running", digest, 0.0, overrides)
     start = time.perf_counter()
     try:
         run()
@@ -181,6 +198,12 @@ def job(command: str, composed, recipe_file: Path | None) -> float | None:
                               "(and data.tuning_per_task > 0)")
         adopt_shared(cfg, sweep_dir)
         yaml_text = OmegaConf.to_yaml(merged)
+        if command == "train" and _interrupted(job_dir, "train", merged):
+            from rexft.train import checkpoint_dirs
+
+            if checkpoint_dirs(cfg.path):
+                log.info("%s: training was interrupted; resuming from %s", job_dir.name, checkpoint_dirs(cfg.path)[-1])
+                cfg.trainer.resume = True
         _step(job_dir, command, merged, lambda: run_command(command, cfg, yaml_text), overrides)
         publish_shared(cfg, sweep_dir)
         if command == "train":

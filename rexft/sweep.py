@@ -9,13 +9,14 @@ values, each job in a run directory of its own under one sweep directory; what e
       <key=value,...>/                   one job, named by its swept values: a run directory (config.yaml,
                                          data/, prior/, adapter/, tuning/, eval/, metrics.jsonl ...)
         .hydra/                          Hydra's composed config and overrides of the job
-        sweep-job.json                   per step (the command, then sweep.then's tune / eval): status ok or
-                                         failed, the config it ran with (sha256), seconds, the error
+        sweep-job.json                   per step (the command, then sweep.then's tune / eval): status (running,
+                                         ok, failed), the config it ran with (sha256), seconds, the error
       sweep.{md,json,png}                ``rexft sweep report``: every job's parameters, tuning metric, eval
                                          metric, tokens/s and trainable parameters; the metric against the lr
 
 A job's steps are skipped when its record says they finished with the same resolved config, so re-running
-a killed sweep does only what is left. A step that fails is recorded with its error and the sweep goes on.
+a killed sweep does only what is left; a training step that was killed resumes from its newest checkpoint
+(trainer.save_every). A step that fails is recorded with its error and the sweep goes on.
 
 The objective a job returns to the sweeper (Optuna's value; the report's "tuning" column) is ``sweep.metric``
 on the tuning split (``data.tuning_per_task`` training rows never trained on), never on the rows that get
@@ -153,7 +154,7 @@ def objective(cfg: RunConfig) -> float | None:
 class Job:
     name: str
     params: dict[str, str]
-    status: str  # ok | failed | running (no record of its last step)
+    status: str  # ok | failed | running (a step started and has not finished: running now, or killed)
     tuning: float | None
     eval: float | None
     metric: str
@@ -171,6 +172,7 @@ def read_job(job_dir: Path, metric: str = "auto") -> Job:
     record = read_record(job_dir)
     steps = record["steps"]
     failed = next((s for s in steps.values() if s["status"] == "failed"), None)
+    running = any(s["status"] == "running" for s in steps.values())
     tuning, evaluated = _results(job_dir / TUNING_OUTPUT / "results.json"), _results(job_dir / "eval" / "results.json")
     key = metric_key(metric, tuning or evaluated)
     metrics = read_jsonl(job_dir / "metrics.jsonl") if (job_dir / "metrics.jsonl").is_file() else []
@@ -178,7 +180,7 @@ def read_job(job_dir: Path, metric: str = "auto") -> Job:
     adapter = job_dir / "adapter" / "adapter_config.json"
     trainable = json.loads(adapter.read_text()).get("parameters", {}).get("trainable") if adapter.is_file() else None
     params = dict(o.split("=", 1) for o in record.get("overrides", []) if "=" in o)
-    return Job(job_dir.name, params, "failed" if failed else ("ok" if steps else "running"), tuning.get(key),
+    return Job(job_dir.name, params, "failed" if failed else ("running" if running or not steps else "ok"), tuning.get(key),
                evaluated.get(key), key, speeds[-1] if speeds else None, trainable,
                sum(s["seconds"] for s in steps.values()), failed.get("error") if failed else None)
 

@@ -178,3 +178,30 @@ def test_submitit_slurm_launcher_composes_with_rexfts_config():
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 8, 720)
     assert composed.adapter.type == "lora"
+
+
+def test_a_killed_job_resumes_from_its_checkpoint(tmp_path, data_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    sweep = tmp_path / "killed"
+    args = ["train", "-m", *[a for a in SMALL if not a.startswith("trainer.max_steps")], "trainer.max_steps=12",
+            "trainer.save_every=2", "adapter=lora", f"hydra.sweep.dir={sweep}"]
+    process = subprocess.Popen([sys.executable, "-m", "rexft", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    job = sweep / "job"  # nothing swept: one job
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((job / "checkpoints").glob("step-*"))) < 1:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert list((job / "checkpoints").glob("step-*")), "no checkpoint appeared within 300 s: nothing to resume from"
+    assert steps(job)["train"]["status"] == "running"  # killed mid-step: the record says so
+    result = run_cli(*args)
+    assert "job: training was interrupted; resuming from" in result.stdout + result.stderr
+    assert [json.loads(line)["step"] for line in (job / "metrics.jsonl").read_text().splitlines()] == list(range(1, 13))
+    assert steps(job)["train"]["status"] == "ok" and steps(job)["tune"]["status"] == "ok"
