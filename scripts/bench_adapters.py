@@ -1,11 +1,18 @@
-"""Training throughput and memory of rexft adapters against PEFT LoRA, side by side in one run.
+"""Training throughput and memory of rexft adapters against PEFT LoRA and against the limit, in one run.
 
+    python scripts/bench_adapters.py --shape smollm2          # SmolLM2-135M's shape (30 layers, hidden 576)
+    python scripts/bench_adapters.py --shape 7b --seq 128     # a 7B-like shape: hidden 4096, 2 layers
     python scripts/bench_adapters.py [--hidden 1024 --layers 4 --seq 256 --batch 4 --steps 6 --rounds 3]
 
 One random LLaMA (built in-process, no download), one batch shape, every method timed for a full
 training step (forward, backward, AdamW) in its own subprocess, so peak memory (RSS on CPU, CUDA peak on
 GPU) is per method; methods are interleaved over rounds and the median is kept, since absolute times on
 shared machines drift. Prints tokens/s, ms/step, peak memory and ratios to the PEFT peer.
+
+The limit (``frozen``): the same model with no adapter at all, forward and backward with every weight
+frozen and only the input embeddings requiring grad. That is the cost every adapter method must pay (the
+backward through the frozen base for the activations' gradients); each method's tokens/s is also given as
+a fraction of it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from rexft.modeling import machine_summary
 
 METHODS = {
     # name: (adapter config or PEFT rank, peer)
+    "frozen": ({"frozen": True}, None),
     "peft-lora-r8": ({"peft_r": 8}, None),
     "rexft-lora-r8": ({"type": "lora", "r": 8, "alpha": 16}, "peft-lora-r8"),
     "peft-lora-r32": ({"peft_r": 32}, None),
@@ -31,6 +39,10 @@ METHODS = {
     "molora-4x8": ({"type": "molora", "r": 8, "num_experts": 4}, "peft-lora-r32"),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {  # --shape: LLaMA configs (hidden, intermediate, layers, heads, kv heads, vocab)
+    "smollm2": (576, 1536, 30, 9, 3, 49152),  # SmolLM2-135M, the demo's model
+    "7b": (4096, 11008, 2, 32, 32, 32000),    # LLaMA-2-7B's blocks, 2 of its 32
+}
 
 
 def measure(method: str, args) -> dict:
@@ -42,12 +54,17 @@ def measure(method: str, args) -> dict:
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=args.hidden // 64)
+    hidden, intermediate, layers, heads, kv, vocab = SHAPES[args.shape] if args.shape else (
+        args.hidden, args.hidden * 8 // 3, args.layers, args.hidden // 64, args.hidden // 64, args.vocab)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv)
     model = LlamaForCausalLM(config).to(device)
+    args.vocab = vocab
     spec, _ = METHODS[method]
-    if "peft_r" in spec:
+    if "frozen" in spec:  # the limit: no adapter, gradients for the activations only
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+    elif "peft_r" in spec:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=spec["peft_r"], lora_alpha=2 * spec["peft_r"], lora_dropout=args.dropout,
@@ -56,7 +73,7 @@ def measure(method: str, args) -> dict:
         rexft.inject_adapters(model, {**spec, "dropout": args.dropout})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     prior = torch.rand(args.batch, 32, device=device)
     rexft.set_prior(model, prior)
@@ -64,8 +81,9 @@ def measure(method: str, args) -> dict:
     def step():
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     for _ in range(2):
         step()
@@ -86,6 +104,7 @@ def measure(method: str, args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=tuple(SHAPES), default=None, help="a named model shape (else --hidden, --layers, --vocab)")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
@@ -102,6 +121,7 @@ def main():
         return
     print(machine_summary(), flush=True)  # what the figures below depend on
     passthrough = [f"--{k}={getattr(args, k)}" for k in ("hidden", "layers", "vocab", "seq", "batch", "steps", "dropout")]
+    passthrough += [f"--shape={args.shape}"] if args.shape else []
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
     for round_index in range(args.rounds):
         for method in args.methods:
@@ -114,10 +134,12 @@ def main():
         ms = statistics.median(r["ms_per_step"] for r in results)
         summary[method] = {"ms": ms, "tok_s": tokens / ms * 1000, "peak": max(r["peak_mib"] for r in results),
                            "trainable": results[0]["trainable"], "device": results[0]["device"]}
-    print(f"\nLLaMA hidden={args.hidden} layers={args.layers} vocab={args.vocab}, batch {args.batch} x seq {args.seq}, dropout {args.dropout}, "
+    shape = f"shape {args.shape} {SHAPES[args.shape]}" if args.shape else f"LLaMA hidden={args.hidden} layers={args.layers} vocab={args.vocab}"
+    print(f"\n{shape}, batch {args.batch} x seq {args.seq}, dropout {args.dropout}, "
           f"median of {args.rounds} rounds x {args.steps} steps, device {summary[args.methods[0]]['device']}\n")
-    print("| method | trainable | ms/step | tokens/s | peak MiB | peer | throughput vs peer | memory vs peer |")
-    print("|---|---|---|---|---|---|---|---|")
+    limit = summary.get("frozen")
+    print("| method | trainable | ms/step | tokens/s | of the limit | peak MiB | peer | throughput vs peer | memory vs peer |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for method, s in summary.items():
         peer = METHODS[method][1]
         if peer in summary:
@@ -125,7 +147,8 @@ def main():
             ratios = f"{peer} | {s['tok_s'] / p['tok_s']:.2f}x | {s['peak'] / p['peak']:.2f}x"
         else:
             ratios = "- | - | -"
-        print(f"| {method} | {s['trainable']:,} | {s['ms']:.0f} | {s['tok_s']:.0f} | {s['peak']:.0f} | {ratios} |")
+        fraction = f"{s['tok_s'] / limit['tok_s']:.2f}" if limit else "-"
+        print(f"| {method} | {s['trainable']:,} | {s['ms']:.0f} | {s['tok_s']:.0f} | {fraction} | {s['peak']:.0f} | {ratios} |")
 
 
 if __name__ == "__main__":
