@@ -98,11 +98,25 @@ def test_sweep_report_tables_every_job_and_picks_the_best_on_the_tuning_split(sw
     jobs = {j["name"]: j for j in json.loads((path / "sweep.json").read_text())}
     lora = jobs["adapter=lora,trainer.lr=0.003"]
     results = json.loads((path / "adapter=lora,trainer.lr=0.003" / "tuning" / "results.json").read_text())
-    assert lora["tuning"] == results["mean_accuracy"] and lora["eval"] is None  # no eval step: never guessed
+    evaluated = path / "adapter=lora,trainer.lr=0.003" / "eval" / "results.json"  # only once `rexft eval -m` ran
+    assert lora["tuning"] == results["mean_accuracy"]
+    assert lora["eval"] == (json.loads(evaluated.read_text())["mean_accuracy"] if evaluated.is_file() else None)
     assert lora["trainable"] > 0 and lora["tokens_per_s"] > 0
     best = next(row for row in rows if "(best)" in row).split()[1]  # "| NAME **(best)** | ..."
     scored = {n: j["tuning"] for n, j in jobs.items() if j["tuning"] is not None}
     assert max(scored.values()) == scored[best]
+
+
+def test_every_command_sweeps_over_the_same_job_directories(sweep):
+    """`rexft eval -m` with the train sweep's overrides evaluates each trained job where it lies."""
+    path, _, _ = sweep
+    result = run_cli("eval", "-m", *SMALL, "adapter=lora,trex", "trainer.lr=3e-3,-1", f"hydra.sweep.dir={path}",
+                     check=False)
+    assert result.returncode == 1  # the out-of-range lr fails again
+    for name in ("adapter=lora,trainer.lr=0.003", "adapter=trex,trainer.lr=0.003"):
+        job = job_dirs(path)[name]
+        results = json.loads((job / "eval" / "results.json").read_text())
+        assert results["model"] == f"adapter {job / 'adapter'}" and steps(job)["eval"]["status"] == "ok"
 
 
 def test_the_tuning_split_is_disjoint_from_training_and_evaluation(sweep):
