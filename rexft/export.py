@@ -33,12 +33,13 @@ from pathlib import Path
 import torch
 
 from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior
+from rexft.adapters.base import TokenLayout
 from rexft.eval.pool import (batch_openings, forward_rests, prefill_prefixes, shared_prefix_lengths,
                              shared_prefix_order)
 from rexft.config import RunConfig
 from rexft.data import PromptFormat, encode_prompt
 from rexft.errors import RexftError
-from rexft.modeling import compute_dtype, load_model, load_tokenizer, torch_dtype
+from rexft.modeling import compute_dtype, load_model, load_tokenizer, model_fingerprint, torch_dtype
 from rexft.rundir import folder_name
 
 log = logging.getLogger(__name__)
@@ -179,20 +180,25 @@ class GroupedLoRA(torch.nn.Module):
     Each group present runs its two thin matmuls on its own rows (a batch keeps a task's rows together, so
     most batches hold one group), added in place into the base output."""
 
-    def __init__(self, base: torch.nn.Module, A: torch.Tensor, B: torch.Tensor):
+    def __init__(self, base: torch.nn.Module, A: torch.Tensor, B: torch.Tensor, layout: TokenLayout | None = None,
+                 name: str = "GroupedLoRA"):
         super().__init__()
         self.base = base
         self.A, self.B = A, B  # (G, r, in), (G, out, r)
+        self.layout, self.name = layout or TokenLayout(), name  # the model's token grid (b, s): rows of x
         self.groups: torch.Tensor | None = None  # (b,) group index of each row
         self.members: list[tuple[int, torch.Tensor | None]] = []  # (group, its rows; None: every row)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
-        members = self.members
-        if self.groups.shape[0] != x.shape[0]:  # generate() with beams repeats rows
-            members = group_members(self.groups.repeat_interleave(x.shape[0] // self.groups.shape[0]))
         if not out.is_contiguous():
             out = out.contiguous()
+        members = self.members
+        if len(members) > 1:  # rows of different groups: x seen in the batch's (b, s) grid, whatever its layout
+            x = self.layout.view(x, self.name, "its rows belong to different exports")  # (b, s, in)
+            if self.groups.shape[0] != x.shape[0]:  # generate() with beams repeats rows
+                members = group_members(self.groups.repeat_interleave(x.shape[0] // self.groups.shape[0]))
+        whole, out = out, out.view(*x.shape[:-1], out.shape[-1])  # (b, s, out) when x was flattened
         for group, rows in members:
             part = x if rows is None else x.index_select(0, rows)
             z = torch.nn.functional.linear(part.to(self.A.dtype), self.A[group])  # (n, s, r)
@@ -201,7 +207,7 @@ class GroupedLoRA(torch.nn.Module):
                 out.add_(delta)
             else:
                 out.index_add_(0, rows, delta)
-        return out
+        return whole
 
 
 def group_members(groups: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
@@ -218,7 +224,7 @@ def stack_static_factors(model: torch.nn.Module, per_group: list[dict]) -> list[
     for name, layer in list(adapter_layers(model).items()):
         A = torch.stack([factors[name][0] for factors in per_group]).float()
         B = torch.stack([factors[name][1] for factors in per_group]).float()
-        module = GroupedLoRA(layer.base, A, B)
+        module = GroupedLoRA(layer.base, A, B, layer.layout, name)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
         grouped.append(module)

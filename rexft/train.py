@@ -352,7 +352,7 @@ class Trainer:
             batch = {k: v.to(accelerator.device) for k, v in self.collate(batch_rows, self.pad_id).items()}
             set_prior(model, batch.pop("prior", None))
             token_mask = batch.pop("token_mask", None)
-            set_token_mask(model, token_mask if token_mask is not None else batch["attention_mask"])
+            set_token_mask(model, token_mask if token_mask is not None else batch["attention_mask"], batch.pop("example_ids", None))
             with accelerator.accumulate(model):
                 try:
                     summed = self._backward(batch, step_tokens)

@@ -5,6 +5,8 @@ The adapter types are the modules of this folder (lora.py, molora.py, hydralora.
 
     inject_adapters(model, adapter_cfg) -> model    wrap every matching nn.Linear; freeze the rest
     set_prior(model, prior)                         (b, k) or (b, s, k) cluster similarities for this batch
+    set_token_mask(model, mask[, examples])         which tokens count in routing statistics (and, for
+                                                    packed rows, which example each token belongs to)
     adapter_state_dict(model) -> dict               the rex_* tensors
     save_adapter(model, dir) / load_adapter(model, dir)
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from rexft.adapters.base import AdapterLinear, is_adapter_param
+from rexft.adapters.base import AdapterLinear, TokenLayout, is_adapter_param
 from rexft.config import AdapterConfig, adapter_config_from, adapter_types
 from rexft.errors import RexftError
 
@@ -70,11 +72,14 @@ def inject_adapters(model: nn.Module, adapter_cfg: AdapterConfig | dict) -> nn.M
         raise RexftError(f"adapter.target_modules {cfg.target_modules} matched no nn.Linear in {type(model).__name__}")
     for param in model.parameters():
         param.requires_grad_(False)
+    layout = TokenLayout()  # every forward records its (b, s) token grid for the adapters (see base.py)
+    model.register_forward_pre_hook(layout.record, with_kwargs=True)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
         layer = cls(base, cfg).train(model.training)  # new modules would otherwise start in training mode
+        layer.layout, layer.name = layout, name
         device = next((p.device for p in base.parameters() if p.device.type != "meta"), None)
         if device is not None:  # adapter weights live beside their base (device_map, 4-bit on GPU)
             for pname, param in layer.named_parameters():
@@ -93,10 +98,14 @@ def set_prior(model: nn.Module, prior: torch.Tensor | None) -> None:
         layer.prior = prior
 
 
-def set_token_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
-    """Which tokens count in routing statistics (the attention mask)."""
+def set_token_mask(model: nn.Module, mask: torch.Tensor | None, examples: torch.Tensor | None = None) -> None:
+    """Which tokens count in routing statistics: ``mask`` (b, s), 1 on real tokens (the attention mask).
+    ``examples`` (b, s), for packed rows: the index in the batch of each token's example, -1 on padding;
+    per-example routing statistics then average over each example's tokens, not over each row's."""
+    token_examples = None if examples is None else (examples, int(examples.max()) + 1)
     for layer in adapter_layers(model).values():
         layer.token_mask = mask
+        layer.token_examples = token_examples
 
 
 @contextmanager
