@@ -46,15 +46,36 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLinear)}
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose forward is a linear map: nn.Linear itself, a library's drop-in (bitsandbytes'
+    4-bit linear), or a model's own subclass whose forward gives one (out,) tensor per token (Falcon's
+    FalconLinear), tried once on one token. PhiMoE's router is an nn.Linear subclass whose forward returns
+    (logits, weights, experts): not a layer to adapt."""
+    if not isinstance(module, nn.Linear):
+        return False
+    if type(module).forward is nn.Linear.forward or not type(module).__module__.startswith("transformers.models."):
+        return True
+    weight = module.weight
+    if weight.device.type == "meta" or weight.numel() == 0:
+        return False
+    try:
+        with torch.no_grad():
+            out = module(weight.new_zeros(1, module.in_features))
+    except Exception:  # noqa: BLE001 - any failure means it is not a drop-in linear
+        return False
+    return torch.is_tensor(out) and out.shape == (1, module.out_features)
+
+
 def target_names(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Names of the linear layers that ``target_modules`` matches and ``exclude_modules`` does not.
-    The output embedding (lm_head, GPT-NeoX's embed_out, ...) is never a target."""
+    The output embedding (lm_head, GPT-NeoX's embed_out, ...) is never a target, nor a model's nn.Linear
+    subclass whose forward is not a linear map (``is_plain_linear``)."""
     targets = [re.compile(p) for p in cfg.target_modules]
     excludes = [re.compile(p) for p in cfg.exclude_modules]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not name or is_adapter_param(name) or module is head:
+        if not is_plain_linear(module) or not name or is_adapter_param(name) or module is head:
             continue
         if any(p.search(name) for p in targets) and not any(p.search(name) for p in excludes):
             names.append(name)
@@ -163,6 +184,38 @@ def format_parameter_report(report: dict) -> str:
     lines.append(f"  {'total':<14} {report['trainable']:>12,}   "
                  f"({report['ratio_vs_lora_r32']:.1%} of LoRA r=32 = {report['lora_r32']:,} on the same targets)")
     return "trainable adapter parameters:\n" + "\n".join(lines)
+
+
+# What a fused projection of today's decoders holds: one adapter on it covers these together.
+FUSED = {"qkv_proj": "q, k and v", "query_key_value": "q, k and v", "c_attn": "q, k and v", "W_pack": "q, k and v",
+         "Wqkv": "q, k and v", "kv_proj": "k and v", "gate_up_proj": "gate and up"}
+
+
+def format_targets(model: nn.Module) -> str:
+    """The wrapped modules grouped by name (block numbers as *), each with its shape and count, fused
+    projections said to be one adapter; then the linear layers not wrapped and why."""
+    groups: dict[str, list[AdapterLinear]] = {}
+    for name, layer in adapter_layers(model).items():
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(layer)
+    width = max(map(len, groups), default=0)
+    lines = [f"adapters on {sum(map(len, groups.values()))} linear layers, by name:"]
+    for pattern, layers in groups.items():
+        fused = FUSED.get(pattern.rsplit(".", 1)[-1])
+        line = f"  {pattern:<{width}}  x{len(layers):<3} {layers[0].in_features:>6} -> {layers[0].out_features:<6}"
+        lines.append((line + f"  fused: one adapter for {fused} together" if fused else line).rstrip())
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skipped: dict[str, list[str]] = {}
+    wrapped = {id(layer.base) for layers in groups.values() for layer in layers}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and id(module) not in wrapped and not is_adapter_param(name):
+            why = ("the output embedding" if module is head else
+                   f"{type(module).__name__}: its forward is not a linear map" if not is_plain_linear(module) else
+                   "not in adapter.target_modules, or in adapter.exclude_modules")
+            skipped.setdefault(why, []).append(re.sub(r"\.\d+\.", ".*.", name))
+    for why, names in skipped.items():
+        lines.append(f"  not wrapped ({why}): {', '.join(sorted(set(names)))}")
+    lines.append("  (leave a module out by name: adapter.exclude_modules='[lm_head,qkv_proj]', regular expressions)")
+    return "\n".join(lines)
 
 
 def save_adapter(model: nn.Module, directory: str | Path, state_dict: dict | None = None, metadata: dict | None = None) -> Path:
