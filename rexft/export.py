@@ -92,6 +92,20 @@ def vllm_refusal(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str |
     return None
 
 
+# Architectures whose LoRA adapters vLLM cannot load, as vLLM 0.32.0 reports them (its model registry and
+# supports_lora); tests/test_architectures.py checks the table against the vLLM scripts/setup_vllm.sh installs.
+VLLM_WITHOUT_LORA = {
+    "FalconForCausalLM": "vLLM's Falcon model has no LoRA support",
+    "PhimoeForCausalLM": "vLLM registers Phi-3.5-MoE as PhiMoEForCausalLM, not transformers' PhimoeForCausalLM",
+}
+
+
+def vllm_architecture_note(architecture: str | None) -> str | None:
+    """Why vLLM could not load a LoRA adapter of this base architecture (None: it can, or it is not known not to)."""
+    reason = VLLM_WITHOUT_LORA.get(architecture or "")
+    return None if reason is None else f"vLLM cannot load LoRA adapters on {architecture} ({reason})"
+
+
 def write_peft_adapter(directory: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], base_name: str,
                        dtype: torch.dtype) -> Path:
     """A PEFT LoRA adapter with delta W = B A per layer: one rank r for every layer (a thinner layer's
@@ -342,7 +356,10 @@ def _export_lora(cfg: RunConfig, tokenizer, tmp: Path) -> dict:
     for what, gap in (("merged model", gap_merged), ("PEFT adapter", gap_peft)):
         if gap > tolerance * max(1.0, scale):
             raise RexftError(f"reload check failed: the exported {what} differs from the adapter by {gap:.3g} in logits")
-    return {"merged": "merged", "peft": "peft", "dtype": str(dtype).replace("torch.", ""),
+    note = vllm_architecture_note(model_fingerprint(merged)["architecture"])
+    if note:
+        log.warning("peft/: written for PEFT; %s (merged/ needs no LoRA support)", note)
+    return {"merged": "merged", "peft": "peft", "dtype": str(dtype).replace("torch.", ""), **({"vllm": note} if note else {}),
             "reload_check": {"merged_max_logit_gap": gap_merged, "peft_max_logit_gap": gap_peft}}
 
 
@@ -410,9 +427,12 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
                              "pass export.vllm_compatible=false to write it for PEFT only")
         write_peft_adapter(folder / folder_name(name), factors[name], cfg.model.name_or_path, dtype)
         written[name] = len(index)
+    note = cfg.export.vllm_compatible and vllm_architecture_note(model_fingerprint(model)["architecture"])
+    if note:  # the adapters are what PEFT loads all the same: written, and said so
+        log.warning("%s/: written for PEFT; %s", by, note)
     result = {by: written, "folders": {name: folder_name(name) for name in written},  # task -> its folder under by/
               "rank": max((A.shape[0] for f in factors.values() for A, _ in f.values()), default=0),
-              "vllm_compatible": cfg.export.vllm_compatible,
+              "vllm_compatible": cfg.export.vllm_compatible and not note, **({"vllm": note} if note else {}),
               "dtype": str(dtype).replace("torch.", ""), "route_examples": cfg.export.route_examples,
               "route_dtype": str(route_dtype or next(model.parameters()).dtype).replace("torch.", "")}
     if checked:
