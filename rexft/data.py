@@ -342,6 +342,8 @@ def collate_packed(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.arange(width).repeat(len(rows), 1)
     token_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    example_ids = torch.full((len(rows), width), -1, dtype=torch.long)  # each token's example in the batch
+    examples = 0
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         input_ids[i, :n] = torch.tensor(row["input_ids"])
@@ -349,7 +351,10 @@ def collate_packed(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         position_ids[i, :n] = torch.tensor(row["position_ids"])
         position_ids[i, n:] = torch.arange(width - n)
         token_mask[i, :n] = 1
-    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask}
+        example_ids[i, :n] = examples + (position_ids[i, :n] == 0).cumsum(0) - 1  # a new example where positions restart
+        examples += int((position_ids[i, :n] == 0).sum())
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask,
+             "example_ids": example_ids}  # token_mask and example_ids are for routing statistics (set_token_mask)
     if "prior" in rows[0]:
         k = rows[0]["prior"].shape[-1]
         prior = torch.zeros(len(rows), width, k)

@@ -33,12 +33,13 @@ from pathlib import Path
 import torch
 
 from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior
+from rexft.adapters.base import TokenLayout
 from rexft.eval.pool import (batch_openings, forward_rests, prefill_prefixes, shared_prefix_lengths,
                              shared_prefix_order)
 from rexft.config import RunConfig
 from rexft.data import PromptFormat, encode_prompt
 from rexft.errors import RexftError
-from rexft.modeling import compute_dtype, load_model, load_tokenizer, torch_dtype
+from rexft.modeling import compute_dtype, load_model, load_tokenizer, model_fingerprint, torch_dtype
 from rexft.rundir import folder_name
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,20 @@ def vllm_refusal(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str |
         return (f"{len(outside)} target module(s) lie outside the decoder blocks ({', '.join(outside[:3])}), "
                 "where vLLM loads no LoRA")
     return None
+
+
+# Architectures whose LoRA adapters vLLM cannot load, as vLLM 0.32.0 reports them (its model registry and
+# supports_lora); tests/test_architectures.py checks the table against the vLLM scripts/setup_vllm.sh installs.
+VLLM_WITHOUT_LORA = {
+    "FalconForCausalLM": "vLLM's Falcon model has no LoRA support",
+    "PhimoeForCausalLM": "vLLM registers Phi-3.5-MoE as PhiMoEForCausalLM, not transformers' PhimoeForCausalLM",
+}
+
+
+def vllm_architecture_note(architecture: str | None) -> str | None:
+    """Why vLLM could not load a LoRA adapter of this base architecture (None: it can, or it is not known not to)."""
+    reason = VLLM_WITHOUT_LORA.get(architecture or "")
+    return None if reason is None else f"vLLM cannot load LoRA adapters on {architecture} ({reason})"
 
 
 def write_peft_adapter(directory: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], base_name: str,
@@ -179,20 +194,25 @@ class GroupedLoRA(torch.nn.Module):
     Each group present runs its two thin matmuls on its own rows (a batch keeps a task's rows together, so
     most batches hold one group), added in place into the base output."""
 
-    def __init__(self, base: torch.nn.Module, A: torch.Tensor, B: torch.Tensor):
+    def __init__(self, base: torch.nn.Module, A: torch.Tensor, B: torch.Tensor, layout: TokenLayout | None = None,
+                 name: str = "GroupedLoRA"):
         super().__init__()
         self.base = base
         self.A, self.B = A, B  # (G, r, in), (G, out, r)
+        self.layout, self.name = layout or TokenLayout(), name  # the model's token grid (b, s): rows of x
         self.groups: torch.Tensor | None = None  # (b,) group index of each row
         self.members: list[tuple[int, torch.Tensor | None]] = []  # (group, its rows; None: every row)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
-        members = self.members
-        if self.groups.shape[0] != x.shape[0]:  # generate() with beams repeats rows
-            members = group_members(self.groups.repeat_interleave(x.shape[0] // self.groups.shape[0]))
         if not out.is_contiguous():
             out = out.contiguous()
+        members = self.members
+        if len(members) > 1:  # rows of different groups: x seen in the batch's (b, s) grid, whatever its layout
+            x = self.layout.view(x, self.name, "its rows belong to different exports")  # (b, s, in)
+            if self.groups.shape[0] != x.shape[0]:  # generate() with beams repeats rows
+                members = group_members(self.groups.repeat_interleave(x.shape[0] // self.groups.shape[0]))
+        whole, out = out, out.view(*x.shape[:-1], out.shape[-1])  # (b, s, out) when x was flattened
         for group, rows in members:
             part = x if rows is None else x.index_select(0, rows)
             z = torch.nn.functional.linear(part.to(self.A.dtype), self.A[group])  # (n, s, r)
@@ -201,7 +221,7 @@ class GroupedLoRA(torch.nn.Module):
                 out.add_(delta)
             else:
                 out.index_add_(0, rows, delta)
-        return out
+        return whole
 
 
 def group_members(groups: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
@@ -218,7 +238,7 @@ def stack_static_factors(model: torch.nn.Module, per_group: list[dict]) -> list[
     for name, layer in list(adapter_layers(model).items()):
         A = torch.stack([factors[name][0] for factors in per_group]).float()
         B = torch.stack([factors[name][1] for factors in per_group]).float()
-        module = GroupedLoRA(layer.base, A, B)
+        module = GroupedLoRA(layer.base, A, B, layer.layout, name)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
         grouped.append(module)
@@ -336,7 +356,10 @@ def _export_lora(cfg: RunConfig, tokenizer, tmp: Path) -> dict:
     for what, gap in (("merged model", gap_merged), ("PEFT adapter", gap_peft)):
         if gap > tolerance * max(1.0, scale):
             raise RexftError(f"reload check failed: the exported {what} differs from the adapter by {gap:.3g} in logits")
-    return {"merged": "merged", "peft": "peft", "dtype": str(dtype).replace("torch.", ""),
+    note = vllm_architecture_note(model_fingerprint(merged)["architecture"])
+    if note:
+        log.warning("peft/: written for PEFT; %s (merged/ needs no LoRA support)", note)
+    return {"merged": "merged", "peft": "peft", "dtype": str(dtype).replace("torch.", ""), **({"vllm": note} if note else {}),
             "reload_check": {"merged_max_logit_gap": gap_merged, "peft_max_logit_gap": gap_peft}}
 
 
@@ -404,9 +427,12 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
                              "pass export.vllm_compatible=false to write it for PEFT only")
         write_peft_adapter(folder / folder_name(name), factors[name], cfg.model.name_or_path, dtype)
         written[name] = len(index)
+    note = cfg.export.vllm_compatible and vllm_architecture_note(model_fingerprint(model)["architecture"])
+    if note:  # the adapters are what PEFT loads all the same: written, and said so
+        log.warning("%s/: written for PEFT; %s", by, note)
     result = {by: written, "folders": {name: folder_name(name) for name in written},  # task -> its folder under by/
               "rank": max((A.shape[0] for f in factors.values() for A, _ in f.values()), default=0),
-              "vllm_compatible": cfg.export.vllm_compatible,
+              "vllm_compatible": cfg.export.vllm_compatible and not note, **({"vllm": note} if note else {}),
               "dtype": str(dtype).replace("torch.", ""), "route_examples": cfg.export.route_examples,
               "route_dtype": str(route_dtype or next(model.parameters()).dtype).replace("torch.", "")}
     if checked:

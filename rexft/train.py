@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from rexft.adapters import (aux_loss, format_parameter_report, inject_adapters, is_adapter_param,
+from rexft.adapters import (aux_loss, format_parameter_report, format_targets, inject_adapters, is_adapter_param,
                             parameter_report, routing_stats, save_adapter, set_prior, set_token_mask)
 from rexft.config import RunConfig, TrainerConfig, config_root
 from rexft.data import (IGNORE_INDEX, PromptFormat, check_dropped, collate, collate_packed, length_grouped_order,
@@ -297,6 +297,7 @@ class Trainer:
             enable_checkpointing(model)
         self.report = parameter_report(model)
         if self.main:
+            print(format_targets(model))
             print(format_parameter_report(self.report))
 
         self.rows, self.prior_meta = training_rows(cfg, tokenizer)
@@ -352,7 +353,7 @@ class Trainer:
             batch = {k: v.to(accelerator.device) for k, v in self.collate(batch_rows, self.pad_id).items()}
             set_prior(model, batch.pop("prior", None))
             token_mask = batch.pop("token_mask", None)
-            set_token_mask(model, token_mask if token_mask is not None else batch["attention_mask"])
+            set_token_mask(model, token_mask if token_mask is not None else batch["attention_mask"], batch.pop("example_ids", None))
             with accelerator.accumulate(model):
                 try:
                     summed = self._backward(batch, step_tokens)

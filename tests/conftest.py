@@ -84,6 +84,14 @@ def assert_packed_equals_alone(model, rows: list[dict], pad_id: int) -> None:
             start += n
 
 
+def vllm_python() -> str | None:
+    """REXFT_VLLM_PYTHON, or .venv-vllm once scripts/setup_vllm.sh completed it."""
+    if os.environ.get("REXFT_VLLM_PYTHON"):
+        return os.environ["REXFT_VLLM_PYTHON"]
+    ready = ROOT / ".venv-vllm" / "rexft-ready"
+    return str(ROOT / ".venv-vllm" / "bin" / "python") if ready.is_file() else None
+
+
 def run_cli(*args: str, cwd: Path = ROOT, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m rexft ARGS`` as a user would run it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, vllm_python
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -379,14 +379,6 @@ def test_upstream_down_gives_502_then_recovers(run):
             thread.join(timeout=10)
     finally:
         server.stop()
-
-
-def vllm_python() -> str | None:
-    """REXFT_VLLM_PYTHON, or .venv-vllm once scripts/setup_vllm.sh completed it."""
-    if os.environ.get("REXFT_VLLM_PYTHON"):
-        return os.environ["REXFT_VLLM_PYTHON"]
-    ready = ROOT / ".venv-vllm" / "rexft-ready"
-    return str(ROOT / ".venv-vllm" / "bin" / "python") if ready.is_file() else None
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ The adapter types are the modules of this folder (lora.py, molora.py, hydralora.
 
     inject_adapters(model, adapter_cfg) -> model    wrap every matching nn.Linear; freeze the rest
     set_prior(model, prior)                         (b, k) or (b, s, k) cluster similarities for this batch
+    set_token_mask(model, mask[, examples])         which tokens count in routing statistics (and, for
+                                                    packed rows, which example each token belongs to)
     adapter_state_dict(model) -> dict               the rex_* tensors
     save_adapter(model, dir) / load_adapter(model, dir)
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from rexft.adapters.base import AdapterLinear, is_adapter_param
+from rexft.adapters.base import AdapterLinear, TokenLayout, is_adapter_param
 from rexft.config import AdapterConfig, adapter_config_from, adapter_types
 from rexft.errors import RexftError
 
@@ -44,15 +46,36 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLinear)}
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose forward is a linear map: nn.Linear itself, a library's drop-in (bitsandbytes'
+    4-bit linear), or a model's own subclass whose forward gives one (out,) tensor per token (Falcon's
+    FalconLinear), tried once on one token. PhiMoE's router is an nn.Linear subclass whose forward returns
+    (logits, weights, experts): not a layer to adapt."""
+    if not isinstance(module, nn.Linear):
+        return False
+    if type(module).forward is nn.Linear.forward or not type(module).__module__.startswith("transformers.models."):
+        return True
+    weight = module.weight
+    if weight.device.type == "meta" or weight.numel() == 0:
+        return False
+    try:
+        with torch.no_grad():
+            out = module(weight.new_zeros(1, module.in_features))
+    except Exception:  # noqa: BLE001 - any failure means it is not a drop-in linear
+        return False
+    return torch.is_tensor(out) and out.shape == (1, module.out_features)
+
+
 def target_names(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Names of the linear layers that ``target_modules`` matches and ``exclude_modules`` does not.
-    The output embedding (lm_head, GPT-NeoX's embed_out, ...) is never a target."""
+    The output embedding (lm_head, GPT-NeoX's embed_out, ...) is never a target, nor a model's nn.Linear
+    subclass whose forward is not a linear map (``is_plain_linear``)."""
     targets = [re.compile(p) for p in cfg.target_modules]
     excludes = [re.compile(p) for p in cfg.exclude_modules]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not name or is_adapter_param(name) or module is head:
+        if not is_plain_linear(module) or not name or is_adapter_param(name) or module is head:
             continue
         if any(p.search(name) for p in targets) and not any(p.search(name) for p in excludes):
             names.append(name)
@@ -70,11 +93,14 @@ def inject_adapters(model: nn.Module, adapter_cfg: AdapterConfig | dict) -> nn.M
         raise RexftError(f"adapter.target_modules {cfg.target_modules} matched no nn.Linear in {type(model).__name__}")
     for param in model.parameters():
         param.requires_grad_(False)
+    layout = TokenLayout()  # every forward records its (b, s) token grid for the adapters (see base.py)
+    model.register_forward_pre_hook(layout.record, with_kwargs=True)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
         layer = cls(base, cfg).train(model.training)  # new modules would otherwise start in training mode
+        layer.layout, layer.name = layout, name
         device = next((p.device for p in base.parameters() if p.device.type != "meta"), None)
         if device is not None:  # adapter weights live beside their base (device_map, 4-bit on GPU)
             for pname, param in layer.named_parameters():
@@ -93,10 +119,14 @@ def set_prior(model: nn.Module, prior: torch.Tensor | None) -> None:
         layer.prior = prior
 
 
-def set_token_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
-    """Which tokens count in routing statistics (the attention mask)."""
+def set_token_mask(model: nn.Module, mask: torch.Tensor | None, examples: torch.Tensor | None = None) -> None:
+    """Which tokens count in routing statistics: ``mask`` (b, s), 1 on real tokens (the attention mask).
+    ``examples`` (b, s), for packed rows: the index in the batch of each token's example, -1 on padding;
+    per-example routing statistics then average over each example's tokens, not over each row's."""
+    token_examples = None if examples is None else (examples, int(examples.max()) + 1)
     for layer in adapter_layers(model).values():
         layer.token_mask = mask
+        layer.token_examples = token_examples
 
 
 @contextmanager
@@ -154,6 +184,38 @@ def format_parameter_report(report: dict) -> str:
     lines.append(f"  {'total':<14} {report['trainable']:>12,}   "
                  f"({report['ratio_vs_lora_r32']:.1%} of LoRA r=32 = {report['lora_r32']:,} on the same targets)")
     return "trainable adapter parameters:\n" + "\n".join(lines)
+
+
+# What a fused projection of today's decoders holds: one adapter on it covers these together.
+FUSED = {"qkv_proj": "q, k and v", "query_key_value": "q, k and v", "c_attn": "q, k and v", "W_pack": "q, k and v",
+         "Wqkv": "q, k and v", "kv_proj": "k and v", "gate_up_proj": "gate and up"}
+
+
+def format_targets(model: nn.Module) -> str:
+    """The wrapped modules grouped by name (block numbers as *), each with its shape and count, fused
+    projections said to be one adapter; then the linear layers not wrapped and why."""
+    groups: dict[str, list[AdapterLinear]] = {}
+    for name, layer in adapter_layers(model).items():
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(layer)
+    width = max(map(len, groups), default=0)
+    lines = [f"adapters on {sum(map(len, groups.values()))} linear layers, by name:"]
+    for pattern, layers in groups.items():
+        fused = FUSED.get(pattern.rsplit(".", 1)[-1])
+        line = f"  {pattern:<{width}}  x{len(layers):<3} {layers[0].in_features:>6} -> {layers[0].out_features:<6}"
+        lines.append((line + f"  fused: one adapter for {fused} together" if fused else line).rstrip())
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skipped: dict[str, list[str]] = {}
+    wrapped = {id(layer.base) for layers in groups.values() for layer in layers}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and id(module) not in wrapped and not is_adapter_param(name):
+            why = ("the output embedding" if module is head else
+                   f"{type(module).__name__}: its forward is not a linear map" if not is_plain_linear(module) else
+                   "not in adapter.target_modules, or in adapter.exclude_modules")
+            skipped.setdefault(why, []).append(re.sub(r"\.\d+\.", ".*.", name))
+    for why, names in skipped.items():
+        lines.append(f"  not wrapped ({why}): {', '.join(sorted(set(names)))}")
+    lines.append("  (leave a module out by name: adapter.exclude_modules='[lm_head,qkv_proj]', regular expressions)")
+    return "\n".join(lines)
 
 
 def save_adapter(model: nn.Module, directory: str | Path, state_dict: dict | None = None, metadata: dict | None = None) -> Path:

@@ -17,6 +17,20 @@ Per-batch inputs (the semantic prior, the attention mask for routing statistics)
 modules with :func:`rexft.adapters.set_prior` before the forward. They stay there until the next batch,
 so the forward recomputed under activation checkpointing sees the same values.
 
+Token layout. Per-example state follows the tokens, whatever shape a block gives the linear layer. The
+model's forward records the batch's token grid (b, s) (:class:`TokenLayout`, a pre-hook set once at
+injection); a mixture views its input as (b, s, in) before routing:
+
+    x: (b, s, in)      as is                       (most blocks; packed rows are (1, L, in))
+    x: (b*s, in)       x.unflatten(0, (b, s))     (blocks that flatten the batch, e.g. Qwen2-MoE's shared
+                                                   expert); the output is viewed back to (b*s, out)
+    anything else      RexftError naming the module (a permuted grid, experts that see only their routed
+                       tokens): those tokens cannot be mapped back to their examples
+
+so the prior (b, k) or (b, s, k), the token mask (b, s) and the per-example routes line up with the tokens
+exactly as in the (b, s, in) case. The flattened case assumes the block flattened (b, s) row-major, as
+``view(-1, hidden)`` does. LoRA has no per-example state and takes any layout.
+
 Mixture adapters expose one routing tensor per token, ``route`` of shape (b, s, E_route), and
 ``static_factors(mean_route)`` giving LoRA factors (A, B) with delta(x) = B A x when the route is the
 constant ``mean_route``: that is how dynamic adapters are exported to static PEFT LoRA adapters.
@@ -31,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rexft.config import AdapterConfig
+from rexft.errors import RexftError
 
 PREFIX = "rex_"
 
@@ -46,6 +61,42 @@ def lora_scaling(cfg: AdapterConfig, rank: int) -> float:
 def kaiming_(weight: torch.Tensor) -> torch.Tensor:
     """LoRA's A init (nn.Linear's default): uniform with bound 1/sqrt(in_features)."""
     return nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+class TokenLayout:
+    """The token grid (b, s) of the model's current forward, shared by every adapter of a model.
+
+    ``record`` is a forward pre-hook on the model (registered by ``inject_adapters``): it reads the (b, s)
+    of ``input_ids`` (or ``inputs_embeds``) of every call, generate()'s decoding steps included. It stays
+    set until the next forward, so a forward recomputed under activation checkpointing sees the same grid.
+    ``shape`` is None for a layer used on its own (outside a model's forward).
+    """
+
+    def __init__(self):
+        self.shape: tuple[int, int] | None = None
+
+    def record(self, module, args, kwargs) -> None:
+        tokens = kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None and args and torch.is_tensor(args[0]):
+            tokens = args[0]
+        self.shape = tuple(tokens.shape[:2]) if torch.is_tensor(tokens) and tokens.dim() >= 2 else None
+
+    def view(self, x: torch.Tensor, name: str, why: str) -> torch.Tensor:
+        """x: (..., d) seen as (b, s, d) in the batch's token grid, or one error naming the module."""
+        if self.shape is None:  # a layer on its own: its input's leading dims are the grid
+            return x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+        b, s = self.shape
+        if x.shape[:-1] == (b, s):
+            return x
+        if x.dim() == 2 and x.shape[0] == b * s:  # the block flattened (b, s, d) to (b*s, d)
+            return x.unflatten(0, (b, s))
+        raise RexftError(
+            f"{name}: its input has shape {tuple(x.shape)} but the batch holds {b} x {s} tokens; {why}, and these "
+            "tokens cannot be mapped back to their examples (a permuted layout, or a subset of the tokens such as "
+            f"a mixture-of-experts' routed tokens). Exclude it (adapter.exclude_modules=['{name.rsplit('.', 1)[-1]}$']) "
+            "or use adapter=lora")
 
 
 def sparse_softmax(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
@@ -72,7 +123,10 @@ class AdapterLinear(nn.Module):
         # Per-batch state (not parameters or buffers: never saved, set by set_prior/set_token_mask).
         self.prior: torch.Tensor | None = None  # (b, k) or (b, s, k)
         self.token_mask: torch.Tensor | None = None  # (b, s), 1 on real tokens
-        self.last_route: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (route, token mask), detached
+        self.token_examples: tuple[torch.Tensor, int] | None = None  # packed rows: (b, s) example of each token, count
+        self.layout = TokenLayout()  # the model's own, shared by its adapters, once injected
+        self.name = type(self).__name__  # the module's name in the model, once injected (for errors)
+        self.last_route: tuple | None = None  # (route, token mask, token examples), detached
         self.aux_loss: torch.Tensor | None = None
         self.route_log: list[torch.Tensor] | None = None  # when a list: per-example mean routes are appended
 
@@ -81,6 +135,13 @@ class AdapterLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.is_mixture:  # per-token math and no per-example state: any layout
+            return self._forward(x, *args, **kwargs)
+        tokens = self.layout.view(x, self.name, f"a {type(self).__name__} routes per example")  # (b, s, in)
+        out = self._forward(tokens, *args, **kwargs)  # (b, s, out)
+        return out if tokens is x else out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         z = self.coefficients(self.dropout(x).to(self.dtype))  # (..., R)
         flat_z, up = z.reshape(-1, z.shape[-1]), self.rex_B.t()
         if self._adds_in_place(x, z, args, kwargs):
@@ -100,19 +161,23 @@ class AdapterLinear(nn.Module):
 
     # ---- routing bookkeeping shared by mixtures
     def batch_prior(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The prior broadcastable to x's tokens: (b, 1, k) or (b, s, k)."""
+        """The prior broadcastable to x's tokens (b, s, in): (b, 1, k) or (b, s, k)."""
         prior = self.prior
         if prior is None:
             return None
         if prior.shape[0] != x.shape[0]:  # generate() with beams / num_return_sequences repeats rows
+            if x.shape[0] % prior.shape[0]:
+                raise RexftError(f"{self.name}: a prior for {prior.shape[0]} examples does not fit a batch of {x.shape[0]} rows")
             prior = prior.repeat_interleave(x.shape[0] // prior.shape[0], dim=0)
+        if prior.dim() == 3 and prior.shape[1] != x.shape[1]:
+            raise RexftError(f"{self.name}: a per-token prior of {prior.shape[1]} tokens a row does not fit rows of {x.shape[1]} tokens")
         prior = prior.to(device=x.device, dtype=x.dtype)
         return prior.unsqueeze(1) if prior.dim() == 2 else prior
 
     def observe(self, route: torch.Tensor, probs: torch.Tensor | None) -> None:
         """Keep this forward's routes for statistics (summarised only when asked: the training step
         pays nothing for them) and compute the load-balancing loss."""
-        self.last_route = (route.detach(), self.token_mask)
+        self.last_route = (route.detach(), self.token_mask, self.token_examples)
         if self.route_log is not None:
             self.route_log.append(self.per_example_route().float().cpu())
         if self.aux_loss_weight > 0 and probs is not None:
@@ -121,8 +186,17 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def per_example_route(self) -> torch.Tensor:
-        """(b, E): each example's mean route over its real tokens, from the last forward."""
-        route, mask = self.last_route
+        """(n, E): each example's mean route over its real tokens, from the last forward: n = b rows, or, for
+        packed rows (``set_token_mask`` with examples), the n examples they hold."""
+        route, mask, examples = self.last_route  # (b, s, E), (b, s) or None, ((b, s), n) or None
+        if examples is not None and examples[0].shape == route.shape[:2]:
+            index, count = examples
+            weights = (index >= 0).to(route.dtype)  # -1: padding
+            if mask is not None and mask.shape == index.shape:
+                weights = weights * mask.to(route.dtype)
+            index, weights, flat = index.reshape(-1).clamp_min(0), weights.reshape(-1, 1), route.reshape(-1, route.shape[-1])
+            sums = flat.new_zeros(count, flat.shape[-1]).index_add_(0, index, flat * weights)  # (n, E)
+            return sums / flat.new_zeros(count, 1).index_add_(0, index, weights).clamp_min(1e-12)
         if mask is not None and mask.shape == route.shape[:2]:
             weights = mask.to(route.dtype).unsqueeze(-1)  # (b, s, 1)
             return (route * weights).sum(1) / weights.sum(1).clamp_min(1)
