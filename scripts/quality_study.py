@@ -1,6 +1,7 @@
 """The quality study, tuned fairly: every method's lr chosen on the tuning split, then more seeds at that lr.
 
     python scripts/quality_study.py run --study sni          # resumable: re-run after a kill, finished jobs are skipped
+    python scripts/quality_study.py collect --study sni      # copy the finished jobs' records (run does it per sweep)
     python scripts/quality_study.py report --study sni       # docs/quality_study_sni_cpu.md from what has finished
     python scripts/quality_study.py run --study cs14         # the 14-task mixture (recipe study-cs14)
 
@@ -65,8 +66,20 @@ def collect(job_dir: Path, into: Path) -> None:
 
 
 def collect_sweep(sweep_dir: Path, into: Path) -> None:
+    """Every job of the sweep whose steps all finished (a job still running is left for the next call)."""
     for job in sorted(sweep_dir.glob("*/sweep-job.json")):
-        collect(job.parent, into / job.parent.name)
+        steps = json.loads(job.read_text())["steps"]
+        if steps and all(s["status"] == "ok" for s in steps.values()):
+            collect(job.parent, into / job.parent.name)
+
+
+def collect_all(args) -> None:
+    """``collect``: what has finished so far (while ``run`` is still going, e.g. before a session ends)."""
+    root, docs = Path(args.root) / args.study, Path(args.docs) / args.study
+    if (root / "base" / "eval" / "results.json").is_file():
+        collect(root / "base", docs / "base")
+    for sweep in sorted(root.glob("*/*/multirun.yaml")):
+        collect_sweep(sweep.parent, docs / sweep.parent.parent.name / sweep.parent.name)
 
 
 def chosen_lr(sweep_dir: Path, metric: str) -> str | None:
@@ -195,7 +208,7 @@ def report(name: str, docs: Path, doc: Path) -> None:
              "### Learning rate, chosen on the tuning split", "",
              "| method | " + " | ".join(f"lr {lr}" for lr in LRS) + " | chosen |", "|---|" + "---|" * (len(LRS) + 1)]
     for method, m in methods.items():
-        lines.append(f"| {method} | " + " | ".join(f"{m['tuning'][lr]:.4f}" if lr in m["tuning"] else "(running)" for lr in LRS)
+        lines.append(f"| {method} | " + " | ".join(f"{m['tuning'][lr]:.4f}" if lr in m["tuning"] else "(not yet)" for lr in LRS)
                      + f" | {m['lr'] or '-'} |")
     head = [f"held-in {label}" for _, label, _ in fields] + [f"unseen {label}" for _, label, _ in fields]
     lines += ["", "### Held-in and unseen tasks at the chosen lr (mean ± sd over seeds)", "",
@@ -279,7 +292,7 @@ def tuning_plot(methods: dict, metric: str, path: Path) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("command", choices=("run", "collect", "report"))
     parser.add_argument("--study", choices=tuple(STUDIES), default="sni")
     parser.add_argument("--root", default=os.environ.get("REXFT_STUDY_ROOT", str(REPO / "runs" / "study")),
                         help="where the run directories go (the weights; docs/studies/ keeps the records)")
@@ -290,6 +303,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "run":
         run(args)
+    elif args.command == "collect":
+        collect_all(args)
     else:
         report(args.study, Path(args.docs) / args.study, Path(args.out or REPO / STUDIES[args.study]["doc"]))
 
