@@ -326,6 +326,9 @@ class TrainerConfig:
     optimizer: str = one_of("adamw", choices=("adamw", "adafactor", "adamw_8bit", "paged_adamw_8bit"))
     seed: int = bounded(0, ge=0)
     deepspeed: Optional[str] = None  # path of a DeepSpeed JSON config, relative paths from configs/
+    # FSDP2 through Accelerate (trainer=fsdp): fully_shard each decoder block, so the frozen base is sharded
+    # across processes and gathered one block at a time; adapters train as plain (sharded) parameters
+    fsdp: bool = False
     save_every: int = bounded(0, ge=0)  # optimizer steps between checkpoints (0: only at the end)
     keep_last: int = bounded(2, ge=0)  # checkpoints kept (0: all)
     resume: bool = False  # continue from the newest checkpoint in run_dir/checkpoints
