@@ -193,8 +193,10 @@ def compute_dtype(name: str, model) -> torch.dtype | None:
     return torch.bfloat16 if weight.dtype == torch.float32 and native_bf16(weight.device) else None
 
 
-def load_model(cfg: ModelConfig, vocab_size: int | None = None, device: str = "cpu"):
-    """The frozen base model. ``quantization=nf4`` loads it in 4-bit through bitsandbytes (CUDA only)."""
+def load_model(cfg: ModelConfig, vocab_size: int | None = None, device: str = "cpu", sharded: bool = False):
+    """The frozen base model. ``quantization=nf4`` loads it in 4-bit through bitsandbytes (CUDA, or its CPU
+    backend). ``sharded``: it will be FSDP-sharded, so a 4-bit base stores its packed bytes in the compute
+    dtype (``bnb_4bit_quant_storage``): FSDP shards floating tensors only and would keep uint8 ones whole."""
     if cfg.name_or_path == TINY:
         return tiny_llama(cfg, vocab_size or len(byte_tokenizer()))
     from transformers import AutoModelForCausalLM
@@ -204,9 +206,10 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, device: str = "c
         from transformers import BitsAndBytesConfig
 
         on_gpu = torch.cuda.is_available()
+        compute = torch.bfloat16 if on_gpu else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32)
+            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute if sharded else torch.uint8)
         kwargs["device_map"] = {"": torch.cuda.current_device() if on_gpu else "cpu"}
     elif cfg.quantization is not None:
         raise RexftError(f"model.quantization: '{cfg.quantization}' is not one of null, nf4")

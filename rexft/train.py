@@ -159,8 +159,9 @@ def enable_checkpointing(model) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def training_rows(cfg: RunConfig, tokenizer) -> tuple[list[dict], dict | None]:
-    """Tokenized training examples, each with its prior when the adapter uses one."""
+def training_rows(cfg: RunConfig, tokenizer, write_cache: bool = True) -> tuple[list[dict], dict | None]:
+    """Tokenized training examples, each with its prior when the adapter uses one (``write_cache``: this
+    process may write the tokenization cache in the run directory)."""
     from rexft.prior import priors_for
     from rexft.splits import frozen_mixture
 
@@ -168,7 +169,8 @@ def training_rows(cfg: RunConfig, tokenizer) -> tuple[list[dict], dict | None]:
     if not examples:
         raise RexftError("the training mixture is empty (data.tasks, data.train_per_task, data.no_train_split)")
     fmt = PromptFormat.for_model(tokenizer, cfg.model)
-    encoded = tokenize_examples(examples, tokenizer, fmt, cfg.data.max_length, cfg.path / "data" / "cache")
+    encoded = tokenize_examples(examples, tokenizer, fmt, cfg.data.max_length, cfg.path / "data" / "cache",
+                                write_cache=write_cache)
     check_dropped(examples, encoded, cfg.data)
     prior_meta = None
     if uses_prior(cfg):  # priors of the whole mixture (the texts cluster-prior embedded: a cache hit)
@@ -387,7 +389,8 @@ class Trainer:
         self.main = self.accelerator.is_main_process
 
         tokenizer = load_tokenizer(cfg.model)
-        model = load_model(cfg.model, len(tokenizer), "cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(cfg.model, len(tokenizer), "cuda" if torch.cuda.is_available() else "cpu",
+                           sharded=is_fsdp(self.accelerator))
         model.config.use_cache = False
         inject_adapters(model, cfg.adapter)
         if tcfg.gradient_checkpointing:
@@ -396,7 +399,7 @@ class Trainer:
         if self.main:
             print(format_parameter_report(self.report))
 
-        self.rows, self.prior_meta = training_rows(cfg, tokenizer)
+        self.rows, self.prior_meta = training_rows(cfg, tokenizer, write_cache=self.main)
         self.collate = collate
         if cfg.data.packing:
             unpacked = len(self.rows)
