@@ -218,9 +218,13 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, device: str = "c
 
 def model_fingerprint(model) -> dict:
     """What an adapter must match to be loaded onto a base model."""
+    from torch.distributed.fsdp import FSDPModule
+
     config = model.config
+    # FSDP2's fully_shard swaps the model's class for FSDP<Class>: name the model's own class
+    own_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     return {
-        "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+        "architecture": (getattr(config, "architectures", None) or [own_class.__name__])[0],
         "model_type": getattr(config, "model_type", None),
         "hidden_size": getattr(config, "hidden_size", None),
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),
