@@ -416,6 +416,14 @@ class ServeConfig:
 
 
 @dataclass
+class PlanConfig:
+    """``rexft plan``: the memory plan of a training run on other hardware than this machine's."""
+
+    world_size: int = bounded(1, ge=1)  # processes (GPUs) the run is launched on
+    device: str = one_of("auto", choices=("auto", "cuda", "cpu"))  # auto: this machine's (cuda when it has one)
+
+
+@dataclass
 class RunConfig:
     name: str = "default"  # recipes set it; run_dir defaults to runs/<name>
     run_dir: str = "runs/default"
@@ -427,6 +435,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     @property
     def path(self) -> Path:

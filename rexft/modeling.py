@@ -39,17 +39,22 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def tiny_llama(cfg: ModelConfig, vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(cfg: ModelConfig, vocab_size: int):
+    from transformers import LlamaConfig
 
     t = cfg.tiny
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                         num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                       num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                       num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def tiny_llama(cfg: ModelConfig, vocab_size: int):
+    from transformers import LlamaForCausalLM
+
     with torch.random.fork_rng():
-        torch.manual_seed(t.seed)
-        return LlamaForCausalLM(config)
+        torch.manual_seed(cfg.tiny.seed)
+        return LlamaForCausalLM(tiny_llama_config(cfg, vocab_size))
 
 
 def _gguf_cache_dir(cfg: ModelConfig) -> Path:

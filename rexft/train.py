@@ -481,6 +481,8 @@ class Trainer:
                   "tokens_per_s": round(self.tokens_seen * self.world / max(elapsed, 1e-9), 1)}
         if grad_norm is not None:
             record["grad_norm"] = round(float(grad_norm), 6)
+        if torch.cuda.is_available():  # what `rexft plan` predicts: weights, adapters, optimizer, activations
+            record["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
         if tcfg.routing_stats_every and done % tcfg.routing_stats_every == 0:
             record["routing"] = routing_stats(accelerator.unwrap_model(model))
         return record
