@@ -106,11 +106,13 @@ def model_config(cfg: RunConfig):
                          "at a local directory holding its config.json") from None
 
 
-def _saved_bytes(model, batch: int, seq: int, prior_dim: int | None, padding_mask: bool) -> int:
+def _saved_bytes(model, batch: int, seq: int, prior_dim: int | None, padding_mask: bool,
+                 autocast: torch.dtype | None = None) -> int:
     """Bytes autograd saves for backward in one decoder block's forward (its weights excluded: they are counted
     as weights), at batch x seq tokens. Runs under FakeTensorMode: nothing is computed or allocated.
     ``padding_mask``: attention gets a (batch, 1, seq, seq) mask as a padded batch does, which on a CPU takes
-    SDPA's math path (it saves the attention probabilities); without one, the fused kernels save O(seq)."""
+    SDPA's math path (it saves the attention probabilities); without one, the fused kernels save O(seq).
+    ``autocast``: traced under autocast to this dtype (trainer.mixed_precision), as the step runs."""
     from rexft.adapters import set_prior, set_token_mask
 
     params = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -130,7 +132,8 @@ def _saved_bytes(model, batch: int, seq: int, prior_dim: int | None, padding_mas
     set_token_mask(model, torch.ones(batch, seq, dtype=torch.long))
     embeddings = inner.rotary_emb(hidden, positions) if hasattr(inner, "rotary_emb") else None
     mask = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None].expand(batch, 1, seq, seq) if padding_mask else None
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         inner.layers[0](hidden, attention_mask=mask, position_ids=positions, position_embeddings=embeddings)
     return sum(saved.values())
 
@@ -148,7 +151,12 @@ def memory_plan(cfg: RunConfig, world_size: int | None = None, device: str | Non
         device = "cuda" if torch.cuda.is_available() else "cpu"
     strategy, stage = strategy_of(cfg, world)
     tcfg, quantized = cfg.trainer, cfg.model.quantization == "nf4"
-    weight_dtype = torch_dtype(cfg.model.dtype, device) if cfg.model.name_or_path != TINY else torch.float32
+    if cfg.model.name_or_path == TINY:
+        weight_dtype = torch.float32  # built in float32 whatever model.dtype says
+    elif cfg.model.dtype == "auto":  # as load_model resolves it there (a GPU planned for computes bf16)
+        weight_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    else:
+        weight_dtype = torch_dtype(cfg.model.dtype)
     if device == "cuda":
         mixed = {"auto": "bf16"}.get(tcfg.mixed_precision, tcfg.mixed_precision)
     else:
@@ -164,7 +172,8 @@ def memory_plan(cfg: RunConfig, world_size: int | None = None, device: str | Non
         model.train()  # traced without checkpointing: what a block saves when it runs (or is recomputed)
         batch, seq = tcfg.batch_size, cfg.data.max_length
         block_saved = _saved_bytes(model, batch, seq, cfg.adapter.prior_dim if uses_prior(cfg) else None,
-                                   padding_mask=device == "cpu")
+                                   padding_mask=device == "cpu",
+                                   autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed))
 
     named = dict(model.named_parameters())
     trainable = sum(p.numel() for n, p in named.items() if is_adapter_param(n))

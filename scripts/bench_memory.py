@@ -26,6 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 BOOLQ = ["recipe=smoke", "prior=none", "data.tasks=[boolq]", "data.train_per_task=16", "trainer.mixed_precision=no"]
 CASES = {  # name: overrides (float32 on every machine)
+    "tiny": [*BOOLQ, "data.max_length=256", "trainer.batch_size=4", "model.tiny.hidden_size=256",
+             "model.tiny.intermediate_size=688", "model.tiny.num_hidden_layers=2", "model.tiny.num_attention_heads=4",
+             "model.tiny.num_key_value_heads=2"],  # the test's case (tests/test_plan.py)
     "small": [*BOOLQ, "data.max_length=384", "trainer.batch_size=4", "model.tiny.hidden_size=512",
               "model.tiny.intermediate_size=1376", "model.tiny.num_hidden_layers=4", "model.tiny.num_attention_heads=8",
               "model.tiny.num_key_value_heads=4"],

@@ -134,6 +134,7 @@ def node_commands(launcher: str, port: int, args: list[str]) -> list[list[str]]:
     return [[*base, "--machine_rank", str(rank), "-m", "rexft", *args] for rank in (0, 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_nodes_train_as_one_process_and_only_rank_0_writes(tmp_path, prior, single, launcher):  # noqa: F811
     run_dir = prepared_run_dir(tmp_path, prior, f"nodes-{launcher}")
@@ -164,6 +165,7 @@ def test_two_nodes_train_as_one_process_and_only_rank_0_writes(tmp_path, prior, 
     assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["step-2", "step-4"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy,before,after", [("default", 2, 1), ("fsdp", 1, 2)], ids=["ddp-2-to-1", "fsdp-1-to-2"])
 def test_a_checkpoint_resumes_on_another_world_size(tmp_path, prior, single, strategy, before, after):  # noqa: F811
     """Stopped after step 3 (checkpoint step-2), resumed with the other number of processes and the same
@@ -219,11 +221,12 @@ def model_dir(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_a_4bit_base(tmp_path, prior, model_dir):  # noqa: F811
     """FSDP+QLoRA: NF4 weights stored in the compute dtype are sharded (Accelerate warns when it has to keep
     uint8 ones whole) and train as one process does on the same 4-bit base."""
     pytest.importorskip("bitsandbytes")
-    qlora = ["trainer.max_steps=3", *COMMON[2:], f"model.name_or_path={model_dir}", "model.quantization=nf4"]
+    qlora = ["trainer.max_steps=2", *COMMON[2:], f"model.name_or_path={model_dir}", "model.quantization=nf4"]
     one, _ = smoke_run(tmp_path, prior, "nf4-one", *qlora, "trainer.batch_size=8")
     two, result = smoke_run(tmp_path, prior, "nf4-fsdp", *qlora, "trainer=fsdp", "trainer.batch_size=4", launcher=TORCHRUN_2)
     assert "non-floating frozen Params4bit" not in result.stderr
