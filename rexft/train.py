@@ -100,6 +100,9 @@ def make_accelerator(cfg: RunConfig):
     mixed_precision = resolve_mixed_precision(trainer.mixed_precision, deepspeed=bool(trainer.deepspeed))
     log.info("mixed precision: %s (trainer.mixed_precision=%s)", mixed_precision, trainer.mixed_precision)
     plugin = None
+    if trainer.deepspeed and "LOCAL_RANK" not in os.environ:
+        raise RexftError(f"trainer.deepspeed={trainer.deepspeed} needs a launcher, even for one process: torchrun "
+                         "--nproc_per_node N -m rexft train ... (or accelerate launch, or deepspeed --module rexft)")
     if trainer.deepspeed:
         # DeepSpeed initialises the process group itself (gloo on CPU); Accelerate's cpu=True disables it.
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
