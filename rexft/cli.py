@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("rexft.eval.stage:evaluate", "score the validation sets; write eval/results.json"),
     "merge-export": ("rexft.export:merge_export", "merge or export adapters for standard tools; write export/"),
     "serve": ("rexft.serve.stage:serve", "serve the run behind an OpenAI-compatible endpoint (local engine or vLLM)"),
+    "plan": ("rexft.plan:plan", "per-device training memory from the model config alone (plan.world_size, plan.device)"),
 }
 
 

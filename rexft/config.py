@@ -330,6 +330,9 @@ class TrainerConfig:
     optimizer: str = one_of("adamw", choices=("adamw", "adafactor", "adamw_8bit", "paged_adamw_8bit"))
     seed: int = bounded(0, ge=0)
     deepspeed: Optional[str] = None  # path of a DeepSpeed JSON config, relative paths from configs/
+    # FSDP2 through Accelerate (trainer=fsdp): fully_shard each decoder block, so the frozen base is sharded
+    # across processes and gathered one block at a time; adapters train as plain (sharded) parameters
+    fsdp: bool = False
     save_every: int = bounded(0, ge=0)  # optimizer steps between checkpoints (0: only at the end)
     keep_last: int = bounded(2, ge=0)  # checkpoints kept (0: all)
     resume: bool = False  # continue from the newest checkpoint in run_dir/checkpoints
@@ -438,6 +441,14 @@ class SweepConfig:
 
 
 @dataclass
+class PlanConfig:
+    """``rexft plan``: the memory plan of a training run on other hardware than this machine's."""
+
+    world_size: int = bounded(1, ge=1)  # processes (GPUs) the run is launched on
+    device: str = one_of("auto", choices=("auto", "cuda", "cpu"))  # auto: this machine's (cuda when it has one)
+
+
+@dataclass
 class RunConfig:
     name: str = "default"  # recipes set it; run_dir defaults to runs/<name>
     run_dir: str = "runs/default"
@@ -450,6 +461,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     @property
     def path(self) -> Path:

@@ -222,9 +222,10 @@ def _kept_messages(messages: list[dict], tokenizer, fmt: PromptFormat, prompt: l
 
 
 def tokenize_examples(examples: list[Example], tokenizer, fmt: PromptFormat, max_length: int,
-                      cache_dir: Path | None = None, desc: str = "tokenize") -> list[dict | None]:
+                      cache_dir: Path | None = None, desc: str = "tokenize", write_cache: bool = True) -> list[dict | None]:
     """Encode with an on-disk cache keyed by (examples, tokenizer, template, max_length). Aligned with
-    ``examples``: None where an example cannot fit (see :func:`dropped_by_task`)."""
+    ``examples``: None where an example cannot fit (see :func:`dropped_by_task`). ``write_cache=False``
+    reads the cache but leaves a miss unwritten (the processes of a launch but the main one)."""
     from tqdm.auto import tqdm
 
     key = hashlib.sha256()
@@ -236,9 +237,9 @@ def tokenize_examples(examples: list[Example], tokenizer, fmt: PromptFormat, max
     if path is not None and path.is_file():
         return torch.load(path)
     encoded = [encode_example(e, tokenizer, fmt, max_length) for e in tqdm(examples, desc=desc, leave=False)]
-    if path is not None:
+    if path is not None and write_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of one launch may race here
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save(encoded, tmp)
         tmp.replace(path)
     return encoded

@@ -39,17 +39,22 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def tiny_llama(cfg: ModelConfig, vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(cfg: ModelConfig, vocab_size: int):
+    from transformers import LlamaConfig
 
     t = cfg.tiny
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                         num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                       num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                       num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def tiny_llama(cfg: ModelConfig, vocab_size: int):
+    from transformers import LlamaForCausalLM
+
     with torch.random.fork_rng():
-        torch.manual_seed(t.seed)
-        return LlamaForCausalLM(config)
+        torch.manual_seed(cfg.tiny.seed)
+        return LlamaForCausalLM(tiny_llama_config(cfg, vocab_size))
 
 
 def _gguf_cache_dir(cfg: ModelConfig) -> Path:
@@ -193,8 +198,10 @@ def compute_dtype(name: str, model) -> torch.dtype | None:
     return torch.bfloat16 if weight.dtype == torch.float32 and native_bf16(weight.device) else None
 
 
-def load_model(cfg: ModelConfig, vocab_size: int | None = None, device: str = "cpu"):
-    """The frozen base model. ``quantization=nf4`` loads it in 4-bit through bitsandbytes (CUDA only)."""
+def load_model(cfg: ModelConfig, vocab_size: int | None = None, device: str = "cpu", sharded: bool = False):
+    """The frozen base model. ``quantization=nf4`` loads it in 4-bit through bitsandbytes (CUDA, or its CPU
+    backend). ``sharded``: it will be FSDP-sharded, so a 4-bit base stores its packed bytes in the compute
+    dtype (``bnb_4bit_quant_storage``): FSDP shards floating tensors only and would keep uint8 ones whole."""
     if cfg.name_or_path == TINY:
         return tiny_llama(cfg, vocab_size or len(byte_tokenizer()))
     from transformers import AutoModelForCausalLM
@@ -204,9 +211,10 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, device: str = "c
         from transformers import BitsAndBytesConfig
 
         on_gpu = torch.cuda.is_available()
+        compute = torch.bfloat16 if on_gpu else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32)
+            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute if sharded else torch.uint8)
         kwargs["device_map"] = {"": torch.cuda.current_device() if on_gpu else "cpu"}
     elif cfg.quantization is not None:
         raise RexftError(f"model.quantization: '{cfg.quantization}' is not one of null, nf4")
@@ -215,9 +223,13 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, device: str = "c
 
 def model_fingerprint(model) -> dict:
     """What an adapter must match to be loaded onto a base model."""
+    from torch.distributed.fsdp import FSDPModule
+
     config = model.config
+    # FSDP2's fully_shard swaps the model's class for FSDP<Class>: name the model's own class
+    own_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     return {
-        "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+        "architecture": (getattr(config, "architectures", None) or [own_class.__name__])[0],
         "model_type": getattr(config, "model_type", None),
         "hidden_size": getattr(config, "hidden_size", None),
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),

@@ -24,8 +24,20 @@ from typing import Iterator
 from rexft.config import RunConfig
 
 
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun, accelerate launch and deepspeed set RANK;
+    mpirun its own variable), 0 outside a launch. Known before any process group exists."""
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 def save_resolved_config(cfg: RunConfig, yaml_text: str, command: str) -> Path:
-    """Written before the stage does any work, so every run records what it was asked to do."""
+    """Written before the stage does any work, so every run records what it was asked to do; by the main
+    process of a launch only (the others would write the same file again)."""
+    if launch_rank() != 0:
+        return cfg.path / "config.yaml"
     cfg.path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.path / f"config.{command}.yaml", yaml_text)
     return atomic_write_text(cfg.path / "config.yaml", yaml_text)
@@ -43,7 +55,11 @@ def folder_name(task: str) -> str:
 @contextmanager
 def restored_on_error(run_dir: Path) -> Iterator[None]:
     """A command that fails leaves the run directory as it found it: a directory it created is removed when it
-    holds nothing but the configs written, and config files it replaced are put back."""
+    holds nothing but the configs written, and config files it replaced are put back (by the main process of a
+    launch: the others wrote nothing)."""
+    if launch_rank() != 0:
+        yield
+        return
     existed = run_dir.is_dir()
     before = {p.name: p.read_bytes() for p in run_dir.glob("config*.yaml")} if existed else {}
     try:

@@ -1,4 +1,4 @@
-"""Train stage: one loop on Accelerate, from one CPU to multi-GPU nodes (DDP or DeepSpeed ZeRO-2/3).
+"""Train stage: one loop on Accelerate, from one CPU to multi-GPU nodes (DDP, FSDP2 or DeepSpeed ZeRO-2/3).
 
     base model (frozen) + adapters -> mixture batches (+ each example's prior) -> AdamW steps
     -> checkpoints/step-N (adapter + optimizer + RNG, atomic) -> adapter/ (final)
@@ -8,7 +8,11 @@ global micro-batch t is split evenly across processes, so N processes with batch
 process with batch N*b sees. The loss of a micro-batch is the sum of its answer-token losses divided by
 the answer tokens of the whole optimizer step (all processes, all accumulation steps), so the update
 does not depend on how the global batch is split. Resuming replays the same order and restores the RNG
-state, so the loss curve after a resume equals the uninterrupted one.
+state, so the loss curve after a resume equals the uninterrupted one. A checkpoint holds the gathered
+adapter and optimizer state (DDP, FSDP2) and resumes on any number of processes with the same global
+batch; DeepSpeed's partitioned ZeRO state resumes on the world size that wrote it.
+
+Only the main process writes to the run directory (the per-rank files of DeepSpeed's ZeRO checkpoint excepted).
 """
 
 from __future__ import annotations
@@ -72,15 +76,33 @@ def resolve_mixed_precision(setting: str, deepspeed: bool = False) -> str:
     return "bf16" if native_bf16(device) else "no"
 
 
+def _fsdp_plugin():
+    """FSDP2: each decoder block (the model's ``_no_split_modules``) is fully_shard-ed, then the embeddings,
+    the tail and the root. Weights stay as loaded on every process until sharded (no rank-0-only loading,
+    which a 4-bit base does not support anyway); checkpoints gather the adapter and optimizer state."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          reshard_after_forward=True, cpu_ram_efficient_loading=False,
+                                          state_dict_type="FULL_STATE_DICT")
+
+
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
     from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
 
     trainer = cfg.trainer
+    if trainer.fsdp and trainer.deepspeed:
+        raise RexftError(f"trainer.fsdp=true and trainer.deepspeed={trainer.deepspeed}: choose one sharding "
+                         "(trainer=fsdp or trainer=zero3)")
     on_cpu = not torch.cuda.is_available()
     mixed_precision = resolve_mixed_precision(trainer.mixed_precision, deepspeed=bool(trainer.deepspeed))
     log.info("mixed precision: %s (trainer.mixed_precision=%s)", mixed_precision, trainer.mixed_precision)
     plugin = None
+    if trainer.deepspeed and "LOCAL_RANK" not in os.environ:
+        raise RexftError(f"trainer.deepspeed={trainer.deepspeed} needs a launcher, even for one process: torchrun "
+                         "--nproc_per_node N -m rexft train ... (or accelerate launch, or deepspeed --module rexft)")
     if trainer.deepspeed:
         # DeepSpeed initialises the process group itself (gloo on CPU); Accelerate's cpu=True disables it.
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
@@ -90,8 +112,26 @@ def make_accelerator(cfg: RunConfig):
     report_to = list(trainer.report_to)  # its choices are checked with the config
     if "wandb" in report_to:
         os.environ.setdefault("WANDB_DIR", str(cfg.path))  # W&B's files live in the run directory too
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=trainer.grad_accum,
-                       deepspeed_plugin=plugin, log_with=report_to or None, project_dir=str(cfg.path))
+    fsdp = None
+    if trainer.fsdp:
+        fsdp = _fsdp_plugin() if PartialState(cpu=cpu).num_processes > 1 else None
+        if fsdp is None:
+            log.info("trainer.fsdp: one process, nothing to shard: training unsharded")
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=trainer.grad_accum,
+                              deepspeed_plugin=plugin, fsdp_plugin=fsdp, log_with=report_to or None,
+                              project_dir=str(cfg.path))
+    if fsdp is not None and accelerator.distributed_type != DistributedType.FSDP:
+        # Accelerate 1.15 turns FSDP on for accelerator devices only. On CPU gloo processes (tests, CI) the
+        # same FSDP2 path is taken by setting the state as Accelerate does on a GPU (both shared states).
+        PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = fsdp
+        if mixed_precision != "no":
+            fsdp.set_mixed_precision(mixed_precision)
+    return accelerator
+
+
+def is_fsdp(accelerator) -> bool:
+    return accelerator.distributed_type == "FSDP"
 
 
 def is_zero3(accelerator) -> bool:
@@ -108,6 +148,8 @@ def gathered_adapter_state(model, accelerator) -> dict[str, torch.Tensor]:
 
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
             return {name: p.detach().clone().cpu() for name, p in params.items()}
+    if is_fsdp(accelerator):  # FSDP2 parameters are DTensors sharded on dim 0: all-gather each
+        return {name: p.full_tensor().detach().cpu().clone() for name, p in params.items()}
     return {name: p.detach().clone().cpu() for name, p in params.items()}
 
 
@@ -120,8 +162,9 @@ def enable_checkpointing(model) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def training_rows(cfg: RunConfig, tokenizer) -> tuple[list[dict], dict | None]:
-    """Tokenized training examples, each with its prior when the adapter uses one."""
+def training_rows(cfg: RunConfig, tokenizer, write_cache: bool = True) -> tuple[list[dict], dict | None]:
+    """Tokenized training examples, each with its prior when the adapter uses one (``write_cache``: this
+    process may write the tokenization cache in the run directory)."""
     from rexft.prior import priors_for
     from rexft.splits import frozen_mixture
 
@@ -129,7 +172,8 @@ def training_rows(cfg: RunConfig, tokenizer) -> tuple[list[dict], dict | None]:
     if not examples:
         raise RexftError("the training mixture is empty (data.tasks, data.train_per_task, data.no_train_split)")
     fmt = PromptFormat.for_model(tokenizer, cfg.model)
-    encoded = tokenize_examples(examples, tokenizer, fmt, cfg.data.max_length, cfg.path / "data" / "cache")
+    encoded = tokenize_examples(examples, tokenizer, fmt, cfg.data.max_length, cfg.path / "data" / "cache",
+                                write_cache=write_cache)
     check_dropped(examples, encoded, cfg.data)
     prior_meta = None
     if uses_prior(cfg):  # priors of the whole mixture (the texts cluster-prior embedded: a cache hit)
@@ -187,6 +231,26 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def _state_dict_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # full: every tensor whole (FSDP2 shards gathered), keyed by parameter name, so any world size loads it
+    return StateDictOptions(full_state_dict=True, cpu_offload=torch.distributed.is_initialized())
+
+
+def gathered_optimizer_state(model, optimizer) -> dict:
+    """The optimizer state keyed by parameter name, FSDP2 shards gathered (a collective: every process calls it)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_state_dict_options())
+
+
+def load_gathered_optimizer_state(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_state_dict_options())
+
+
 def save_checkpoint(cfg: RunConfig, accelerator, model, optimizer, scheduler, step: int, state: dict) -> Path:
     """adapter + optimizer + scheduler + RNG into checkpoints/step-N, via a temporary folder and rename."""
     from safetensors.torch import save_file
@@ -200,8 +264,10 @@ def save_checkpoint(cfg: RunConfig, accelerator, model, optimizer, scheduler, st
     accelerator.wait_for_everyone()
     if accelerator.state.deepspeed_plugin is not None:
         accelerator.save_state(str(tmp / "deepspeed"), exclude_frozen_parameters=True)
-    elif accelerator.is_main_process:
-        torch.save({"optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
+    else:
+        optimizer_state = gathered_optimizer_state(model, optimizer)
+        if accelerator.is_main_process:
+            torch.save({"optimizer": optimizer_state, "keyed_by": "name"}, tmp / "optimizer.pt")
     # Every process has written its part (save_state ends with each process's own RNG file): only then
     # may the main process move the folder into place.
     accelerator.wait_for_everyone()
@@ -219,7 +285,32 @@ def save_checkpoint(cfg: RunConfig, accelerator, model, optimizer, scheduler, st
     return final
 
 
-def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
+def check_resumable(path: Path, saved: dict, accelerator, cfg: TrainerConfig) -> None:
+    """A checkpoint resumes with the same global batch (so step N starts at the same example), on any
+    world size; DeepSpeed's partitioned ZeRO state only on the world size that wrote it."""
+    world = accelerator.num_processes
+    written_by = saved.get("world_size")
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    if saved.get("global_batch", global_batch) != global_batch:
+        b, w = saved["global_batch"], written_by
+        raise RexftError(f"checkpoint {path} was trained with a global batch of {b} ({w} processes); this launch has "
+                         f"{global_batch} (trainer.batch_size={cfg.batch_size} x grad_accum={cfg.grad_accum} x {world} "
+                         f"processes): set trainer.batch_size x trainer.grad_accum = {b / world:g} per process so the "
+                         "data order and the schedule continue")
+    if accelerator.state.deepspeed_plugin is not None and written_by not in (None, world):
+        raise RexftError(f"checkpoint {path} holds DeepSpeed ZeRO state partitioned over {written_by} processes and "
+                         f"this launch has {world}: DeepSpeed loads a partitioned optimizer only on the world size that "
+                         f"wrote it. Resume with {written_by} processes, or resume with trainer=default or trainer=fsdp "
+                         "from a checkpoint they wrote (the gathered state loads on any world size)")
+    if accelerator.state.deepspeed_plugin is not None and not (path / "deepspeed").is_dir():
+        raise RexftError(f"checkpoint {path} was not written by DeepSpeed (no deepspeed/ folder); resume it without "
+                         "trainer.deepspeed (trainer=default or trainer=fsdp)")
+    if accelerator.state.deepspeed_plugin is None and not (path / "optimizer.pt").is_file():
+        raise RexftError(f"checkpoint {path} holds DeepSpeed ZeRO state (deepspeed/); resume it with the DeepSpeed "
+                         f"config that wrote it (trainer.deepspeed) on {written_by or 'the same number of'} processes")
+
+
+def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler, cfg: TrainerConfig) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -233,13 +324,24 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dic
     own = {n: p for n, p in unwrapped.named_parameters() if is_adapter_param(n)}
     if set(own) != set(adapter):
         raise RexftError(f"checkpoint {path} does not match the adapter config (different adapter parameters)")
+    check_resumable(path, trainer_state, accelerator, cfg)
     if accelerator.state.deepspeed_plugin is not None:
         accelerator.load_state(str(path / "deepspeed"), load_module_strict=False)
     else:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         with torch.no_grad():
             for name, tensor in adapter.items():
-                own[name].copy_(tensor)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False)["optimizer"])
+                param = own[name]
+                if isinstance(param, DTensor):  # FSDP2: this process's shard of the whole tensor
+                    tensor = distribute_tensor(tensor.to(param.dtype), param.device_mesh, param.placements).to_local()
+                    param = param.to_local()
+                param.copy_(tensor)
+        saved = torch.load(path / "optimizer.pt", weights_only=False)
+        if saved.get("keyed_by") == "name":
+            load_gathered_optimizer_state(model, optimizer, saved["optimizer"])
+        else:  # an older checkpoint: the optimizer's own state, keyed by index (DDP or one process)
+            optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
@@ -290,7 +392,8 @@ class Trainer:
         self.main = self.accelerator.is_main_process
 
         tokenizer = load_tokenizer(cfg.model)
-        model = load_model(cfg.model, len(tokenizer), "cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(cfg.model, len(tokenizer), "cuda" if torch.cuda.is_available() else "cpu",
+                           sharded=is_fsdp(self.accelerator))
         model.config.use_cache = False
         inject_adapters(model, cfg.adapter)
         if tcfg.gradient_checkpointing:
@@ -300,7 +403,7 @@ class Trainer:
             print(format_targets(model))
             print(format_parameter_report(self.report))
 
-        self.rows, self.prior_meta = training_rows(cfg, tokenizer)
+        self.rows, self.prior_meta = training_rows(cfg, tokenizer, write_cache=self.main)
         self.collate = collate
         if cfg.data.packing:
             unpacked = len(self.rows)
@@ -311,6 +414,8 @@ class Trainer:
         optimizer = make_optimizer(self.params, tcfg)
         self.scheduler = make_scheduler(optimizer, tcfg, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if is_fsdp(self.accelerator):  # FSDP2 replaced each parameter by a sharded DTensor: clip those
+            self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.metrics_path = cfg.path / "metrics.jsonl"
         self.orders: dict[int, list[int]] = {}  # epoch -> the global data order, computed once per epoch
@@ -325,7 +430,8 @@ class Trainer:
             found = checkpoint_dirs(cfg.path)
             if not found:
                 raise RexftError(f"trainer.resume=true but {cfg.path / 'checkpoints'} holds no checkpoint")
-            start = load_checkpoint(found[-1], self.accelerator, self.model, self.optimizer, self.scheduler)["step"]
+            start = load_checkpoint(found[-1], self.accelerator, self.model, self.optimizer, self.scheduler,
+                                    cfg.trainer)["step"]
             log.info("resumed from %s", found[-1])
         elif checkpoint_dirs(cfg.path) and self.main:
             log.warning("%s holds checkpoints of an earlier run; they will be replaced (trainer.resume=true continues it)",
@@ -379,6 +485,8 @@ class Trainer:
                   "tokens_per_s": round(self.tokens_seen * self.world / max(elapsed, 1e-9), 1)}
         if grad_norm is not None:
             record["grad_norm"] = round(float(grad_norm), 6)
+        if torch.cuda.is_available():  # what `rexft plan` predicts: weights, adapters, optimizer, activations
+            record["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
         if tcfg.routing_stats_every and done % tcfg.routing_stats_every == 0:
             record["routing"] = routing_stats(accelerator.unwrap_model(model))
         return record
@@ -408,7 +516,9 @@ class Trainer:
             self.accelerator.log({k: v for k, v in record.items() if k != "routing"}, step=done)
 
     def save(self, step: int, loss: float | None) -> Path:
-        return save_checkpoint(self.cfg, self.accelerator, self.model, self.optimizer, self.scheduler, step, {"loss": loss})
+        tcfg = self.cfg.trainer
+        state = {"loss": loss, "world_size": self.world, "global_batch": tcfg.batch_size * tcfg.grad_accum * self.world}
+        return save_checkpoint(self.cfg, self.accelerator, self.model, self.optimizer, self.scheduler, step, state)
 
     def finish(self, loss: float | None) -> Path:
         """The last checkpoint, then adapter/ (with the resolved config and the prior's centroids)."""
