@@ -467,10 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     print_only = "--print-config" in args
     overrides = [a for a in args if a != "--print-config"]
     if any(a in ("-m", "--multirun") for a in overrides):
-        from rexft.multirun import multirun
-
-        try:
-            return multirun(command, [a for a in overrides if a not in ("-m", "--multirun")])
+        try:  # by name, like the stages: multirun builds on this module, the CLI stays the graph's top
+            return _load("rexft.multirun:multirun")(command, [a for a in overrides if a not in ("-m", "--multirun")])
         except ConfigError as err:
             print(f"rexft: error: {err}", file=sys.stderr)
             return 2
