@@ -64,14 +64,19 @@ def test_sigkill_leaves_the_last_checkpoint_loadable(tmp_path, prior):
                                 f"data.local_dir={DATA}", "trainer.max_steps=100000", "trainer.epochs=1000",
                                 "trainer.save_every=1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((run_dir / "checkpoints").glob("step-*"))) < 2:
+    while time.time() < deadline and len(list((run_dir / "checkpoints").glob("step-*"))) < 2 and process.poll() is None:
         time.sleep(0.2)
     time.sleep(0.37)  # land somewhere inside a later step or checkpoint write
+    exited = process.poll()
     process.send_signal(signal.SIGKILL)
     process.wait()
     from rexft.train import checkpoint_dirs
 
-    last = checkpoint_dirs(run_dir)[-1]
+    found = checkpoint_dirs(run_dir)
+    assert found, (f"no checkpoint appeared in {run_dir / 'checkpoints'} within 120 s (the training process "
+                   + (f"exited on its own with status {exited})" if exited is not None else "was still running)")
+                   + ": there is nothing to resume from")
+    last = found[-1]
     assert load_file(str(last / "adapter.safetensors"))
     step = json.loads((last / "trainer_state.json").read_text())["step"]
     assert step >= 1
