@@ -39,7 +39,7 @@ from rexft.eval.pool import (batch_openings, forward_rests, prefill_prefixes, sh
 from rexft.config import RunConfig
 from rexft.data import PromptFormat, encode_prompt
 from rexft.errors import RexftError
-from rexft.modeling import compute_dtype, load_model, load_tokenizer, model_fingerprint, torch_dtype
+from rexft.modeling import compute_dtype, load_model, load_tokenizer, model_fingerprint, pad_id, torch_dtype
 from rexft.rundir import folder_name
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _routes(model, tokenizer, prompts, priors, batch_size, groups) -> tuple[dict
     layers = {n: m for n, m in adapter_layers(model).items() if m.is_mixture}
     routes = {n: [None] * len(prompts) for n in layers}
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     shared = {}
     if groups is not None and priors is None:
         shared = shared_prefix_lengths(dict(enumerate(prompts)), dict(enumerate(groups)))
@@ -162,11 +162,11 @@ def _routes(model, tokenizer, prompts, priors, batch_size, groups) -> tuple[dict
             layer.route_log = []
         openings = None
         if any(lengths):  # only without priors: the opening runs once, its tokens' routes count for every row
-            openings = prefill_prefixes(model, [prompts[i][:n] for i, n in zip(index, lengths)], pad_id)
+            openings = prefill_prefixes(model, [prompts[i][:n] for i, n in zip(index, lengths)], pad)
             opening = {name: layer.route_log.pop()[[row for _, row in openings.which]] for name, layer in layers.items()}  # (b, E)
         set_rows = None if priors is None else (
             lambda run: set_prior(model, priors[[index[r] for r in run]].to(device)))
-        for run, _ in forward_rests(model, [prompts[i] for i in index], lengths, openings, pad_id, 1, set_rows):
+        for run, _ in forward_rests(model, [prompts[i] for i in index], lengths, openings, pad, 1, set_rows):
             rows = [index[r] for r in run]
             weight = torch.tensor([[lengths[r] / len(prompts[i])] for r, i in zip(run, rows)])  # the opening's share
             for name, layer in layers.items():

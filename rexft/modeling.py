@@ -100,6 +100,17 @@ def _from_pretrained(loader, cfg: ModelConfig, what: str, **kwargs):
                          "local directory or a GGUF file (model=smollm2_135m), or run scripts/fetch_smollm2.sh") from None
 
 
+def default_device() -> str:
+    """Where rexft runs a model: the GPU where there is one, else the CPU (the one place this is decided)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token (load_tokenizer sets EOS where it has
+    none), else 0 (padding is masked, so any id is correct)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def load_tokenizer(cfg: ModelConfig):
     if cfg.name_or_path == TINY:
         return byte_tokenizer()
@@ -163,7 +174,7 @@ def machine_summary(probe: bool = True) -> str:
             return "-"
 
     cpu = cpuinfo("model name") or platform.processor() or platform.machine()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     where = torch.cuda.get_device_name() if device == "cuda" else f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     line = (f"{where}; torch kernels {torch.backends.cpu.get_cpu_capability()}, native bf16 "
             f"{'yes' if native_bf16(device) else 'no'}; " +

@@ -35,7 +35,7 @@ import torch
 
 from rexft.config import RunConfig, config_root
 from rexft.errors import RexftError
-from rexft.modeling import TINY, byte_tokenizer, tiny_llama_config, torch_dtype
+from rexft.modeling import TINY, byte_tokenizer, default_device, tiny_llama_config, torch_dtype
 
 log = logging.getLogger(__name__)
 MIB = 2 ** 20
@@ -148,7 +148,7 @@ def memory_plan(cfg: RunConfig, world_size: int | None = None, device: str | Non
     world = world_size or cfg.plan.world_size
     device = device or cfg.plan.device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
     strategy, stage = strategy_of(cfg, world)
     tcfg, quantized = cfg.trainer, cfg.model.quantization == "nf4"
     if cfg.model.name_or_path == TINY:

@@ -27,7 +27,7 @@ import torch
 
 from rexft.config import PriorConfig, RunConfig
 from rexft.errors import RexftError
-from rexft.modeling import cache_root
+from rexft.modeling import cache_root, default_device
 
 log = logging.getLogger(__name__)
 MINILM_NAMES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
@@ -47,10 +47,6 @@ def resolve_embedder(name: str) -> str:
         except ImportError:
             return "sentence-transformers/all-MiniLM-L6-v2"
     return name
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Embedder:

@@ -33,7 +33,7 @@ from rexft.config import RunConfig, TrainerConfig, config_root
 from rexft.data import (IGNORE_INDEX, PromptFormat, check_dropped, collate, collate_packed, length_grouped_order,
                          pack_rows, tokenize_examples)
 from rexft.errors import RexftError
-from rexft.modeling import load_model, load_tokenizer, native_bf16
+from rexft.modeling import default_device, load_model, load_tokenizer, native_bf16, pad_id
 from rexft.prior import ADAPTER_CENTROIDS
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def resolve_mixed_precision(setting: str, deepspeed: bool = False) -> str:
     or AMX), else none. DeepSpeed on a CPU keeps float32 (its CPU bf16 path is not one rexft tests)."""
     if setting != "auto":
         return setting
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     if device == "cpu" and deepspeed:
         return "no"
     return "bf16" if native_bf16(device) else "no"
@@ -392,7 +392,7 @@ class Trainer:
         self.main = self.accelerator.is_main_process
 
         tokenizer = load_tokenizer(cfg.model)
-        model = load_model(cfg.model, len(tokenizer), "cuda" if torch.cuda.is_available() else "cpu",
+        model = load_model(cfg.model, len(tokenizer), default_device(),
                            sharded=is_fsdp(self.accelerator))
         model.config.use_cache = False
         inject_adapters(model, cfg.adapter)
@@ -416,7 +416,7 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         if is_fsdp(self.accelerator):  # FSDP2 replaced each parameter by a sharded DTensor: clip those
             self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id(tokenizer)
         self.metrics_path = cfg.path / "metrics.jsonl"
         self.orders: dict[int, list[int]] = {}  # epoch -> the global data order, computed once per epoch
         self.tokens_seen, self.clock = 0, time.perf_counter()

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import torch
 
 from rexft.adapters import route_logs_paused, set_prior, set_token_mask
+from rexft.modeling import pad_id
 
 
 @dataclass
@@ -115,7 +116,7 @@ class PlainEngine:
 
     @property
     def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return pad_id(self.tokenizer)
 
     def _set_rows(self, ids: list[int]) -> None:
         if self.rows is not None:

@@ -21,7 +21,7 @@ from rexft.eval import make_engine
 from rexft.eval.engine import prior_state
 from rexft.eval.protocols import Dropped, Prediction, Prompts, as_row, from_row, score_examples
 from rexft.eval.report import RouteRecorder, routing_heatmap, routing_layer, results_table, summarize, summary_lines
-from rexft.modeling import load_model, load_tokenizer
+from rexft.modeling import default_device, load_model, load_tokenizer
 from rexft.splits import EvalSet, eval_set, examples_digest
 
 
@@ -33,7 +33,7 @@ def eval_examples(cfg: RunConfig) -> EvalSet:
 
 def load_eval_model(cfg: RunConfig):
     """(model, tokenizer, adapter config or None, description). A merged export, or base [+ adapter]."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     if cfg.eval.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -31,7 +31,7 @@ from rexft.cli import saved_config
 from rexft.errors import RexftError
 from rexft.formats import prompt_of_chat
 from rexft.eval.stage import adapter_priors
-from rexft.modeling import load_model, load_tokenizer
+from rexft.modeling import default_device, load_model, load_tokenizer
 
 
 @register_model("rexft")
@@ -42,7 +42,7 @@ class RexftLM(HFLM):
     def __init__(self, run_dir: str, use_adapter: bool = True, device: str | None = None, **kwargs):
         self.run_config = saved_config(Path(run_dir))
         if device is None or device.startswith("cuda") and not torch.cuda.is_available():  # lm-eval's default is cuda
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = default_device()
         self.adapter_dir = self.run_config.path / "adapter"
         if use_adapter and not (self.adapter_dir / "adapter_config.json").is_file():
             raise RexftError(f"no adapter at {self.adapter_dir}: run `rexft train` first, or pass "
