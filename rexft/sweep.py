@@ -36,6 +36,7 @@ import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from rexft.adapters import ADAPTER_CONFIG
 from rexft.config import METRICS, RunConfig
 from rexft.errors import RexftError
 from rexft.rundir import read_jsonl, write_json
@@ -177,7 +178,7 @@ def read_job(job_dir: Path, metric: str = "auto") -> Job:
     key = metric_key(metric, tuning or evaluated)
     metrics = read_jsonl(job_dir / "metrics.jsonl") if (job_dir / "metrics.jsonl").is_file() else []
     speeds = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
-    adapter = job_dir / "adapter" / "adapter_config.json"
+    adapter = job_dir / "adapter" / ADAPTER_CONFIG
     trainable = json.loads(adapter.read_text()).get("parameters", {}).get("trainable") if adapter.is_file() else None
     params = dict(o.split("=", 1) for o in record.get("overrides", []) if "=" in o)
     return Job(job_dir.name, params, "failed" if failed else ("running" if running or not steps else "ok"), tuning.get(key),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rexft.adapters import load_adapter, read_adapter_config
+from rexft.adapters import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from rexft.config import RunConfig
 from rexft.data import PromptFormat
 from rexft.errors import RexftError
@@ -48,7 +48,7 @@ def load_eval_model(cfg: RunConfig):
     adapter_dir = cfg.path / "adapter"
     if not cfg.eval.use_adapter:
         return model.eval(), tokenizer, None, f"base model {cfg.model.name_or_path}"
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise RexftError(f"no adapter at {adapter_dir}: run `rexft train` with this recipe first, "
                          "or pass eval.use_adapter=false to evaluate the base model")
     load_adapter(model, adapter_dir)

@@ -26,7 +26,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from rexft.adapters import load_adapter, read_adapter_config, set_prior
+from rexft.adapters import ADAPTER_CONFIG, load_adapter, read_adapter_config, set_prior
 from rexft.cli import saved_config
 from rexft.errors import RexftError
 from rexft.formats import prompt_of_chat
@@ -44,7 +44,7 @@ class RexftLM(HFLM):
         if device is None or device.startswith("cuda") and not torch.cuda.is_available():  # lm-eval's default is cuda
             device = default_device()
         self.adapter_dir = self.run_config.path / "adapter"
-        if use_adapter and not (self.adapter_dir / "adapter_config.json").is_file():
+        if use_adapter and not (self.adapter_dir / ADAPTER_CONFIG).is_file():
             raise RexftError(f"no adapter at {self.adapter_dir}: run `rexft train` first, or pass "
                              "--model_args run_dir=...,use_adapter=false for the base model")
         tokenizer = load_tokenizer(self.run_config.model)
