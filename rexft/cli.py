@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from rexft.config import RunConfig, choice_violations, config_root, expert_count, range_violations, schema_fields
+from rexft.errors import RexftError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class ConfigError(Exception):
+class ConfigError(RexftError):
     """A user mistake in the composed configuration: printed as one line, exit status 2."""
 
 
@@ -227,7 +228,6 @@ def saved_config(run_dir: Path) -> RunConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from rexft.errors import RexftError
 
     run_dir = Path(run_dir)
     found = [run_dir / name for name in ("adapter/config.yaml", "config.train.yaml", "config.yaml")
@@ -443,7 +443,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, args = argv[0], argv[1:]
     if command == "eval" and args and args[0] == "compare":
-        from rexft.errors import RexftError
         from rexft.eval.report import compare_runs
 
         try:
@@ -483,7 +482,6 @@ def main(argv: list[str] | None = None) -> int:
         print(OmegaConf.to_yaml(resolved), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from rexft.errors import RexftError
 
     try:
         run_command(command, cfg, OmegaConf.to_yaml(resolved))
@@ -510,7 +508,6 @@ def run_command(command: str, cfg: RunConfig, yaml_text: str) -> None:
 def _sweep_command(args: list[str]) -> int:
     """``rexft sweep report DIR [--metric KEY]``: the table and plot of a sweep's jobs."""
     from rexft.config import METRICS
-    from rexft.errors import RexftError
     from rexft.sweep import sweep_report
 
     if not args or args[0] != "report" or len(args) < 2 or args[1].startswith("-"):

@@ -75,7 +75,7 @@ def record_step(job_dir: Path, step: str, status: str, digest: str, seconds: flo
 
 def describe_error(err: BaseException) -> str:
     """One line for rexft's own errors (a user's mistake); the last frames of a traceback otherwise."""
-    if isinstance(err, RexftError) or type(err).__name__ == "ConfigError":
+    if isinstance(err, RexftError):  # the CLI's ConfigError is one too
         return str(err)
     return "".join(traceback.format_exception(type(err), err, err.__traceback__)[-3:]).strip()
 
@@ -229,33 +229,38 @@ def report_table(jobs: list[Job]) -> str:
     return "\n".join(lines)
 
 
-def lr_plot(jobs: list[Job], path: Path, group_key: str = "adapter") -> bool:
-    """The tuning metric against trainer.lr (log axis), one line per adapter (or other swept group)."""
-    points = [j for j in jobs if "trainer.lr" in j.params and j.tuning is not None]
-    if len({j.params["trainer.lr"] for j in points}) < 2:
-        return False
+def plot_metric_vs_lr(curves: dict[str, dict[float, float]], ylabel: str, path: Path) -> None:
+    """One line per label: the metric against the learning rate (log axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    groups: dict[str, list[Job]] = {}
-    others = sorted({k for j in points for k in j.params if k not in ("trainer.lr", group_key)
-                     and len({jj.params.get(k) for jj in points}) > 1})
-    for job in points:
-        label = ", ".join([job.params.get(group_key, "")] + [f"{k}={job.params.get(k)}" for k in others]).strip(", ")
-        groups.setdefault(label or "run", []).append(job)
-    for label, members in sorted(groups.items()):
-        members.sort(key=lambda j: float(j.params["trainer.lr"]))
-        ax.plot([float(j.params["trainer.lr"]) for j in members], [j.tuning for j in members], marker="o", label=label)
+    for label, points in sorted(curves.items()):
+        lrs = sorted(points)
+        ax.plot(lrs, [points[lr] for lr in lrs], marker="o", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("trainer.lr")
-    ax.set_ylabel(f"tuning split: {points[0].metric}")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def lr_plot(jobs: list[Job], path: Path, group_key: str = "adapter") -> bool:
+    """The tuning metric against trainer.lr, one line per adapter (or other swept group)."""
+    points = [j for j in jobs if "trainer.lr" in j.params and j.tuning is not None]
+    if len({j.params["trainer.lr"] for j in points}) < 2:
+        return False
+    others = sorted({k for j in points for k in j.params if k not in ("trainer.lr", group_key)
+                     and len({jj.params.get(k) for jj in points}) > 1})
+    curves: dict[str, dict[float, float]] = {}
+    for job in points:
+        label = ", ".join([job.params.get(group_key, "")] + [f"{k}={job.params.get(k)}" for k in others]).strip(", ")
+        curves.setdefault(label or "run", {})[float(job.params["trainer.lr"])] = job.tuning
+    plot_metric_vs_lr(curves, f"tuning split: {points[0].metric}", path)
     return True
 
 

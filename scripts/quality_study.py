@@ -268,26 +268,12 @@ def report(name: str, docs: Path, doc: Path) -> None:
 
 
 def tuning_plot(methods: dict, metric: str, path: Path) -> bool:
-    import matplotlib
+    from rexft.sweep import plot_metric_vs_lr
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = {m: v["tuning"] for m, v in methods.items() if len(v["tuning"]) > 1}
-    if not curves:
-        return False
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for method, points in curves.items():
-        lrs = sorted(points, key=float)
-        ax.plot([float(lr) for lr in lrs], [points[lr] for lr in lrs], marker="o", label=method)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel(f"tuning split: {metric}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    curves = {m: {float(lr): v for lr, v in r["tuning"].items()} for m, r in methods.items() if len(r["tuning"]) > 1}
+    if curves:
+        plot_metric_vs_lr(curves, f"tuning split: {metric}", path)
+    return bool(curves)
 
 
 def main() -> None:
