@@ -96,12 +96,16 @@ def run(args) -> None:
     root, docs = Path(args.root) / args.study, Path(args.docs) / args.study
     recipe = [f"recipe={study['recipe']}", *args.override]
     base = root / "base"
-    if not (base / "eval" / "results.json").is_file():
-        rexft("data", *recipe, f"run_dir={base}")
-        rexft("eval", *recipe, f"run_dir={base}", "eval.use_adapter=false")
-    collect(base, docs / "base")
+    if not (docs / "base" / "eval" / "results.json").is_file():
+        if not (base / "eval" / "results.json").is_file():
+            rexft("data", *recipe, f"run_dir={base}")
+            rexft("eval", *recipe, f"run_dir={base}", "eval.use_adapter=false")
+        collect(base, docs / "base")
     for name in args.methods or METHODS:
         adapter = METHODS[name]
+        if len(method_runs(docs, adapter, study["metric"])["runs"]) == 1 + len(SEEDS):
+            print(f"{name}: every job is recorded under {docs / adapter}; skipped", file=sys.stderr)
+            continue
         started = time.perf_counter()
         tune = root / adapter / "tune"
         rexft("train", "-m", *recipe, f"adapter={adapter}", f"trainer.lr={','.join(LRS)}", f"hydra.sweep.dir={tune}")
