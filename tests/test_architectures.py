@@ -20,12 +20,11 @@ from conftest import ROOT, randomize_adapters, run_cli, vllm_python
 from rexft.adapters import adapter_layers, adapter_types, format_targets, set_token_mask
 from rexft.config import AdapterConfig, DataConfig, ModelConfig
 from rexft.data import PromptFormat
-from rexft.eval import make_engine
-from rexft.eval.engine import prior_state
 from rexft.eval.protocols import Prompts, loglik
 from rexft.eval.report import RouteRecorder
 from rexft.export import (example_routes, mean_routes, set_groups, stack_static_factors, static_factors,
                           write_peft_adapter)
+from rexft.inference import make_engine, prior_state
 from rexft.modeling import byte_tokenizer
 
 K = 8
