@@ -25,6 +25,7 @@ import torch
 
 from rexft.config import PriorConfig, RunConfig
 from rexft.errors import RexftError
+from rexft.exports import cluster_of
 
 
 @dataclass
@@ -42,11 +43,6 @@ class Route:
         return {"adapter": self.adapter, "how": self.how, "cluster": self.cluster,
                 "similarity": None if self.similarity is None else round(self.similarity, 4),
                 "router_ms": round(self.router_ms, 3)}
-
-
-def cluster_name(c: int) -> str:
-    """merge-export's per-cluster adapter name (its folder under export/per_cluster)."""
-    return f"cluster{c:02d}"
 
 
 class Router:
@@ -132,6 +128,6 @@ def build_router(cfg: RunConfig, exports: dict[str, Path] | None, mode: str | No
     if exports is None:
         return Router(embedder, centroids, {}, "mixture", cfg.name)
     if mode == "per_cluster":
-        destinations = {name: centroids[int(name.removeprefix("cluster"))] for name in exports}
+        destinations = {name: centroids[cluster_of(name)] for name in exports}
         return Router(embedder, centroids, destinations, "cluster", cfg.name)
     return Router(embedder, centroids, task_signatures(cfg, list(exports), meta), "task", cfg.name)

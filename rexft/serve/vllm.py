@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from rexft.errors import RexftError
+from rexft.exports import VLLM_RANKS
 from rexft.serve.protocol import APIError
 
 log = logging.getLogger(__name__)
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts as --max-lora-rank
 CHAT_TEMPLATE = "chat_template.jinja"  # in run_dir/serve: how training rendered chats, for vLLM's --chat-template
 
 
