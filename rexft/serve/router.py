@@ -26,6 +26,7 @@ import torch
 from rexft.config import PriorConfig, RunConfig
 from rexft.errors import RexftError
 from rexft.exports import cluster_of
+from rexft.serve.protocol import RouteInfo
 
 
 @dataclass
@@ -39,10 +40,11 @@ class Route:
     similarity: float | None = None  # the request's embedding . the destination's vector (centroid or task mean)
     router_ms: float = 0.0  # embedding + nearest centroid
 
-    def fields(self) -> dict:
-        return {"adapter": self.adapter, "how": self.how, "cluster": self.cluster,
-                "similarity": None if self.similarity is None else round(self.similarity, 4),
-                "router_ms": round(self.router_ms, 3)}
+    def info(self) -> RouteInfo:
+        """The route as responses carry it (``rexft_route``) and routes.jsonl records it."""
+        return RouteInfo(adapter=self.adapter, how=self.how, cluster=self.cluster,
+                         similarity=None if self.similarity is None else round(self.similarity, 4),
+                         router_ms=round(self.router_ms, 3))
 
 
 class Router:
