@@ -39,7 +39,7 @@ from rexft.eval.pool import (batch_openings, forward_rests, prefill_prefixes, sh
 from rexft.config import RunConfig
 from rexft.data import PromptFormat, encode_prompt
 from rexft.errors import RexftError
-from rexft.exports import VLLM_MAX_RANK, cluster_name
+from rexft.served_adapters import VLLM_MAX_RANK, cluster_name
 from rexft.modeling import compute_dtype, load_model, load_tokenizer, model_fingerprint, pad_id, torch_dtype
 from rexft.rundir import folder_name
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
-from rexft.exports import cluster_of
+from rexft.served_adapters import cluster_of
 from rexft.modeling import machine_summary
 
 ROOT = Path(__file__).resolve().parent.parent

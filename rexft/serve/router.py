@@ -25,7 +25,7 @@ import torch
 
 from rexft.config import PriorConfig, RunConfig
 from rexft.errors import RexftError
-from rexft.exports import cluster_of
+from rexft.served_adapters import cluster_of
 from rexft.serve.protocol import RouteInfo
 
 

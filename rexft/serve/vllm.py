@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from rexft.errors import RexftError
-from rexft.exports import VLLM_RANKS
+from rexft.served_adapters import VLLM_RANKS
 from rexft.serve.backend import Call, Failed
 from rexft.serve.protocol import APIError, Relayed
 
