@@ -73,7 +73,7 @@ def measure(method: str, args) -> dict:
         rexft.inject_adapters(model, {**spec, "dropout": args.dropout})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     prior = torch.rand(args.batch, 32, device=device)
     rexft.set_prior(model, prior)
