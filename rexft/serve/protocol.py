@@ -246,16 +246,22 @@ class CompletionChoice(BaseModel):
     finish_reason: Optional[str] = None
 
 
-class Completion(BaseModel):
-    """A whole completion, and (``usage`` None, ``finish_reason`` None until the last) each of a stream's chunks."""
+class ResponseBody(BaseModel):
+    """What every response and stream chunk carries; each kind fixes ``object`` and its ``choices``."""
 
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int = Field(default_factory=now)
     model: str
-    choices: list[CompletionChoice]
     usage: Optional[Usage] = None
     rexft_route: RouteInfo
+
+
+class Completion(ResponseBody):
+    """A whole completion, and (``usage`` None, ``finish_reason`` None until the last) each of a stream's chunks."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class AssistantMessage(BaseModel):
@@ -269,14 +275,10 @@ class ChatChoice(BaseModel):
     finish_reason: str
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(ResponseBody):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=now)
-    model: str
     choices: list[ChatChoice]
     usage: Usage
-    rexft_route: RouteInfo
 
 
 class Delta(BaseModel):
@@ -296,14 +298,9 @@ class ChatChunkChoice(BaseModel):
     finish_reason: Optional[str] = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(ResponseBody):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=now)
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Optional[Usage] = None
-    rexft_route: RouteInfo
 
 
 class Relayed(BaseModel):
