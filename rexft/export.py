@@ -38,6 +38,7 @@ from rexft.config import RunConfig
 from rexft.data import PromptFormat, encode_prompt
 from rexft.errors import RexftError
 from rexft.inference import adapter_priors, prefix_passes
+from rexft.served_adapters import VLLM_MAX_RANK, cluster_name
 from rexft.modeling import compute_dtype, load_model, load_tokenizer, model_fingerprint, pad_id, torch_dtype
 from rexft.rundir import folder_name
 
@@ -72,9 +73,6 @@ def merge_into_base(model: torch.nn.Module) -> torch.nn.Module:
     for param in model.parameters():
         param.requires_grad_(True)
     return model
-
-
-VLLM_MAX_RANK = 512  # the largest --max-lora-rank vLLM accepts (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def vllm_refusal(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str | None:
@@ -381,7 +379,7 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
         else:  # an adapter without a prior: clusters of the run's prior/
             centroids, meta = load_prior(cfg.path)
             similarity = priors_from(texts, centroids, meta, cfg.prior)
-        keys = [f"cluster{int(c):02d}" for c in similarity.argmax(1)]
+        keys = [cluster_name(c) for c in similarity.argmax(1)]
     groups: dict[str, list[int]] = {}
     for i, key in enumerate(keys[: len(train)]):
         groups.setdefault(key, []).append(i)

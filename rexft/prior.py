@@ -50,37 +50,26 @@ def resolve_embedder(name: str) -> str:
 
 
 class Embedder:
-    """A Hugging Face encoder with mean pooling over real tokens and L2 normalisation."""
+    """A sentence-transformers encoder: the model's own pooling (mean pooling for a plain Hugging Face encoder
+    with no sentence-transformers config), unit vectors, texts longer than ``max_length`` tokens truncated."""
 
     def __init__(self, name: str, max_length: int = 256, device: str | None = None):
-        from transformers import AutoModel, AutoTokenizer
+        from sentence_transformers import SentenceTransformer
 
         self.name, self.max_length = name, max_length
         self.device = device or default_device()
-        source = resolve_embedder(name)
-        trust = "nomic" in name  # nomic-embed ships custom modelling code
-        self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
         dtype = torch.float16 if self.device == "cuda" else torch.float32
-        self.model = AutoModel.from_pretrained(source, trust_remote_code=trust, dtype=dtype).to(self.device).eval()
-        self.dim = self.model.config.hidden_size
+        self.model = SentenceTransformer(resolve_embedder(name), device=self.device, model_kwargs={"dtype": dtype},
+                                         trust_remote_code="nomic" in name)  # nomic-embed ships custom modelling code
+        self.model.max_seq_length = max_length
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension  # renamed in 6.x
+        self.dim = dimension()
 
-    @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 64, progress: bool = True) -> torch.Tensor:
-        """(n, d) float32 unit vectors, in input order. Batches are formed over length-sorted texts."""
-        from tqdm.auto import tqdm
-
-        lengths = [len(t) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        out = torch.empty(len(texts), self.dim)
-        for start in tqdm(range(0, len(texts), batch_size), desc="embed", disable=not progress, leave=False):
-            index = order[start:start + batch_size]
-            batch = self.tokenizer([texts[i] for i in index], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(self.device)
-            hidden = self.model(**batch).last_hidden_state  # (b, s, d)
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, s, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)  # (b, d)
-            out[index] = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
-        return out
+        """(n, d) float32 unit vectors, in input order (batches are formed over length-sorted texts)."""
+        out = self.model.encode(texts, batch_size=batch_size, show_progress_bar=progress, convert_to_tensor=True,
+                                normalize_embeddings=True)
+        return out.float().cpu()
 
 
 def _embedder_fingerprint(cfg: PriorConfig) -> str:

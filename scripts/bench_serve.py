@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
+from rexft.served_adapters import cluster_of
 from rexft.modeling import machine_summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +139,7 @@ def fidelity(args, overrides: list[str]) -> dict:
         same += text == predictions[example.task, example.row]["prediction"]
         route = body["rexft_route"]
         # the cluster chosen: the per-cluster adapter's, or (local backend) the nearest centroid's
-        chosen = int(route["adapter"].removeprefix("cluster")) if route["how"] == "cluster" else route["cluster"]
+        chosen = cluster_of(route["adapter"]) if route["how"] == "cluster" else route["cluster"]
         if example.task in task_column and chosen is not None:
             column = [counts[c][task_column[example.task]] for c in range(len(counts))]
             agree.append(chosen == max(range(len(column)), key=column.__getitem__))

@@ -314,3 +314,39 @@ def test_injected_layers_follow_the_models_train_or_eval_mode():
     assert not any(m.training for m in evaluating.modules())
     training = rexft.inject_adapters(tiny_model().train(), AdapterConfig(type="trex", prior_dim=K, dropout=0.5))
     assert all(layer.training for layer in adapter_layers(training).values())
+
+
+def test_lane_dropout_is_dropout_with_rate_p_on_every_lane():
+    """LaneDropout: y = x * keep / (1 - p), the same keep in the backward, P(drop) = p on each of the four
+    16-bit lanes of a random draw, reproducible under torch.manual_seed, the identity in eval mode."""
+    from rexft.adapters.base import LaneDropout
+
+    dropout = LaneDropout(0.1).train()
+    x = torch.randn(64, 128, 96, requires_grad=True)
+    torch.manual_seed(3)
+    y = dropout(x)
+    keep = y.detach() != 0
+    torch.testing.assert_close(y, x * keep / 0.9)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, keep / 0.9)
+    dropped = 1 - keep.reshape(-1, 4).float().mean(0)  # lane i of each int64 draw is element 4 * j + i
+    assert torch.allclose(dropped, torch.full((4,), 0.1), atol=0.005), dropped
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x) != 0, keep)
+    assert dropout.eval()(x) is x
+
+
+def test_adapter_dropout_masks_only_the_adapter_input():
+    """With dropout, the base still sees x whole; the adapter's coefficients see x * keep / (1 - p)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 24)
+    layer = rexft.adapters.adapter_class("lora")(linear, AdapterConfig(type="lora", r=4, dropout=0.5))
+    with torch.no_grad():
+        layer.rex_B.normal_()
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(1)
+    out = layer.train()(x)
+    torch.manual_seed(1)
+    dropped = layer.dropout(x)
+    assert 0 < (dropped == 0).float().mean() < 1
+    torch.testing.assert_close(out, linear(x) + torch.nn.functional.linear(layer.coefficients(dropped), layer.rex_B))

@@ -1,6 +1,12 @@
-"""The whole pipeline through the real CLI on the smoke recipe: every artifact written and reloadable."""
+"""The whole pipeline through the real CLI on the smoke recipe: every artifact written and reloadable.
+
+One run directory is built once (``run_dir``) and only read by the tests; a test that writes into a run
+(another export mode, a changed adapter) works on its own copy (``run_copy``), so any order of the tests
+passes.
+"""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -17,6 +23,12 @@ def run_dir(tmp_path_factory, data_dir):
     for command in ("data", "cluster-prior", "train", "eval", "merge-export"):
         run_cli(command, *common)
     return run_dir
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path):
+    """A copy of the pipeline's run directory that a test may change."""
+    return shutil.copytree(run_dir, tmp_path / "run")
 
 
 def test_data_stage_writes_examples_and_stats(run_dir):
@@ -81,18 +93,14 @@ def test_export_per_task_loads_in_peft_and_refuses_to_overwrite(run_dir):
     assert (run_dir / "export" / "manifest.json").is_file()  # nothing lost
 
 
-def test_eval_predictions_are_reused_only_for_the_same_adapter_and_settings(run_dir, tmp_path, data_dir):
-    import shutil
-
+def test_eval_predictions_are_reused_only_for_the_same_adapter_and_settings(run_copy, data_dir):
     from rexft.cli import compose
     from rexft.eval.stage import reusable_predictions
 
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    common = ["recipe=smoke", f"run_dir={copy}", f"data.local_dir={data_dir}"]
+    common = ["recipe=smoke", f"run_dir={run_copy}", f"data.local_dir={data_dir}"]
     assert len(reusable_predictions(compose(common)[0])) == 14 * 8
     assert reusable_predictions(compose(common + ["eval.protocol=loglik"])[0]) == {}
-    weights = copy / "adapter" / "adapter_model.safetensors"
+    weights = run_copy / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + bytes(4))  # the adapter changed since rexft eval
     assert reusable_predictions(compose(common)[0]) == {}
 
@@ -105,7 +113,7 @@ def test_eval_compare_prints_a_table_and_a_chart(run_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_eval_equals_one_process(run_dir):
+def test_two_process_eval_equals_one_process(run_copy):
     import os
     import subprocess
     import sys
@@ -114,21 +122,21 @@ def test_two_process_eval_equals_one_process(run_dir):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rexft", "eval",
-                    "recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={DATA}", "eval.output=eval_2proc"],
+                    "recipe=smoke", f"run_dir={run_copy}", f"data.local_dir={DATA}", "eval.output=eval_2proc"],
                    cwd=ROOT, env=env, check=True, capture_output=True)
-    one = json.loads((run_dir / "eval" / "results.json").read_text())
-    two = json.loads((run_dir / "eval_2proc" / "results.json").read_text())
+    one = json.loads((run_copy / "eval" / "results.json").read_text())
+    two = json.loads((run_copy / "eval_2proc" / "results.json").read_text())
     assert {t: r["accuracy"] for t, r in two["tasks"].items()} == {t: r["accuracy"] for t, r in one["tasks"].items()}
     assert two["mean_nll"] == pytest.approx(one["mean_nll"], abs=1e-3)
-    assert len((run_dir / "eval_2proc" / "predictions.jsonl").read_text().splitlines()) == 14 * 8
+    assert len((run_copy / "eval_2proc" / "predictions.jsonl").read_text().splitlines()) == 14 * 8
 
 
-def test_export_per_cluster_and_dtype(run_dir):
-    run_cli("merge-export", "recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={DATA}", "export.mode=per_cluster",
+def test_export_per_cluster_and_dtype(run_copy):
+    run_cli("merge-export", "recipe=smoke", f"run_dir={run_copy}", f"data.local_dir={DATA}", "export.mode=per_cluster",
             "export.dtype=bfloat16", "export.overwrite=true", "export.fidelity=false", "export.merged_models=true")
-    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    manifest = json.loads((run_copy / "export" / "manifest.json").read_text())
     assert manifest["mode"] == "per_cluster" and manifest["dtype"] == "bfloat16"
-    clusters = sorted((run_dir / "export" / "per_cluster").iterdir())
+    clusters = sorted((run_copy / "export" / "per_cluster").iterdir())
     assert clusters and 0 < sum(manifest["per_cluster"].values()) <= 14 * 16  # up to export.route_examples each
     from safetensors.torch import load_file
 
@@ -136,19 +144,37 @@ def test_export_per_cluster_and_dtype(run_dir):
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
     from transformers import AutoModelForCausalLM  # a merged full model per cluster, loadable without rexft
 
-    merged = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "merged" / clusters[0].name)
+    merged = AutoModelForCausalLM.from_pretrained(run_copy / "export" / "merged" / clusters[0].name)
     assert merged.dtype == torch.bfloat16 and not any("rex_" in n for n, _ in merged.named_parameters())
 
 
-def test_export_dynamic_adapter_with_loader_notes(run_dir):
-    run_cli("merge-export", "recipe=smoke", f"run_dir={run_dir}", f"data.local_dir={DATA}", "export.mode=adapter",
+def test_export_dynamic_adapter_with_loader_notes(run_copy):
+    run_cli("merge-export", "recipe=smoke", f"run_dir={run_copy}", f"data.local_dir={DATA}", "export.mode=adapter",
             "export.overwrite=true")
-    exported = run_dir / "export" / "adapter"
+    exported = run_copy / "export" / "adapter"
     assert (exported / "LOADING.md").is_file() and (exported / "prior_centroids.safetensors").is_file()
     model = rexft.load_adapter(tiny_model(), exported)
-    reference = rexft.load_adapter(tiny_model(), run_dir / "adapter")
+    reference = rexft.load_adapter(tiny_model(), run_copy / "adapter")
     prior = torch.rand(1, 8)
     ids = torch.tensor([[1, 50, 60]])
     rexft.set_prior(model, prior)
     rexft.set_prior(reference, prior)
     assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("ci", [False, True], ids=["here", "ci"])
+def test_missing_data_is_a_skip_here_and_a_failure_in_ci(tmp_path, ci):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "REXFT_DATA": str(tmp_path / "no-data")}
+    env.pop("CI", None)
+    env |= {"CI": "true"} if ci else {}
+    test = "tests/test_pipeline.py::test_data_stage_writes_examples_and_stats"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert "real data not found" in out.stdout
+    assert out.returncode == (1 if ci else 0), out.stdout[-2000:]

@@ -190,3 +190,22 @@ def test_bitsandbytes_8bit_optimizers(tmp_path, prior, optimizer):
     run_dir, _ = smoke_run(tmp_path, prior, optimizer, f"trainer.optimizer={optimizer}", "trainer.max_steps=12")
     curve = losses(run_dir)
     assert all(l == l for l in curve) and sum(curve[-3:]) < sum(curve[:3])
+
+
+def test_why_checkpoints_are_not_accelerate_save_state(tmp_path):
+    """accelerate's save_state (outside DeepSpeed, whose path rexft uses with exclude_frozen_parameters) writes
+    the whole model, frozen base included, at every save: 140 GB a checkpoint for a 70B base. rexft's
+    checkpoints hold the adapter and its optimizer state only (and load on any world size)."""
+    from accelerate import Accelerator
+
+    import rexft
+    from conftest import tiny_model
+    from rexft.adapters import is_adapter_param
+
+    model = rexft.inject_adapters(tiny_model(), {"type": "lora", "r": 4})
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+    accelerator.save_state(str(tmp_path / "state"))
+    saved = load_file(str(tmp_path / "state" / "model.safetensors"))
+    frozen = [n for n in saved if not is_adapter_param(n)]
+    assert frozen and sum(saved[n].numel() for n in frozen) > 10 * sum(v.numel() for n, v in saved.items() if is_adapter_param(n))

@@ -6,7 +6,15 @@ Every adapter here is an up-projection B applied to R coefficients z(x) that the
 (``coefficients``): LoRA's z is s A x; the mixtures' z holds each rank-one expert's routed coefficient.
 Scalars (LoRA scaling, T-REX's gate) are applied to z, never to the (out,)-sized delta, and the
 residual add is fused into the up-projection GEMM (``addmm``), so beyond its dropout the adapter costs
-two thin matmuls and no full-width element-wise pass in either direction.
+two thin matmuls and no full-width element-wise pass in either direction. B enters the GEMM as a
+contiguous (R, out) copy: with R as small as 8, the transposed view makes both of B's backward GEMMs
+several times slower on CPU BLAS (copying (R, out) costs nothing beside them).
+
+Dropout (``LaneDropout``): on CPU, torch's dropout draws one random double per element and multiplies by
+a bool mask through a slow promotion path, ~4x the whole cost of the mask's arithmetic; here one 64-bit
+draw gives four 16-bit lanes, each kept when it is at least p's threshold (p rounded to 1/65536), and the
+0/1 mask multiplies as uint8. Same distribution (independent Bernoulli(1 - p) per element, scaled by
+1/(1 - p)), same seeding (torch's generator); other devices use torch's fused dropout.
 
 ``base`` is the model's own module (nn.Linear, a bitsandbytes 4-bit linear, or a ZeRO-3 partitioned
 one), kept as is and never copied; shapes come from ``in_features``/``out_features``, never from the
@@ -63,6 +71,42 @@ def kaiming_(weight: torch.Tensor) -> torch.Tensor:
     return nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
+class LaneDropout(nn.Module):
+    """Dropout, with the CPU mask drawn four 16-bit lanes per 64-bit random number (see the module doc)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        return _LaneDropout.apply(x, self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class _LaneDropout(torch.autograd.Function):
+    """y = x * keep / (1 - p) with keep a uint8 0/1 mask (saved for the backward: 1 byte per element, as
+    torch's bool mask); one int64 draw covers four elements (torch's generator, full 64-bit range)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        lanes = torch.empty(-(-x.numel() // 4), dtype=torch.int64).random_(-2**63, None).view(torch.int16)
+        keep = (lanes[: x.numel()] >= round(p * 2**16) - 2**15).view(x.shape).view(torch.uint8)  # P(keep) = 1 - p
+        ctx.save_for_backward(keep)
+        ctx.scale = 1 / (1 - p)
+        return torch.mul(x, keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.mul(grad, keep).mul_(ctx.scale), None
+
+
 class TokenLayout:
     """The token grid (b, s) of the model's current forward, shared by every adapter of a model.
 
@@ -117,7 +161,7 @@ class AdapterLinear(nn.Module):
         self.base = base
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.dropout = LaneDropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.aux_loss_weight = cfg.aux_loss_weight
         self.dtype = getattr(torch, cfg.dtype)
         # Per-batch state (not parameters or buffers: never saved, set by set_prior/set_token_mask).
@@ -143,7 +187,7 @@ class AdapterLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         z = self.coefficients(self.dropout(x).to(self.dtype))  # (..., R)
-        flat_z, up = z.reshape(-1, z.shape[-1]), self.rex_B.t()
+        flat_z, up = z.reshape(-1, z.shape[-1]), self.rex_B.t().contiguous()
         if self._adds_in_place(x, z, args, kwargs):
             # nn.Linear's backward never reads its output, so B z is accumulated into it by the GEMM. The
             # base runs on the 2-D view of x: an in-place op on a reshaped *output* would make autograd

@@ -8,6 +8,10 @@ until one that samples otherwise is waiting (it runs next: first come, first ser
 ``max_tokens``; a stream receives its new text after every chunk of tokens; a client that goes away has its
 row dropped at the next chunk. Each row's adapter state is its request's prior (the embedding's
 similarities to the run's centroids, as at training), set through the engine's per-row hook (``RowState``).
+
+Failures stay with their row: a row whose text cannot be decoded or cut at its stops gets its own error
+and leaves the batch; when the engine itself fails, the rows it held that had not streamed yet run again,
+each alone, so only the row that fails alone is answered with the error.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ import torch
 from rexft.adapters import set_prior
 from rexft.inference import Feed, PoolEngine, Row, RowState, Sampling, cut_at_stops, device_profile, new_text
 
+from rexft.serve.backend import Call, Failed, Finished, TextDelta
+from rexft.serve.protocol import APIError
+
 log = logging.getLogger(__name__)
+SAMPLING_EPS = 1e-5  # temperatures below this decode greedily, as vLLM's do (logits divided by less overflow)
+# The request fields the local backend implements; any other field set to a value but its default is refused.
+LOCAL_FIELDS = frozenset({"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+                          "stop", "seed", "stream", "stream_options", "user"})
 
 
 @dataclass
@@ -39,24 +50,51 @@ class Job:
     stops: tuple[str, ...]
     seed: int | None
     loop: asyncio.AbstractEventLoop
+    stream: bool = False  # its text is handed out as it decodes (TextDelta events)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     id: int = 0
     sent: str = ""  # text handed out so far (streams)
-    cancelled: bool = False
+    cancelled: bool = False  # its client went away
+    answered: bool = False  # its last event (Finished or Failed) is out
+    alone: bool = False  # decodes in a run of its own (after a run that held it failed)
+
+    @classmethod
+    def of(cls, call: Call, loop: asyncio.AbstractEventLoop) -> "Job":
+        r = call.request
+        return cls(call.prompt_ids, call.prior, call.max_tokens, r.temperature, r.top_p, r.stops, r.seed, loop, r.stream)
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature >= SAMPLING_EPS
 
     @property
     def key(self) -> tuple:
-        """Requests with equal keys decode in one batch; a seeded one only with itself."""
-        sampling = (0.0, 1.0) if self.temperature == 0 else (self.temperature, self.top_p)
-        return sampling + (self.stops, None if self.seed is None else ("seed", self.id))
+        """Requests with equal keys decode in one batch; a seeded one (or one running alone) only with itself."""
+        sampling = (self.temperature, self.top_p) if self.sampled else (0.0, 1.0)
+        return sampling + (self.stops, None if self.seed is None and not self.alone else ("alone", self.id))
 
-    def emit(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+    @property
+    def done(self) -> bool:
+        return self.cancelled or self.answered
+
+    def emit(self, event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # its event loop closed: nobody is waiting
+            pass
+
+    def answer(self, event: Finished | Failed) -> None:
+        """The job's last event, once."""
+        if not self.answered:
+            self.answered = True
+            self.emit(event)
 
 
 class LocalBackend:
-    """``serve.backend=local``: see the module docstring. ``submit`` is thread-safe; events per job are
-    ("delta", text) while it decodes (streams), then ("done", text, finish_reason, tokens) or ("error", message)."""
+    """``serve.backend=local``: see the module docstring. ``answer`` yields a call's TextDelta events while
+    it decodes (streams), then its Finished or Failed."""
+
+    name = "local"
 
     def __init__(self, model, tokenizer, max_batch: int, max_tokens: int, profile: dict | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -68,9 +106,39 @@ class LocalBackend:
         self.stopped = False
         self.running: dict[int, Job] = {}  # the jobs of the decoding run under way, by id
         self.thread = threading.Thread(target=self._work, name="rexft-local-backend", daemon=True)
-        self.thread.start()
 
     # ------------------------------------------------------------------------------- the HTTP side
+    async def start(self) -> None:
+        self.thread.start()
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self._stop)
+
+    def unavailable(self) -> str | None:
+        return None if self.thread.is_alive() and not self.stopped else "the local backend's worker is not running"
+
+    def refuse(self, request) -> None:
+        """The first field set to something the local backend does not implement (n > 1, logprobs, tools...)."""
+        fields = type(request).model_fields
+        for name, value in request.model_dump(exclude_unset=True).items():
+            default = fields[name].default if name in fields else None
+            if name not in LOCAL_FIELDS and value is not None and value != default:
+                raise APIError(400, f"'{name}' is not supported by the local backend (serve.backend=vllm takes it)",
+                               param=name, code="unsupported_parameter")
+
+    async def answer(self, call: Call):
+        reason = self.unavailable()
+        if reason is not None:
+            yield Failed(APIError(503, reason, code="engine_unavailable", kind="server_error"))
+            return
+        job = self.submit(Job.of(call, asyncio.get_running_loop()))
+        try:
+            while not isinstance(event := await job.events.get(), (Finished, Failed)):
+                yield event
+            yield event
+        finally:  # a client gone before its answer: its row leaves the decoding batch at the next chunk
+            job.cancelled = True
+
     def submit(self, job: Job) -> Job:
         with self.ready:
             job.id = next(self.ids)
@@ -78,28 +146,40 @@ class LocalBackend:
             self.ready.notify()
         return job
 
-    def stop(self) -> None:
+    def _stop(self) -> None:
         with self.ready:
             self.stopped = True
             self.ready.notify()
-        self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+        with self.ready:
+            while self.pending:
+                self.pending.popleft().answer(Failed(APIError(503, "the server is shutting down",
+                                                              code="engine_unavailable", kind="server_error")))
 
     # ------------------------------------------------------------------------------ the worker side
     def _work(self) -> None:
-        while True:
-            with self.ready:
-                while not self.pending and not self.stopped:
-                    self.ready.wait()
-                if self.stopped:
-                    return
-                first = self.pending.popleft()
+        while (first := self._next()) is not None:
             try:
                 self._decode(first)
-            except Exception as err:  # a failed run answers its requests with 500s; the worker goes on
+            except Exception as err:  # the engine failed: its rows run again alone, or fail with the reason
                 log.exception("local backend: decoding failed")
-                for job in self.running.values():
-                    job.emit("error", f"generation failed: {type(err).__name__}: {err}")
-            self.running = {}
+                self._retry_alone(err)
+            finally:
+                for job in self.running.values():  # every job taken gets an answer, whatever happened
+                    job.answer(Failed(APIError(500, "generation ended without an answer", kind="server_error")))
+                self.running = {}
+
+    def _next(self) -> Job | None:
+        """The oldest waiting job whose client is still there (None once the backend stops)."""
+        with self.ready:
+            while not self.stopped:
+                while self.pending and self.pending[0].cancelled:
+                    self.pending.popleft()
+                if self.pending:
+                    return self.pending.popleft()
+                self.ready.wait()
+        return None
 
     def _take(self, key: tuple, room: int) -> list[Job]:
         """Waiting jobs that decode like ``key``, oldest first, at most ``room``, and none that arrived after a
@@ -108,7 +188,21 @@ class LocalBackend:
         with self.ready:
             while self.pending and self.pending[0].key == key and len(taken) < room:
                 taken.append(self.pending.popleft())
-        return taken
+        return [job for job in taken if not job.cancelled]
+
+    def _retry_alone(self, err: Exception) -> None:
+        """After the engine failed: the run's unanswered rows that streamed nothing yet wait at the head of
+        the queue to decode each alone; a row that already ran alone, or streamed, gets the error."""
+        again = []
+        for job in self.running.values():
+            if job.alone or job.sent or job.done:
+                job.answer(Failed(APIError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error")))
+            else:
+                job.alone = True
+                again.append(job)
+        self.running = {}
+        with self.ready:
+            self.pending.extendleft(reversed(again))
 
     def _decode(self, first: Job) -> None:
         """One decoding run: ``first`` and the jobs that decode like it, now and as they arrive."""
@@ -127,29 +221,45 @@ class LocalBackend:
 
         (rows,) = admit([first] + self._take(first.key, self.max_batch - 1))
         feed = Feed(arrivals=lambda: admit(self._take(first.key, self.max_batch)),
-                    limit=lambda i: 0 if self.running[i].cancelled else self.running[i].limit,
+                    limit=lambda i: 0 if self.running[i].done else self.running[i].limit,
                     partial=lambda i, tokens: self._partial(self.running[i], tokens))
         engine = PoolEngine(self.model, self.tokenizer, RowState(set_rows, "row"), batch_size=self.max_batch,
                             profile=self.profile, feed=feed)
-        sampled = first.temperature > 0
-        sampling = Sampling(max_new_tokens=self.max_tokens, do_sample=sampled, temperature=first.temperature if sampled else 1.0,
-                            top_p=first.top_p, stop=tuple(first.stops), decode_batch_size=self.max_batch)
+        sampling = Sampling(max_new_tokens=self.max_tokens, do_sample=first.sampled,
+                            temperature=first.temperature if first.sampled else 1.0, top_p=first.top_p,
+                            stop=tuple(first.stops), decode_batch_size=self.max_batch)
         if first.seed is not None:
             torch.manual_seed(first.seed)
         for out in engine.generate(rows, sampling):
             job = self.running.pop(out.id)
-            text, finish = self.finish(out.tokens, job)
-            job.emit("done", text, finish, len(out.tokens[: job.limit]))
+            try:
+                text, finish = self.finish(out.tokens, job)
+            except Exception as err:
+                self._fail(job, err)
+                continue
+            job.answer(Finished(text, finish, len(out.tokens[: job.limit])))
+
+    def _fail(self, job: Job, err: Exception) -> None:
+        """One row's text could not be made: that request's error; the row leaves at the next chunk."""
+        log.exception("local backend: request %d failed", job.id, exc_info=err)
+        job.answer(Failed(APIError(500, f"generating this request's text failed: {type(err).__name__}: {err}",
+                                   kind="server_error")))
 
     def _partial(self, job: Job, tokens: list[int]) -> None:
         """A stream's new text: decoded so far, held back where a stop string or a multi-byte character may
         still be forming."""
-        text = new_text(self.tokenizer, tokens, job.stops)
+        if job.done or not job.stream:
+            return
+        try:
+            text = new_text(self.tokenizer, tokens, job.stops)
+        except Exception as err:
+            self._fail(job, err)
+            return
         hold = max((len(s) - 1 for s in job.stops), default=0)
         text = text[: len(text) - hold] if hold else text
         text = text.rstrip("\ufffd")
         if len(text) > len(job.sent) and text.startswith(job.sent):
-            job.emit("delta", text[len(job.sent):])
+            job.emit(TextDelta(text[len(job.sent):]))
             job.sent = text
 
     def finish(self, tokens: list[int], job: Job) -> tuple[str, str]:

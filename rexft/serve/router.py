@@ -25,6 +25,8 @@ import torch
 
 from rexft.config import PriorConfig, RunConfig
 from rexft.errors import RexftError
+from rexft.served_adapters import cluster_of
+from rexft.serve.protocol import RouteInfo
 
 
 @dataclass
@@ -38,15 +40,11 @@ class Route:
     similarity: float | None = None  # the request's embedding . the destination's vector (centroid or task mean)
     router_ms: float = 0.0  # embedding + nearest centroid
 
-    def fields(self) -> dict:
-        return {"adapter": self.adapter, "how": self.how, "cluster": self.cluster,
-                "similarity": None if self.similarity is None else round(self.similarity, 4),
-                "router_ms": round(self.router_ms, 3)}
-
-
-def cluster_name(c: int) -> str:
-    """merge-export's per-cluster adapter name (its folder under export/per_cluster)."""
-    return f"cluster{c:02d}"
+    def info(self) -> RouteInfo:
+        """The route as responses carry it (``rexft_route``) and routes.jsonl records it."""
+        return RouteInfo(adapter=self.adapter, how=self.how, cluster=self.cluster,
+                         similarity=None if self.similarity is None else round(self.similarity, 4),
+                         router_ms=round(self.router_ms, 3))
 
 
 class Router:
@@ -132,6 +130,6 @@ def build_router(cfg: RunConfig, exports: dict[str, Path] | None, mode: str | No
     if exports is None:
         return Router(embedder, centroids, {}, "mixture", cfg.name)
     if mode == "per_cluster":
-        destinations = {name: centroids[int(name.removeprefix("cluster"))] for name in exports}
+        destinations = {name: centroids[cluster_of(name)] for name in exports}
         return Router(embedder, centroids, destinations, "cluster", cfg.name)
     return Router(embedder, centroids, task_signatures(cfg, list(exports), meta), "task", cfg.name)

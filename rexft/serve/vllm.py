@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 from rexft.errors import RexftError
-from rexft.serve.protocol import APIError
+from rexft.served_adapters import VLLM_RANKS
+from rexft.serve.backend import Call, Failed
+from rexft.serve.protocol import APIError, Relayed
 
 log = logging.getLogger(__name__)
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts as --max-lora-rank
 CHAT_TEMPLATE = "chat_template.jinja"  # in run_dir/serve: how training rendered chats, for vLLM's --chat-template
 
 
@@ -83,6 +84,8 @@ def vllm_command(python: str, base: str, exports: dict[str, Path], rank: int, po
 
 class VllmBackend:
     """Forwards OpenAI requests to vLLM (see the module docstring)."""
+
+    name = "vllm"
 
     def __init__(self, command: list[str] | None, url: str, log_file: Path | None, startup_timeout: float):
         self.command, self.url, self.log_file = command, url.rstrip("/"), log_file
@@ -174,7 +177,11 @@ class VllmBackend:
             await self.client.aclose()
 
     # -------------------------------------------------------------------------------- forwarding
-    def unavailable(self, err: Exception) -> APIError:
+    def unavailable(self) -> str | None:
+        return None if self.healthy else self.down(RuntimeError("not healthy")).message
+
+    def down(self, err: Exception) -> APIError:
+        """The error a request gets while vLLM does not answer: 502 (an upstream), 503 (starting, restarting)."""
         if self.command is None:
             return APIError(502, f"the upstream vLLM server at {self.url} did not answer ({type(err).__name__}); "
                                  "retry once it is back", code="upstream_unavailable", kind="server_error")
@@ -182,17 +189,48 @@ class VllmBackend:
         return APIError(503, f"vLLM is {state}: up {time.monotonic() - self.started_at:.0f} s, not answering yet; "
                              "retry shortly", code="engine_unavailable", kind="server_error")
 
+    def refuse(self, request) -> None:
+        """Nothing: vLLM checks the fields it takes itself, and its refusals reach the client as 4xx."""
+
+    async def answer(self, call: Call):
+        """vLLM's answer to the request as the client sent it, ``model`` set to the route's adapter and
+        ``max_tokens`` to the checked limit: the response, or its stream's chunks, each a Relayed."""
+        forwarded = {**call.request.model_dump(exclude_unset=True), "model": call.route.adapter,
+                     "max_tokens": call.max_tokens}
+        forwarded.pop("max_completion_tokens", None)
+        try:
+            upstream = await self.send("/v1/chat/completions" if call.chat else "/v1/completions", forwarded)
+        except APIError as err:
+            yield Failed(err)
+            return
+        try:
+            if not call.request.stream:
+                yield self.relayed(await upstream.aread())
+                return
+            async for line in upstream.aiter_lines():
+                if line.startswith("data: {"):
+                    yield self.relayed(line[len("data: "):])
+        finally:
+            await upstream.aclose()
+
+    def relayed(self, raw: bytes | str) -> Relayed | Failed:
+        try:
+            return Relayed.model_validate_json(raw)
+        except ValueError:
+            return Failed(APIError(502, f"vLLM answered with something that is not an OpenAI body: {raw[:200]!r}",
+                                   code="upstream_invalid", kind="server_error"))
+
     async def send(self, path: str, body: dict):
         """The upstream's response (streamed), or an APIError when it cannot be reached or refuses."""
         import httpx
 
         if self.command is not None and not self.healthy:
-            raise self.unavailable(RuntimeError("not healthy"))
+            raise self.down(RuntimeError("not healthy"))
         try:
             request = self.client.build_request("POST", f"{self.url}{path}", json=body)
             upstream = await self.client.send(request, stream=True)
         except (httpx.TransportError, OSError) as err:
-            raise self.unavailable(err) from None
+            raise self.down(err) from None
         if upstream.status_code >= 400:
             raw = await upstream.aread()
             await upstream.aclose()
