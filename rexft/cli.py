@@ -18,7 +18,8 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from rexft.config import RunConfig, choice_violations, config_root, expert_count, range_violations, schema_fields
+from rexft.config import (ConfigError, RunConfig, choice_violations, config_root, expert_count, not_a_choice,
+                          range_violations, schema_fields, task_specs)
 from rexft.errors import RexftError
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rexft.serve.stage:serve", "serve the run behind an OpenAI-compatible endpoint (local engine or vLLM)"),
     "plan": ("rexft.plan:plan", "per-device training memory from the model config alone (plan.world_size, plan.device)"),
 }
-
-
-class ConfigError(RexftError):
-    """A user mistake in the composed configuration: printed as one line, exit status 2."""
 
 
 def options(group: str) -> list[str]:
@@ -60,36 +57,6 @@ def _child(node, part: str):
     if isinstance(node, DataConfig) and part == "sources":
         return {"__any__": TaskSpec()}
     return value
-
-
-def _task_specs(sources: dict) -> dict:
-    """data.sources entries as TaskSpec objects; unknown keys and wrong types name the key."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from rexft.config import TaskSpec
-
-    specs = {}
-    for name, raw in sources.items():
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config key 'data.sources.{name}': a task spec is a mapping (format, path/hub, columns, ...)")
-        valid = _schema_keys(TaskSpec())
-        for key in raw:
-            if key not in valid:
-                hint = difflib.get_close_matches(key, valid, n=1)
-                raise ConfigError(f"unknown config key 'data.sources.{name}.{key}'"
-                                  + (f" (did you mean 'data.sources.{name}.{hint[0]}'?)" if hint else "")
-                                  + f"; valid keys of a task spec: {', '.join(valid)}")
-        try:
-            specs[name] = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskSpec), raw))
-        except OmegaConfBaseException as err:
-            key = getattr(err, "full_key", None)
-            raise ConfigError(f"config key 'data.sources.{name}.{key}': {str(err).strip().splitlines()[0]}") from None
-        for key, value, valid in range_violations(specs[name]):
-            raise ConfigError(f"config key 'data.sources.{name}.{key}': {value!r} is out of range (must be {valid})")
-        for key, value, valid in choice_violations(specs[name]):
-            raise _not_a_choice(f"data.sources.{name}.{key}", value, valid)
-    return specs
 
 
 def _check_override(override: str) -> None:
@@ -210,7 +177,7 @@ def typed_config(composed, recipe_file: Path | None = None):
         key = getattr(err, "full_key", None)
         message = str(err).strip().splitlines()[0]
         raise ConfigError(f"config key '{key}': {message}" if key else message) from None
-    typed.data.sources = _task_specs(typed.data.sources)
+    typed.data.sources = task_specs(typed.data.sources)
     if recipe_file is not None:
         _paths_beside_recipe(typed, recipe_file)
     if prior_ablation(typed):
@@ -220,30 +187,6 @@ def typed_config(composed, recipe_file: Path | None = None):
         merged.adapter.use_prior = False
     _validate(typed, derived)
     return typed, merged
-
-
-def saved_config(run_dir: Path) -> RunConfig:
-    """The typed config a run directory recorded: the one its adapter was trained with (adapter/config.yaml,
-    else config.train.yaml, else the latest config.yaml), with ``run_dir`` set to where the folder is now."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-
-    run_dir = Path(run_dir)
-    found = [run_dir / name for name in ("adapter/config.yaml", "config.train.yaml", "config.yaml")
-             if (run_dir / name).is_file()]
-    if not found:
-        raise RexftError(f"{run_dir} is not a run directory (no config.yaml; `rexft train` writes one)")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(found[0]), {"run_dir": str(run_dir)})
-        typed: RunConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise RexftError(f"{found[0]}: {str(err).strip().splitlines()[0]}") from None
-    try:
-        typed.data.sources = _task_specs(typed.data.sources)
-    except ConfigError as err:
-        raise RexftError(f"{found[0]}: {err}") from None
-    return typed
 
 
 def _paths_beside_recipe(cfg: RunConfig, recipe_file: Path) -> None:
@@ -298,17 +241,12 @@ def _validate(cfg: RunConfig, derived: set[str] = frozenset()) -> None:
     _check_cross_keys(cfg)
 
 
-def _not_a_choice(key: str, value, valid: list) -> ConfigError:
-    names = ["null" if v is None else v for v in valid]
-    return ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(names)}")
-
-
 def _check_choices(cfg: RunConfig) -> None:
     from rexft.formats import FIELDS, FORMATS
     from rexft.tasks import task_names
 
     for key, value, valid in choice_violations(cfg):
-        raise _not_a_choice(key, value, valid)
+        raise not_a_choice(key, value, valid)
     for name, spec in cfg.data.sources.items():
         if spec.format not in FORMATS:
             raise ConfigError(f"config key 'data.sources.{name}.format': '{spec.format}' is not one of {', '.join(FORMATS)}")

@@ -1,9 +1,10 @@
 """Typed configuration: the schema every composed Hydra config is validated against.
 
-Only the CLI touches Hydra/OmegaConf. It composes configs/ + recipes/ + command-line overrides, merges
-the result into :class:`RunConfig` (unknown keys and wrong types fail there, naming the key), checks
-every value against the range its field declares here (:func:`range_violations`) and hands plain
-dataclasses to the stages. Field comments are the documentation of each key.
+Only the CLI touches Hydra. It composes configs/ + recipes/ + command-line overrides, merges the result
+into :class:`RunConfig` (unknown keys and wrong types fail there, naming the key), checks every value
+against the range its field declares here (:func:`range_violations`) and hands plain dataclasses to the
+stages. Field comments are the documentation of each key. OmegaConf's structured merge also reads a
+spec back (:func:`task_specs`; ``rexft.rundir.saved_config``): stages get dataclasses, never its objects.
 
 Every numeric and list field states its valid range with :func:`bounded` (or says it has none with
 :func:`unbounded`), and every field with a fixed set of values states it with :func:`one_of` (a list of
@@ -21,6 +22,12 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
+
+from rexft.errors import RexftError
+
+
+class ConfigError(RexftError):
+    """A user mistake in the composed configuration: printed as one line, exit status 2."""
 
 
 def config_root() -> Path:
@@ -366,8 +373,8 @@ class EvalConfig:
     # generate, pool engine: rows decoding together; finished rows leave and new ones join every few tokens.
     # The KV cache of this many prompts (plus max_new_tokens) is held at once (null: the device profile's).
     decode_batch_size: Optional[int] = bounded(None, ge=1, allow=(None,))
-    # pool engine: overrides of the device profile (rexft/eval/pool.py DeviceProfile: run_cost, call_cost,
-    # read_margin, decode_chunk, decode_batch_size), e.g. {decode_chunk: 8}
+    # pool engine: overrides of the device profile (rexft/inference/profile.py DeviceProfile: run_cost,
+    # call_cost, decode_chunk, decode_batch_size), e.g. {decode_chunk: 8}
     profile: dict[str, int] = field(default_factory=dict)
     model: Optional[str] = None  # evaluate this merged export instead of base (+ run_dir adapter)
     use_adapter: bool = True  # false: evaluate the base model
@@ -495,3 +502,38 @@ def adapter_config_from(obj: AdapterConfig | dict) -> AdapterConfig:
     if unknown:
         raise ValueError(f"unknown adapter config key(s) {unknown}; valid keys: {sorted(known)}")
     return AdapterConfig(**obj)
+
+
+def not_a_choice(key: str, value, valid: list) -> ConfigError:
+    names = ["null" if v is None else v for v in valid]
+    return ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(names)}")
+
+
+def task_specs(sources: dict) -> dict:
+    """data.sources entries as TaskSpec objects; unknown keys and wrong types name the key."""
+    import difflib
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    specs = {}
+    for name, raw in sources.items():
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config key 'data.sources.{name}': a task spec is a mapping (format, path/hub, columns, ...)")
+        valid = [f.name for f in dataclasses.fields(TaskSpec)]
+        for key in raw:
+            if key not in valid:
+                hint = difflib.get_close_matches(key, valid, n=1)
+                raise ConfigError(f"unknown config key 'data.sources.{name}.{key}'"
+                                  + (f" (did you mean 'data.sources.{name}.{hint[0]}'?)" if hint else "")
+                                  + f"; valid keys of a task spec: {', '.join(valid)}")
+        try:
+            specs[name] = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskSpec), raw))
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None)
+            raise ConfigError(f"config key 'data.sources.{name}.{key}': {str(err).strip().splitlines()[0]}") from None
+        for key, value, valid in range_violations(specs[name]):
+            raise ConfigError(f"config key 'data.sources.{name}.{key}': {value!r} is out of range (must be {valid})")
+        for key, value, valid in choice_violations(specs[name]):
+            raise not_a_choice(f"data.sources.{name}.{key}", value, valid)
+    return specs

@@ -34,11 +34,10 @@ import torch
 
 from rexft.adapters import adapter_layers, load_adapter, read_adapter_config, set_prior
 from rexft.adapters.base import TokenLayout
-from rexft.eval.pool import (batch_openings, forward_rests, prefill_prefixes, shared_prefix_lengths,
-                             shared_prefix_order)
 from rexft.config import RunConfig
 from rexft.data import PromptFormat, encode_prompt
 from rexft.errors import RexftError
+from rexft.inference import adapter_priors, prefix_passes
 from rexft.served_adapters import VLLM_MAX_RANK, cluster_name
 from rexft.modeling import compute_dtype, load_model, load_tokenizer, model_fingerprint, pad_id, torch_dtype
 from rexft.rundir import folder_name
@@ -146,36 +145,27 @@ def _routes(model, tokenizer, prompts, priors, batch_size, groups) -> tuple[dict
     layers = {n: m for n, m in adapter_layers(model).items() if m.is_mixture}
     routes = {n: [None] * len(prompts) for n in layers}
     device = next(model.parameters()).device
-    pad = pad_id(tokenizer)
-    shared = {}
-    if groups is not None and priors is None:
-        shared = shared_prefix_lengths(dict(enumerate(prompts)), dict(enumerate(groups)))
-    sizes = {i: len(p) for i, p in enumerate(prompts)}
-    order = shared_prefix_order(sizes, dict(enumerate(groups)), shared) if shared else sorted(sizes, key=lambda i: -sizes[i])
     set_prior(model, None)
-    for start in range(0, len(order), batch_size):
-        index = order[start:start + batch_size]
-        lengths = batch_openings(index, prompts, shared)
-        for layer in layers.values():
-            layer.route_log = []
-        openings = None
-        if any(lengths):  # only without priors: the opening runs once, its tokens' routes count for every row
-            openings = prefill_prefixes(model, [prompts[i][:n] for i, n in zip(index, lengths)], pad)
-            opening = {name: layer.route_log.pop()[[row for _, row in openings.which]] for name, layer in layers.items()}  # (b, E)
-        set_rows = None if priors is None else (
-            lambda run: set_prior(model, priors[[index[r] for r in run]].to(device)))
-        for run, _ in forward_rests(model, [prompts[i] for i in index], lengths, openings, pad, 1, set_rows):
-            rows = [index[r] for r in run]
-            weight = torch.tensor([[lengths[r] / len(prompts[i])] for r, i in zip(run, rows)])  # the opening's share
-            for name, layer in layers.items():
-                per_row = layer.route_log.pop()  # (len(run), E) over each row's tokens after its opening
-                if openings is not None:
-                    per_row = weight * opening[name][run] + (1 - weight) * per_row
-                for i, route in zip(rows, per_row):
-                    routes[name][i] = route
-        for layer in layers.values():
-            layer.route_log = None
-    tokens = torch.tensor([float(sizes[i]) for i in range(len(prompts))])
+    set_rows = None if priors is None else (lambda rows: set_prior(model, priors[rows].to(device)))
+    for layer in layers.values():
+        layer.route_log = []
+    opening = {}
+    for step in prefix_passes(model, prompts, pad_id(tokenizer), batch_size, groups, set_rows):
+        if step.run is None:  # a batch's openings, run once (only without priors): their routes count for every row
+            opening = {name: layer.route_log.pop()[step.opening_rows] for name, layer in layers.items()}  # (b, E)
+            continue
+        rows = [step.batch[r] for r in step.run]
+        opened = any(step.lengths)
+        weight = torch.tensor([[step.lengths[r] / len(prompts[i])] for r, i in zip(step.run, rows)])  # the opening's share
+        for name, layer in layers.items():
+            per_row = layer.route_log.pop()  # (len(run), E) over each row's tokens after its opening
+            if opened:
+                per_row = weight * opening[name][step.run] + (1 - weight) * per_row
+            for i, route in zip(rows, per_row):
+                routes[name][i] = route
+    for layer in layers.values():
+        layer.route_log = None
+    tokens = torch.tensor([float(len(p)) for p in prompts])
     return {n: torch.stack(r) for n, r in routes.items() if prompts}, tokens
 
 
@@ -365,7 +355,6 @@ def _export_static(cfg: RunConfig, tokenizer, tmp: Path, spec: dict, by: str) ->
     from peft import PeftModel
     from tqdm.auto import tqdm
 
-    from rexft.eval.stage import adapter_priors
     from rexft.splits import cap_examples
     from rexft.prior import load_prior, priors_from
     from rexft.splits import frozen_splits
@@ -451,11 +440,8 @@ def _fidelity(cfg: RunConfig, model, tokenizer, fmt: PromptFormat, folder: Path,
     Returns the table's rows and how many dynamic scores came from rexft eval's predictions."""
     from dataclasses import replace
 
-    from rexft.eval.engine import RowState, prior_state
-    from rexft.eval import make_engine
-    from rexft.eval.protocols import Prompts, score_examples
-    from rexft.eval.report import headline, summarize
-    from rexft.eval.stage import reusable_predictions
+    from rexft.eval import Prompts, headline, reusable_predictions, score_examples, summarize
+    from rexft.inference import RowState, make_engine, prior_state
 
     index = [i for i, key in enumerate(keys) if key in written]
     examples, keys = [examples[i] for i in index], [keys[i] for i in index]

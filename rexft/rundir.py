@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from rexft.config import RunConfig
+from rexft.config import ConfigError, RunConfig, task_specs
+from rexft.errors import RexftError
 
 
 def launch_rank() -> int:
@@ -98,3 +99,26 @@ def write_jsonl(path: Path, rows) -> Path:
 def read_jsonl(path: Path) -> list[dict]:
     with open(path) as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def saved_config(run_dir: Path) -> RunConfig:
+    """The typed config a run directory recorded: the one its adapter was trained with (adapter/config.yaml,
+    else config.train.yaml, else the latest config.yaml), with ``run_dir`` set to where the folder is now."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    run_dir = Path(run_dir)
+    found = [run_dir / name for name in ("adapter/config.yaml", "config.train.yaml", "config.yaml")
+             if (run_dir / name).is_file()]
+    if not found:
+        raise RexftError(f"{run_dir} is not a run directory (no config.yaml; `rexft train` writes one)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(found[0]), {"run_dir": str(run_dir)})
+        typed: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise RexftError(f"{found[0]}: {str(err).strip().splitlines()[0]}") from None
+    try:
+        typed.data.sources = task_specs(typed.data.sources)
+    except ConfigError as err:
+        raise RexftError(f"{found[0]}: {err}") from None
+    return typed

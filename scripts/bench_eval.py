@@ -30,8 +30,8 @@ import torch
 
 from rexft.cli import compose
 from rexft.data import PromptFormat, encode_prompt, letter_token_ids
-from rexft.eval import make_engine
-from rexft.eval.engine import prior_state
+from rexft.inference import make_engine
+from rexft.inference import prior_state
 from rexft.eval.protocols import Prompts, first_token, generate
 from rexft.splits import build_splits
 from rexft.modeling import load_model, load_tokenizer, machine_summary
@@ -105,7 +105,7 @@ def main():
 
 def bench_generate(args) -> None:
     from rexft.config import EvalConfig
-    from rexft.eval.engine import left_pad as left_pad_ids
+    from rexft.inference.engine import left_pad as left_pad_ids
 
     recipe = args.model if args.model != "demo" else "demo-sni"
     overrides = [f"recipe={recipe}", f"data.sources.sni.max_tasks={args.tasks or 'null'}", f"data.eval_per_task={args.per_task}"]

@@ -52,8 +52,11 @@ def child(args) -> dict:
     examples = [e for s in build_splits(cfg.data) for e in s.eval[: args.per_task]]
     settings = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     try:
-        from rexft.eval import make_engine
-        from rexft.eval.engine import prior_state
+        try:  # engines under rexft.inference (#37), or in eval before
+            from rexft.inference import make_engine, prior_state
+        except ImportError:
+            from rexft.eval import make_engine
+            from rexft.eval.engine import prior_state
         from rexft.eval.protocols import Prompts, first_token, generate
 
         engine = make_engine("auto", model, tokenizer, prior_state(model, None), args.batch_size)

@@ -20,12 +20,11 @@ from conftest import ROOT, randomize_adapters, run_cli, vllm_python
 from rexft.adapters import adapter_layers, adapter_types, format_targets, set_token_mask
 from rexft.config import AdapterConfig, DataConfig, ModelConfig
 from rexft.data import PromptFormat
-from rexft.eval import make_engine
-from rexft.eval.engine import prior_state
 from rexft.eval.protocols import Prompts, loglik
 from rexft.eval.report import RouteRecorder
 from rexft.export import (example_routes, mean_routes, set_groups, stack_static_factors, static_factors,
                           write_peft_adapter)
+from rexft.inference import make_engine, prior_state
 from rexft.modeling import byte_tokenizer
 
 K = 8
@@ -117,7 +116,9 @@ def peft_load(base, folder):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_trains_evaluates_and_exports_to_peft(bases, examples, arch, kind, tmp_path):
     base = bases[arch]
-    model = rexft.inject_adapters(copy.deepcopy(base), config(kind))
+    with torch.random.fork_rng():  # the adapters' init, whatever tests ran before
+        torch.manual_seed(0)
+        model = rexft.inject_adapters(copy.deepcopy(base), config(kind))
     layers = adapter_layers(model)
     assert layers and "fused" in format_targets(model) if arch in ("phi3", "gpt_neox", "falcon") else layers
     # train: the loss goes down and every adapter parameter learns
@@ -171,7 +172,8 @@ def test_trains_evaluates_and_exports_to_peft(bases, examples, arch, kind, tmp_p
         dynamic = model(input_ids=IDS, attention_mask=MASK).logits
         exported = peft_load(base, tmp_path / "fixed")(input_ids=IDS, attention_mask=MASK).logits
         real = MASK == 1
-        torch.testing.assert_close(exported[real], dynamic[real], rtol=1e-5, atol=1e-5)
+        # float32 sums in another order (the static factors add the experts up before the matmul): ~2e-5 seen
+        torch.testing.assert_close(exported[real], dynamic[real], rtol=1e-4, atol=1e-4)
 
 
 def test_targets_are_listed_by_name_with_fused_projections_said(bases):

@@ -10,8 +10,7 @@ import rexft
 from conftest import randomize_adapters, tiny_model
 from rexft.config import AdapterConfig, DataConfig, ModelConfig
 from rexft.data import PromptFormat, letter_token_ids
-from rexft.eval import make_engine
-from rexft.eval.engine import prior_state
+from rexft.inference import make_engine, prior_state
 from rexft.eval.protocols import Prompts, first_token, loglik
 from rexft.eval.report import summarize
 from rexft.metrics import wilson

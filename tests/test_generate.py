@@ -11,10 +11,9 @@ import rexft
 from conftest import randomize_adapters, run_cli, tiny_model
 from rexft.config import AdapterConfig, EvalConfig, ModelConfig
 from rexft.data import PromptFormat, encode_example
-from rexft.eval import make_engine
-from rexft.eval.engine import RowState, prior_state
 from rexft.eval.protocols import ChoicePrediction, Dropped, GeneratedPrediction, Prompts, generate, target_nll
 from rexft.eval.report import summarize
+from rexft.inference import RowState, make_engine, prior_state
 from rexft.metrics import bootstrap_ci, exact_match, normalize_answer, rouge_l
 from rexft.modeling import byte_tokenizer
 from rexft.tasks.common import Example
@@ -141,7 +140,8 @@ def test_the_head_all_openings_share_runs_once_and_changes_nothing():
 def test_a_kept_head_runs_once_for_every_batch_and_changes_nothing():
     """``prefill_prefixes`` with ``heads``: a later batch whose openings share the head kept from an earlier
     one runs only what follows it, and its openings' caches equal those of a batch that runs the head."""
-    from rexft.eval.pool import DeviceProfile, prefill_prefixes
+    from rexft.inference import DeviceProfile
+    from rexft.inference.prefix import prefill_prefixes
 
     model = tiny_model().eval()
     head = list(range(5, 7 + DeviceProfile().run_cost))  # long enough that running it once saves a forward's cost
@@ -320,86 +320,86 @@ def test_score_examples_hands_each_protocol_its_rows_as_indices_of_all_examples(
     assert set().union(*map(set, seen)) == set(range(len(mixed)))
 
 
-def test_rows_join_and_leave_the_decoding_batch_with_their_cache():
-    """join left-pads a narrower batch's tokens, mask and cache to the wider, longest rows first; keep drops
-    rows; a join into a batch with free rows writes only the new rows (the batch's own are not copied); a
-    fresh join drops the columns that are padding in every row; the cache stays one position shorter than
-    the tokens."""
-    from rexft.eval.pool import CACHE_KWARG, Decoding, join, keep, poolable
+def test_rows_placed_in_a_decoding_batch_decode_as_they_would_alone():
+    """A ``DecodeBatch``: rows prefilled apart (one with a shared opening) are placed in its slots, right-aligned
+    to the written column (a fresh batch, then free slots), decode greedy tokens equal to generate() on each
+    row alone; a row leaves, a longer one forces a rebuild (the columns of padding in every row dropped),
+    and the rows go on decoding as they would alone."""
+    from rexft.inference import PoolEngine, Row
+    from rexft.inference.pool import build
 
     model = tiny_model().eval()
-    with torch.inference_mode():
-        def rows(sequences, first):
-            ids = torch.tensor(sequences)
-            out = model(input_ids=ids[:, :-1], use_cache=True)
-            return Decoding(list(range(first, first + len(sequences))), ids, torch.ones_like(ids),
-                            out[CACHE_KWARG], [0] * len(sequences))
+    engine = PoolEngine(model, TOK, prior_state(model, None))
+    prompts = {0: [5, 6, 7, 8, 9, 10], 1: [9, 8, 7], 2: [4, 4, 4, 4], 3: [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7], 4: [5, 6, 7, 1, 2]}
+    greedy_alone = {i: model.generate(torch.tensor([p]), max_new_tokens=9, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+                    for i, p in prompts.items()}
+    argmax = lambda logits: logits.argmax(-1)
+    got = {i: [] for i in prompts}
 
-        wide, narrow = rows([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]], 0), rows([[1, 2, 3]], 2)
-        assert poolable(wide.cache)
-        keys = [layer.keys.clone() for layer in narrow.cache.layers]
-        wide_keys = [layer.keys.clone() for layer in wide.cache.layers]
-        for both in (join(None, [narrow, wide], pad_id=0),  # one fresh join, longest first
-                     join(join(None, [wide], pad_id=0, capacity=4), [narrow], pad_id=0)):  # into free rows
-            assert both.rows == [0, 1, 2] and both.input_ids[2].tolist() == [0, 0, 1, 2, 3]
-            assert both.attention_mask[2].tolist() == [0, 0, 1, 1, 1]
-            for layer, before, wide_before in zip(both.cache.layers, keys, wide_keys):
-                assert layer.keys.shape[:3] == (3, before.shape[1], 4) and torch.equal(layer.keys[2, :, 2:], before[0])
-                assert not layer.keys[2, :, :2].any() and torch.equal(layer.keys[:2], wide_before)
-        pool = join(None, [wide], pad_id=0, capacity=4)
-        buffer = pool.cache.layers[0]._keys
-        pool = join(pool, [narrow], pad_id=0)
-        assert pool.cache.layers[0]._keys is buffer  # the pool's own rows were not copied
-        longer = join(keep(pool, [0, 2]), [rows([[4, 4, 4, 4, 4, 4]], 3)], pad_id=0)  # wider than the pool: fresh
-        assert longer.rows == [3, 0, 2] and longer.cache.layers[0]._keys is not buffer
-        left = join(None, [keep(both, [2])], pad_id=0)  # the narrow row alone: its padding columns go
-        assert left.rows == [2] and left.input_ids.tolist() == [[1, 2, 3]]
-        assert all(torch.equal(layer.keys[0], before[0]) for layer, before in zip(left.cache.layers, keys))
-        # a decoding step writes into the buffer's room: the same keys as a fresh forward of the whole row
-        out = model(input_ids=left.input_ids[:, -1:], attention_mask=torch.ones(1, 3, dtype=torch.long),
-                    use_cache=True, **{CACHE_KWARG: left.cache})
-        fresh = model(input_ids=left.input_ids, use_cache=True)[CACHE_KWARG]
-        assert torch.allclose(out[CACHE_KWARG].layers[0].keys, fresh.layers[0].keys, atol=1e-5)
+    def decode(batch, steps):
+        for slot, tokens in enumerate(batch.decode(model, steps, argmax, call_cost=1)):
+            if batch.ids[slot] is not None:
+                got[batch.ids[slot]] += tokens
+
+    with torch.inference_mode():
+        prefill = lambda ids, shared={}: engine._prefill([Row(i, prompts[i], "g") for i in ids], shared, {}, {})
+        (first,) = prefill([0, 1])
+        batch = build(model, [first], slots=4, room=12)
+        assert batch.ids == [0, 1, None, None] and batch.column == 5  # the widest row's keys: all but its last token
+        decode(batch, 3)
+        (opened,) = prefill([2, 4], {2: 2, 4: 2})  # an opening of 2 tokens run once, then the rests
+        assert batch.fits(opened)
+        batch.place(opened)
+        assert sorted(batch.ids) == [0, 1, 2, 4]
+        decode(batch, 3)
+        batch.ids[batch.ids.index(1)] = None  # row 1 leaves
+        (longer,) = prefill([3])
+        assert not batch.fits(longer)  # 13 keys, wider than the 11 written columns
+        batch = build(model, [batch.waiting(), longer], slots=4, room=12)
+        assert batch.ids[0] == 3 and batch.column == 13 and batch.rows == 4
+        decode(batch, 3)
+    for i, tokens in got.items():
+        assert tokens == greedy_alone[i][: len(tokens)], i
+    assert [len(got[i]) for i in sorted(got)] == [9, 6, 6, 3, 6]
 
 
 def test_row_groups_are_the_cheapest_split_into_contiguous_groups():
-    """Brute force over every split of up to 7 rows into contiguous groups in which no row reads more than
-    ``margin`` keys before its own: none costs less."""
+    """Brute force over every split of up to 7 rows into contiguous groups: none costs less."""
     import itertools
 
-    from rexft.eval.pool import row_groups
+    from rexft.inference.pool import row_groups
 
     generator = torch.Generator().manual_seed(1)
     for _ in range(60):
         n, width, call_cost = int(torch.randint(1, 8, (1,), generator=generator)), 50, int(torch.randint(0, 60, (1,), generator=generator))
-        margin = int(torch.randint(0, 60, (1,), generator=generator))
         starts = torch.randint(0, width, (n,), generator=generator).tolist()
         cost = lambda groups: sum(call_cost + (b - a) * (width - s) for a, b, s in groups)
-        within = lambda groups: all(max(starts[a:b]) - s <= margin for a, b, s in groups)
         splits = [[(a, b, min(starts[a:b])) for a, b in zip((0,) + cuts, cuts + (n,))]
                   for k in range(n) for cuts in itertools.combinations(range(1, n), k)]
-        groups = row_groups(starts, width, call_cost, margin)
+        groups = row_groups(starts, width, call_cost)
         assert [a for a, _, _ in groups] == [0] + [b for _, b, _ in groups[:-1]] and groups[-1][1] == n
-        assert all(s == min(starts[a:b]) for a, b, s in groups) and within(groups)
-        assert cost(groups) == min(cost(split) for split in splits if within(split))
+        assert all(s == min(starts[a:b]) for a, b, s in groups)
+        assert cost(groups) == min(cost(split) for split in splits)
 
 
 def test_rows_attention_attends_each_group_from_its_first_key_with_the_same_result(monkeypatch):
-    """A decoding step's attention in groups of rows (each from its earliest real key) equals SDPA over
-    the whole padded width; and batched greedy text still equals one example at a time when every row is
-    its own group."""
-    import rexft.eval.pool as pool
+    """A decoding step's attention in groups of rows (each from its earliest real key to the last written
+    one) equals SDPA over the whole padded width; batched greedy text still equals one example at a time
+    when every row is its own group; and outside the engine's calls "sdpa" is transformers' own again."""
+    import rexft.inference.pool as pool
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     module = type("Attention", (), {"num_key_value_groups": 3, "is_causal": True})()
     starts = [0, 0, 3, 9, 9, 14]
-    mask = torch.ones(len(starts), 1, 1, 16, dtype=torch.bool)
+    mask = torch.ones(len(starts), 1, 1, 20, dtype=torch.bool)
+    mask[..., 16:] = False  # the room not yet written
     for row, start in enumerate(starts):
         mask[row, ..., :start] = False
-    query, key, value = torch.randn(6, 6, 1, 8), torch.randn(6, 2, 16, 8), torch.randn(6, 2, 16, 8)
-    plan = pool.row_groups(starts, 16, call_cost=1, margin=64)  # a group per distinct start
-    assert [s for _, _, s in plan] == [0, 3, 9, 14]
-    with pool.decode_plan(plan):
+    query, key, value = torch.randn(6, 6, 1, 8), torch.randn(6, 2, 20, 8), torch.randn(6, 2, 20, 8)
+    groups = pool.row_groups(starts, 16, call_cost=1)  # a group per distinct start
+    assert [s for _, _, s in groups] == [0, 3, 9, 14]
+    with pool.decode_plan(pool.DecodePlan(groups, 16)):
         grouped = pool.rows_sdpa(module, query, key, value, mask, scaling=0.3)[0]
     whole = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)[0]
     assert torch.allclose(grouped, whole, atol=1e-6)
@@ -412,40 +412,45 @@ def test_rows_attention_attends_each_group_from_its_first_key_with_the_same_resu
     batched = greedy(model, priors, 8, profile={"call_cost": 1})
     assert max(map(len, seen)) > 2  # rows attended in groups
     assert [r.prediction for r in batched] == [r.prediction for r in single]
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
 
 
 def nan_filled(monkeypatch):
-    """Fresh memory holds NaN (as stale memory from a GPU's caching allocator might hold anything): the
-    pool's cache buffers and every floating ``new_empty`` / ``torch.empty`` / ``empty_like``."""
-    import rexft.eval.pool as pool
-
+    """Fresh memory holds NaN (as stale memory from a GPU's caching allocator might hold anything): every
+    floating ``new_empty`` / ``torch.empty`` / ``empty_like``."""
     def nan(make):
         def made(*args, **kwargs):
             out = make(*args, **kwargs)
             return out.fill_(float("nan")) if out.is_floating_point() else out
         return made
 
-    monkeypatch.setattr(pool, "_buffer", lambda t, rows, tokens: torch.full((rows, t.shape[1], tokens, t.shape[3]), float("nan"), dtype=t.dtype))
     monkeypatch.setattr(torch.Tensor, "new_empty", nan(torch.Tensor.new_empty))
     monkeypatch.setattr(torch, "empty", nan(torch.empty))
     monkeypatch.setattr(torch, "empty_like", nan(torch.empty_like))
 
 
-def test_padding_beyond_the_read_margin_is_never_read(monkeypatch):
-    """``join`` writes a row's padding only the profile's ``read_margin`` keys deep: the rest of a pool's
-    buffers stays as allocated (here NaN) and no decoding step reads it, so batched text still equals one
-    example at a time. Groups that ignored the margin would read the NaN."""
-    import rexft.eval.pool as pool
+def test_the_room_not_yet_written_is_never_read(monkeypatch):
+    """A decoding batch's columns beyond the written one hold NaN here: no step reads them (each step writes
+    its column, then attends up to it), so batched text still equals one example at a time. Attention over
+    the whole width would read the NaN."""
+    import rexft.inference.pool as pool
 
     priors = torch.rand(len(PROMPTS), 8)
     model = trex_model()
     single = [r.prediction for r in greedy(model, priors, 1, decode_batch_size=1)]
-    nan_filled(monkeypatch)
-    assert [r.prediction for r in greedy(model, priors, 8, profile={"read_margin": 2})] == single
+    made = pool.DecodeBatch.__init__
 
-    beyond = lambda starts, width, call_cost, margin, _f=pool.row_groups: _f(starts, width, call_cost, 10**6)
-    monkeypatch.setattr(pool, "row_groups", beyond)
-    assert [r.prediction for r in greedy(model, priors, 8, profile={"read_margin": 2})] != single
+    def room_of_nan(batch, model, slots, columns, like, width):
+        made(batch, model, slots, columns, like, width)
+        for layer in batch.cache.layers:
+            layer.keys[:, :, width:], layer.values[:, :, width:] = float("nan"), float("nan")
+
+    monkeypatch.setattr(pool.DecodeBatch, "__init__", room_of_nan)
+    assert [r.prediction for r in greedy(model, priors, 8, decode_batch_size=3)] == single
+
+    whole = lambda plan, _f=pool.decode_plan: _f(None)  # no plan: SDPA over every column
+    monkeypatch.setattr(pool, "decode_plan", whole)
+    assert [r.prediction for r in greedy(model, priors, 8, decode_batch_size=3)] != single
 
 
 def test_every_protocol_on_both_engines_gives_the_same_text_and_scores_with_nan_filled_memory(monkeypatch):
@@ -516,11 +521,11 @@ def test_each_example_logs_one_route_paired_with_its_example():
 def test_caches_that_cannot_be_joined_decode_each_batch_alone(monkeypatch):
     """Sliding-window and other caches whose rows cannot be stacked: each prefilled part decodes on its own
     to its end, with the same text."""
-    import rexft.eval.pool
+    import rexft.inference.pool
 
     priors = torch.rand(len(PROMPTS), 8)
     model = trex_model()
     reference = greedy(model, priors, 1, decode_batch_size=1)
-    monkeypatch.setattr(rexft.eval.pool, "poolable", lambda cache: False)
+    monkeypatch.setattr(rexft.inference.pool, "poolable", lambda model: False)
     alone = greedy(model, priors, 4, decode_batch_size=8)
     assert [r.prediction for r in alone] == [r.prediction for r in reference]

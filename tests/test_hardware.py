@@ -5,7 +5,7 @@ import torch
 
 import rexft.modeling as modeling
 from rexft.errors import RexftError
-from rexft.eval.pool import DeviceProfile, device_profile
+from rexft.inference import DeviceProfile, device_profile
 
 
 @pytest.fixture

@@ -223,11 +223,9 @@ def test_chat_style_through_lm_eval(tiny_run, tmp_path):
     import lm_eval
 
     from rexft.adapters import read_adapter_config
-    from rexft.cli import saved_config
-    from rexft.eval.engine import prior_state
-    from rexft.eval import make_engine
     from rexft.eval.protocols import Prompts, loglik
-    from rexft.eval.stage import adapter_priors
+    from rexft.inference import adapter_priors, make_engine, prior_state
+    from rexft.rundir import saved_config
     from rexft.harness import RexftLM
 
     run, local, _ = tiny_run

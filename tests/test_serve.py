@@ -113,20 +113,15 @@ def eval_prompts(run_dir: Path, n: int) -> list[str]:
 def expected_greedy(run_args: list[str], prompts: list[str], max_tokens: int) -> list[str]:
     """What rexft's own engine generates for these completion prompts, one at a time on the plain engine,
     each with its prior: the exact dynamic mixture the local backend must serve."""
-    from types import SimpleNamespace
-
     from rexft.cli import compose
-    from rexft.eval.engine import PlainEngine, generation_config, prior_state
-    from rexft.eval.stage import adapter_priors, load_eval_model
+    from rexft.inference import PlainEngine, Row, Sampling, adapter_priors, load_model_for_inference, prior_state
 
     cfg, _ = compose(run_args)
-    model, tokenizer, adapter_config, _ = load_eval_model(cfg)
+    model, tokenizer, adapter_config, _ = load_model_for_inference(cfg)
     priors = adapter_priors(cfg.path / "adapter", adapter_config, prompts, cfg)
-    settings = SimpleNamespace(max_new_tokens=max_tokens, stop=[], do_sample=False, num_beams=1, decode_batch_size=None)
     engine = PlainEngine(model, tokenizer, prior_state(model, priors), batch_size=1)
-    config = generation_config(tokenizer, settings, engine.pad_id)
-    ids = {i: tokenizer(p).input_ids for i, p in enumerate(prompts)}
-    out = {g.id: g.tokens for g in engine.generate(ids, {}, {i: i for i in ids}, config, settings)}
+    rows = [Row(i, tokenizer(p).input_ids, i) for i, p in enumerate(prompts)]
+    out = {g.id: g.tokens for g in engine.generate(rows, Sampling(max_new_tokens=max_tokens))}
     texts = []
     for i in range(len(prompts)):
         tokens = out[i][:max_tokens]

@@ -1,19 +1,13 @@
-"""The eval stage, in four parts: ``protocols`` (what is scored, as typed records), ``engine`` (the calls
-protocols are written in; the plain engine on transformers' generate()), ``pool`` (the CPU engine: shared
-openings, rows joining and leaving a decoding batch, device profiles), ``report`` (summaries, tables,
-routing heatmap, ``rexft eval compare``), and ``stage`` (``rexft eval`` itself)."""
+"""The eval stage, in three parts: ``protocols`` (what is scored, as typed records, on an engine of
+``rexft.inference``), ``report`` (summaries, tables, routing heatmap, ``rexft eval compare``), and
+``stage`` (``rexft eval`` itself).
 
-from rexft.eval.engine import PlainEngine, RowState
-from rexft.eval.pool import PoolEngine, device_profile
+What other stages may use (merge-export's fidelity table scores its static exports as eval does, and
+reuses eval's predictions of the dynamic adapter) is named here; the modules' other names are eval's own.
+"""
 
+from rexft.eval.protocols import Prediction, Prompts, score_examples
+from rexft.eval.report import headline, summarize
+from rexft.eval.stage import reusable_predictions
 
-def make_engine(kind: str, model, tokenizer, rows: RowState | None, batch_size: int, profile: dict | None = None,
-                progress=None):
-    """``eval.engine``: plain, pool, or auto (the pool on a CPU, plain elsewhere); ``profile`` overrides
-    the device profile's fields (``rexft.eval.pool.DeviceProfile``)."""
-    device = next(model.parameters()).device
-    if kind == "auto":
-        kind = "pool" if device.type == "cpu" else "plain"
-    if kind == "plain":
-        return PlainEngine(model, tokenizer, rows, batch_size, progress)
-    return PoolEngine(model, tokenizer, rows, batch_size, progress, device_profile(device, profile))
+__all__ = ["Prediction", "Prompts", "headline", "reusable_predictions", "score_examples", "summarize"]

@@ -1,4 +1,4 @@
-"""Eval protocols: what is computed from an engine's few calls (``rexft.eval.engine``), as typed records.
+"""Eval protocols: what is computed from an engine's few calls (``rexft.inference.Engine``), as typed records.
 
     first_token  choice tasks, the T-REX study's: the next-token distribution after the prompt, argmax over
                  the option letters' tokens (``restricted``) or over the whole vocabulary (a non-letter
@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from rexft.data import PromptFormat, encode_example, encode_prompt, letter_token_ids
+from rexft.inference import Engine, Row, Sampling, new_text
 from rexft.metrics import exact_match, rouge_l
 from rexft.tasks.common import LETTERS, Example
 
@@ -89,33 +90,18 @@ class Prompts:
         return new_text(self.tokenizer, tokens, stop).strip()
 
 
-def new_text(tokenizer, tokens: list[int], stop) -> str:
-    """Generated tokens up to the first EOS, as text cut before the first stop string."""
-    eos = tokenizer.eos_token_id
-    if eos is not None and eos in tokens:
-        tokens = tokens[: tokens.index(eos)]
-    return cut_at_stops(tokenizer.decode(tokens, skip_special_tokens=True), stop)
-
-
-def cut_at_stops(text: str, stop) -> str:
-    """``text`` before the first of the ``stop`` strings."""
-    for marker in stop:
-        text = text.split(marker, 1)[0]
-    return text
-
-
-def first_token(engine, prompts: Prompts, examples: list[Example], ids: list[int] | None = None,
+def first_token(engine: Engine, prompts: Prompts, examples: list[Example], ids: list[int] | None = None,
                 restricted: bool = True) -> list[Prediction]:
     ids = list(range(len(examples))) if ids is None else ids
     prefix, letter_ids = letter_token_ids(prompts.tokenizer, prompts.fmt, max(len(e.options) for e in examples))
     by_id = dict(zip(ids, examples))
-    tokens = {}
+    rows = []
     for i, e in by_id.items():
         encoded = encode_prompt(e, prompts.tokenizer, prompts.fmt, prompts.max_length, reserve=len(prefix) + 2)[0]
         if encoded is not None:
-            tokens[i] = encoded + prefix
+            rows.append(Row(i, encoded + prefix, e.task))
     records: dict[int, Prediction] = {}
-    for batch, logprobs in engine.next_logprobs(tokens, {i: by_id[i].task for i in tokens}):  # (b, V)
+    for batch, logprobs in engine.next_logprobs(rows):  # (b, V)
         for row, i in enumerate(batch):
             example, options = by_id[i], letter_ids[: len(by_id[i].options)]
             scores = logprobs[row, options]
@@ -129,15 +115,15 @@ def first_token(engine, prompts: Prompts, examples: list[Example], ids: list[int
     return [records.get(i) or Dropped(e.task, e.row) for i, e in zip(ids, examples)]
 
 
-def loglik(engine, prompts: Prompts, examples: list[Example], ids: list[int] | None = None) -> list[Prediction]:
+def loglik(engine: Engine, prompts: Prompts, examples: list[Example], ids: list[int] | None = None) -> list[Prediction]:
     ids = list(range(len(examples))) if ids is None else ids
-    pairs = {}  # (example position, option) -> (id, context, continuation)
+    pairs = {}  # (example position, option) -> the prompt with the option as its target
     for k, (i, example) in enumerate(zip(ids, examples)):
         options = [prompts.tokenizer(prompts.fmt.answer_text(text), add_special_tokens=False).input_ids for text in example.options]
         context = encode_prompt(example, prompts.tokenizer, prompts.fmt, prompts.max_length, reserve=max(map(len, options)))[0]
         if context is not None:
-            pairs.update(((k, j), (i, context, option)) for j, option in enumerate(options))
-    sums = engine.continuation_logprobs(pairs)
+            pairs.update(((k, j), Row(i, context, example.task, option)) for j, option in enumerate(options))
+    sums = engine.score(pairs)
     records: list[Prediction] = []
     for k, example in enumerate(examples):
         if (k, 0) not in sums:
@@ -151,7 +137,7 @@ def loglik(engine, prompts: Prompts, examples: list[Example], ids: list[int] | N
     return records
 
 
-def target_nll(engine, prompts: Prompts, examples: list[Example], ids: list[int] | None = None) -> list[float | None]:
+def target_nll(engine: Engine, prompts: Prompts, examples: list[Example], ids: list[int] | None = None) -> list[float | None]:
     """Mean nats per target token (the target text and EOS, as trained) under teacher forcing; None for an
     example that cannot fit max_length."""
     ids = list(range(len(examples))) if ids is None else ids
@@ -159,43 +145,41 @@ def target_nll(engine, prompts: Prompts, examples: list[Example], ids: list[int]
     for k, (i, example) in enumerate(zip(ids, examples)):
         row = encode_example(example, prompts.tokenizer, prompts.fmt, prompts.max_length)
         if row is not None:
-            pairs[k] = (i, row["input_ids"][: row["prompt_length"]], row["input_ids"][row["prompt_length"]:])
-    sums = engine.continuation_logprobs(pairs)
-    return [mean_nll(sums[k], len(pairs[k][2])) if k in sums else None for k in range(len(examples))]
+            pairs[k] = Row(i, row["input_ids"][: row["prompt_length"]], example.task, row["input_ids"][row["prompt_length"]:])
+    sums = engine.score(pairs)
+    return [mean_nll(sums[k], len(pairs[k].target)) if k in sums else None for k in range(len(examples))]
 
 
 def mean_nll(logprob_sum: float | None, tokens: int) -> float | None:
     return None if logprob_sum is None else round(-logprob_sum / tokens, 5)
 
 
-def generate(engine, prompts: Prompts, examples: list[Example], settings, ids: list[int] | None = None) -> list[Prediction]:
+def generate(engine: Engine, prompts: Prompts, examples: list[Example], settings, ids: list[int] | None = None) -> list[Prediction]:
     """Each example's generation (``settings``: eval's max_new_tokens, stop, do_sample, num_beams...) scored
     by ROUGE-L and exact match against its references, and by its target NLL."""
-    from rexft.eval.engine import generation_config
-
     ids = list(range(len(examples))) if ids is None else ids
     by_id = dict(zip(ids, examples))
-    tokens, targets = {}, {}
+    rows = {}
     for i, example in by_id.items():
         row = encode_example(example, prompts.tokenizer, prompts.fmt, prompts.max_length)
         if row is not None:
-            tokens[i], targets[i] = row["input_ids"][: row["prompt_length"]], row["input_ids"][row["prompt_length"]:]
+            rows[i] = Row(i, row["input_ids"][: row["prompt_length"]], example.task, row["input_ids"][row["prompt_length"]:])
         else:  # the target does not fit beside the prompt: generate anyway, no target NLL
             encoded = encode_prompt(example, prompts.tokenizer, prompts.fmt, prompts.max_length)[0]
             if encoded is not None:
-                tokens[i] = encoded
-    config = generation_config(prompts.tokenizer, settings, engine.pad_id)
+                rows[i] = Row(i, encoded, example.task)
+    sampling = Sampling.of(settings)
     records: dict[int, Prediction] = {}
-    for out in engine.generate(tokens, targets, {i: by_id[i].task for i in tokens}, config, settings):
-        example, text = by_id[out.id], prompts.text(out.tokens[: settings.max_new_tokens], settings.stop)
+    for out in engine.generate(list(rows.values()), sampling):
+        example, text = by_id[out.id], prompts.text(out.tokens[: sampling.max_new_tokens], sampling.stop)
         references = example.references or [example.target]
         records[out.id] = GeneratedPrediction(example.task, example.row, text, references, round(rouge_l(text, references), 5),
                                               exact_match(text, references),
-                                              mean_nll(out.target_logprob, len(targets.get(out.id, ()))))
+                                              mean_nll(out.target_logprob, len(rows[out.id].target)))
     return [records.get(i) or Dropped(e.task, e.row) for i, e in zip(ids, examples)]
 
 
-def score_examples(engine, prompts: Prompts, examples: list[Example], settings) -> list[Prediction]:
+def score_examples(engine: Engine, prompts: Prompts, examples: list[Example], settings) -> list[Prediction]:
     """Each example with its task's protocol (``settings``: EvalConfig); records in the order of
     ``examples``, whose positions are the ids the engine hands its per-row state hook."""
     records: list[Prediction | None] = [None] * len(examples)

@@ -1,5 +1,5 @@
 """``rexft eval``: every task scored with its own protocol (``rexft.eval.protocols``) on the device's engine
-(``rexft.eval.engine``), held-in and unseen tasks reported apart (``rexft.eval.report``).
+(``rexft.inference``), held-in and unseen tasks reported apart (``rexft.eval.report``).
 
 Unseen tasks (``eval.unseen_tasks``, never trained on) get their priors from the trained centroids, as
 training examples did. ``rexft eval`` writes run_dir/eval/: results.json, predictions.jsonl, results.md,
@@ -13,15 +13,11 @@ from pathlib import Path
 
 import torch
 
-from rexft.adapters import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from rexft.config import RunConfig
 from rexft.data import PromptFormat
-from rexft.errors import RexftError
-from rexft.eval import make_engine
-from rexft.eval.engine import prior_state
 from rexft.eval.protocols import Dropped, Prediction, Prompts, as_row, from_row, score_examples
 from rexft.eval.report import RouteRecorder, routing_heatmap, routing_layer, results_table, summarize, summary_lines
-from rexft.modeling import default_device, load_model, load_tokenizer
+from rexft.inference import adapter_priors, load_model_for_inference, make_engine, prior_state
 from rexft.splits import EvalSet, eval_set, examples_digest
 
 
@@ -29,38 +25,6 @@ def eval_examples(cfg: RunConfig) -> EvalSet:
     """Held-in examples (eval.tasks or all of data.tasks) and unseen-task examples (eval.unseen_tasks), as
     `rexft data` recorded them (rexft/splits.py)."""
     return eval_set(cfg)
-
-
-def load_eval_model(cfg: RunConfig):
-    """(model, tokenizer, adapter config or None, description). A merged export, or base [+ adapter]."""
-    device = default_device()
-    if cfg.eval.model:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = Path(cfg.eval.model)
-        if not (path / "config.json").is_file():
-            raise RexftError(f"eval.model={path} is not a model directory (no config.json)")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path).to(device)
-        return model.eval(), tokenizer, None, f"merged model {path}"
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, len(tokenizer), device)
-    adapter_dir = cfg.path / "adapter"
-    if not cfg.eval.use_adapter:
-        return model.eval(), tokenizer, None, f"base model {cfg.model.name_or_path}"
-    if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise RexftError(f"no adapter at {adapter_dir}: run `rexft train` with this recipe first, "
-                         "or pass eval.use_adapter=false to evaluate the base model")
-    load_adapter(model, adapter_dir)
-    return model.to(device).eval(), tokenizer, read_adapter_config(adapter_dir), f"adapter {adapter_dir}"
-
-
-def adapter_priors(adapter_dir: Path, adapter_config: dict, prompts: list[str], cfg: RunConfig) -> torch.Tensor | None:
-    """Priors for eval prompts from the centroids saved with the adapter (None if it takes none)."""
-    from rexft.prior import adapter_prior, priors_from
-
-    prior = adapter_prior(adapter_dir, adapter_config)
-    return None if prior is None else priors_from(prompts, *prior, cfg.prior)
 
 
 def scoring_fingerprint(cfg: RunConfig) -> dict:
@@ -100,7 +64,7 @@ def evaluate(cfg: RunConfig) -> Path:
     state = PartialState(cpu=not torch.cuda.is_available())
     chosen = eval_examples(cfg)
     examples, sources, unseen = chosen.examples, chosen.sources, chosen.unseen
-    model, tokenizer, adapter_config, description = load_eval_model(cfg)
+    model, tokenizer, adapter_config, description = load_model_for_inference(cfg)
     priors = None
     if adapter_config is not None:
         priors = adapter_priors(cfg.path / "adapter", adapter_config, [e.prompt for e in examples], cfg)

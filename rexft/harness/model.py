@@ -5,7 +5,7 @@ each request's prior set on the adapters before the forward that scores or conti
       -> the text ``rexft eval`` would embed for it: the context itself, or, with --apply_chat_template,
          the user turn inside the rendered chat (rexft embeds prompts without the template's boilerplate)
       -> prior = embed(text) @ centroids.T, (k,), from the run's embedder and centroids
-         (``evaluate.adapter_priors``, as ``rexft eval`` computes priors for unseen tasks)
+         (``rexft.inference.adapter_priors``, as ``rexft eval`` computes priors for unseen tasks)
       -> set_prior(model, (b, k)) for the rows of each forward, then HFLM's own forward / generate()
 
 HFLM batches requests its own way (longest first; one row for requests that share a context and a
@@ -27,11 +27,11 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from rexft.adapters import ADAPTER_CONFIG, load_adapter, read_adapter_config, set_prior
-from rexft.cli import saved_config
 from rexft.errors import RexftError
 from rexft.formats import prompt_of_chat
-from rexft.eval.stage import adapter_priors
+from rexft.inference import adapter_priors
 from rexft.modeling import default_device, load_model, load_tokenizer
+from rexft.rundir import saved_config
 
 
 @register_model("rexft")

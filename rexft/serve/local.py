@@ -3,11 +3,11 @@
 One worker thread owns the model. Requests queue; the worker starts a decoding run with the oldest and the
 requests behind it that sample the same way (temperature, top_p, stop strings; a request with a ``seed`` runs
 alone, so its seed means the same thing every time), and requests that arrive while it decodes join the
-running batch every few tokens, as rows join eval's decoding pool (``rexft.eval.pool.Feed``), until one that
-samples otherwise is waiting (it runs next: first come, first served). Each row stops at its own
+running batch every few tokens, as rows join the pooled engine's decoding batch (``rexft.inference.Feed``),
+until one that samples otherwise is waiting (it runs next: first come, first served). Each row stops at its own
 ``max_tokens``; a stream receives its new text after every chunk of tokens; a client that goes away has its
 row dropped at the next chunk. Each row's adapter state is its request's prior (the embedding's
-similarities to the run's centroids, as at training), set through eval's per-row hook (``RowState``).
+similarities to the run's centroids, as at training), set through the engine's per-row hook (``RowState``).
 
 Failures stay with their row: a row whose text cannot be decoded or cut at its stops gets its own error
 and leaves the batch; when the engine itself fails, the rows it held that had not streamed yet run again,
@@ -22,14 +22,11 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
 from rexft.adapters import set_prior
-from rexft.eval.engine import RowState, generation_config
-from rexft.eval.pool import Feed, PoolEngine, device_profile
-from rexft.eval.protocols import cut_at_stops, new_text
+from rexft.inference import Feed, PoolEngine, Row, RowState, Sampling, cut_at_stops, device_profile, new_text
 
 from rexft.serve.backend import Call, Failed, Finished, TextDelta
 from rexft.serve.protocol import APIError
@@ -209,33 +206,31 @@ class LocalBackend:
 
     def _decode(self, first: Job) -> None:
         """One decoding run: ``first`` and the jobs that decode like it, now and as they arrive."""
-        prompts: dict[int, list[int]] = {}
         priors: dict[int, torch.Tensor] = {}
         device = next(self.model.parameters()).device
 
-        def admit(jobs: list[Job]) -> list[list[int]]:
+        def admit(jobs: list[Job]) -> list[list[Row]]:
             for job in jobs:
-                self.running[job.id], prompts[job.id] = job, job.tokens
+                self.running[job.id] = job
                 if job.prior is not None:
                     priors[job.id] = job.prior
-            return [[job.id for job in jobs]] if jobs else []  # one batch: prefilled together, then they join
+            return [[Row(job.id, job.tokens, job.id) for job in jobs]] if jobs else []  # prefilled together, then they join
 
         def set_rows(ids: list[int]) -> None:
             set_prior(self.model, torch.stack([priors[i] for i in ids]).to(device) if priors else None)
 
-        admit([first] + self._take(first.key, self.max_batch - 1))
+        (rows,) = admit([first] + self._take(first.key, self.max_batch - 1))
         feed = Feed(arrivals=lambda: admit(self._take(first.key, self.max_batch)),
                     limit=lambda i: 0 if self.running[i].done else self.running[i].limit,
                     partial=lambda i, tokens: self._partial(self.running[i], tokens))
         engine = PoolEngine(self.model, self.tokenizer, RowState(set_rows, "row"), batch_size=self.max_batch,
                             profile=self.profile, feed=feed)
-        settings = SimpleNamespace(max_new_tokens=self.max_tokens, stop=list(first.stops), do_sample=first.sampled,
-                                   temperature=first.temperature if first.sampled else 1.0, top_p=first.top_p,
-                                   num_beams=1, decode_batch_size=self.max_batch)
-        config = generation_config(self.tokenizer, settings, engine.pad_id)
+        sampling = Sampling(max_new_tokens=self.max_tokens, do_sample=first.sampled,
+                            temperature=first.temperature if first.sampled else 1.0, top_p=first.top_p,
+                            stop=tuple(first.stops), decode_batch_size=self.max_batch)
         if first.seed is not None:
             torch.manual_seed(first.seed)
-        for out in engine.generate(prompts, {}, {i: i for i in prompts}, config, settings):
+        for out in engine.generate(rows, sampling):
             job = self.running.pop(out.id)
             try:
                 text, finish = self.finish(out.tokens, job)

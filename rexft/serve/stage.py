@@ -61,10 +61,10 @@ def build_service(cfg: RunConfig) -> Service:
     common = dict(max_tokens=settings.max_tokens, api_key=api_key,
                   route_log=folder / "routes.jsonl" if settings.route_log else None)
     if settings.backend == "local":
-        from rexft.eval.stage import load_eval_model
+        from rexft.inference import load_model_for_inference
         from rexft.serve.local import LocalBackend
 
-        model, tokenizer, adapter_config, what = load_eval_model(cfg)
+        model, tokenizer, adapter_config, what = load_model_for_inference(cfg)
         takes_prior = bool(adapter_config and adapter_config["adapter"]["type"] == "trex"
                            and adapter_config["adapter"].get("use_prior"))
         router = build_router(cfg, None, None)

@@ -1,0 +1,52 @@
+"""Where generated text ends: EOS, stop strings, a row's token limit.
+
+``new_text`` and ``cut_at_stops`` make a finished row's text (one decode per row). ``StopWatch`` tells a
+decoding loop when a row is done while it decodes, decoding only the tail that can hold a new stop string:
+a stop string of n characters is at most 4n bytes, so at most 4n tokens, and any occurrence not seen in an
+earlier check ends among the tokens added since or starts at most that many tokens before them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def new_text(tokenizer, tokens: list[int], stop) -> str:
+    """Generated tokens up to the first EOS, as text cut before the first stop string."""
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in tokens:
+        tokens = tokens[: tokens.index(eos)]
+    return cut_at_stops(tokenizer.decode(tokens, skip_special_tokens=True), stop)
+
+
+def cut_at_stops(text: str, stop) -> str:
+    """``text`` before the first of the ``stop`` strings."""
+    for marker in stop:
+        text = text.split(marker, 1)[0]
+    return text
+
+
+@dataclass
+class StopWatch:
+    """One row's tokens as they are generated, and whether they end it (EOS, ``limit`` tokens, a stop string)."""
+
+    tokenizer: object
+    limit: int
+    stop: tuple[str, ...] = ()
+    tokens: list[int] = field(default_factory=list)
+    checked: int = 0  # tokens already searched for stop strings
+
+    def add(self, new: list[int]) -> bool:
+        """Append ``new`` tokens (cut after an EOS and at the limit); whether the row is finished."""
+        eos = self.tokenizer.eos_token_id
+        ended = eos in new
+        self.tokens = (self.tokens + (new[: new.index(eos) + 1] if ended else new))[: self.limit]
+        return ended or len(self.tokens) >= self.limit or self._stopped()
+
+    def _stopped(self) -> bool:
+        if not self.stop:
+            return False
+        lookback = 4 * max(map(len, self.stop)) + 4  # + 4: the tail may open inside a character
+        tail = self.tokenizer.decode(self.tokens[max(0, self.checked - lookback):], skip_special_tokens=True)
+        self.checked = len(self.tokens)
+        return any(marker in tail for marker in self.stop)
