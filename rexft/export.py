@@ -13,7 +13,7 @@
 Per-task export scales with the number of tasks: the base model is loaded once, every prompt is embedded
 once, per-example routes come from one batched pass, and the fidelity check scores every static export at
 once (GroupedLoRA: each row of a batch with its own group's B' A'), then reloads written adapters with PEFT
-to check the files are those factors.
+(two adapters of one PeftModel, one mixed batch through ``adapter_names``) to check the files are those factors.
 
 Everything is written to a temporary folder, reloaded and checked, then renamed to run_dir/export, so a
 failed export leaves nothing half-written and never replaces an existing export unless
@@ -243,19 +243,27 @@ def set_groups(layers: list[GroupedLoRA], groups: torch.Tensor) -> None:
 def check_written(cfg: RunConfig, tokenizer, folder: Path, names: list[str], layers: list[GroupedLoRA], model,
                   dtype: torch.dtype) -> None:
     """The adapters on disk are the factors scored: the first and last written, loaded by PEFT onto a
-    fresh base, give GroupedLoRA's logits for their group on a probe prompt (to the export dtype's precision)."""
+    fresh base as two adapters of one model, give GroupedLoRA's logits for their group on a probe prompt in
+    one mixed batch (PEFT's ``adapter_names``: one row per adapter), to the export dtype's precision."""
     from peft import PeftModel
 
-    ids = probe_ids(tokenizer, cfg)
-    base = base_model_for_export(cfg, tokenizer).eval()
-    for index in sorted({0, len(names) - 1}):
-        set_groups(layers, torch.tensor([index]))
-        with torch.inference_mode():
-            expected = model(input_ids=ids).logits.float()
-            loaded = PeftModel.from_pretrained(base, str(folder / folder_name(names[index]))).eval()
-            gap = float((loaded(input_ids=ids).logits.float() - expected).abs().max())
-            base = loaded.unload()
-        if gap > (1e-3 if dtype == torch.float32 else 5e-2) * max(1.0, float(expected.abs().max())):
+    chosen = sorted({0, len(names) - 1})
+    ids = probe_ids(tokenizer, cfg).expand(len(chosen), -1)
+    set_groups(layers, torch.tensor(chosen))
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits.float()
+        base = base_model_for_export(cfg, tokenizer).eval()
+        loaded = None
+        for index in chosen:  # PEFT's adapter names are module keys: g<index>, not the task's name
+            path = str(folder / folder_name(names[index]))
+            if loaded is None:
+                loaded = PeftModel.from_pretrained(base, path, adapter_name=f"g{index}").eval()
+            else:
+                loaded.load_adapter(path, adapter_name=f"g{index}")
+        got = loaded(input_ids=ids, adapter_names=[f"g{index}" for index in chosen]).logits.float()
+    for row, index in enumerate(chosen):
+        gap = float((got[row] - expected[row]).abs().max())
+        if gap > (1e-3 if dtype == torch.float32 else 5e-2) * max(1.0, float(expected[row].abs().max())):
             raise RexftError(f"reload check failed: export {folder / folder_name(names[index])} differs from its factors by {gap:.3g} in logits")
 
 

@@ -77,6 +77,11 @@ def test_grouped_lora_scores_each_row_with_its_own_export(tmp_path):
         for row, group in enumerate(groups):
             alone = PeftModel.from_pretrained(tiny_model(), str(tmp_path / f"g{group}"))(input_ids=IDS[row:row + 1]).logits
             torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-5, atol=1e-5)
+        # PEFT's own mixed-adapter batch (both exports in one PeftModel, ``adapter_names`` per row): the same
+        peft_model = PeftModel.from_pretrained(tiny_model(), str(tmp_path / "g0"), adapter_name="g0")
+        peft_model.load_adapter(str(tmp_path / "g1"), adapter_name="g1")
+        peft_mixed = peft_model(input_ids=IDS, adapter_names=[f"g{g}" for g in groups]).logits
+        torch.testing.assert_close(mixed, peft_mixed, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
@@ -126,3 +131,30 @@ def test_routes_computed_in_bfloat16_are_close_to_float32_routes():
     for name in exact:
         assert not torch.equal(rounded[name], exact[name])
         torch.testing.assert_close(rounded[name], exact[name], rtol=0, atol=2e-2)
+
+
+@torch.no_grad()
+def test_reload_check_loads_both_exports_in_one_peft_batch_and_catches_a_wrong_file(tmp_path, monkeypatch):
+    """check_written: the first and last export, two adapters of one PeftModel in a mixed batch, must give
+    GroupedLoRA's logits; an export whose file is not its factors fails, naming the folder."""
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    import rexft.export as export
+    from rexft.errors import RexftError
+
+    model = randomized("mode")
+    per_group = []
+    for seed in (1, 2):
+        per_prompt, tokens = example_routes(model, byte_tokenizer(), IDS[seed - 1:seed].tolist(), None)
+        per_group.append(static_factors(model, mean_routes(per_prompt, tokens, [0])))
+    for g, factors in enumerate(per_group):
+        write_peft_adapter(tmp_path / f"g{g}", factors, "tiny-random-llama", torch.float32)
+    layers = export.stack_static_factors(model, per_group)
+    monkeypatch.setattr(export, "base_model_for_export", lambda cfg, tokenizer: tiny_model())
+    monkeypatch.setattr(export, "probe_ids", lambda tokenizer, cfg: IDS[:1])
+    export.check_written(None, None, tmp_path, ["g0", "g1"], layers, model, torch.float32)  # the files are the factors
+    weights = load_file(tmp_path / "g1" / "adapter_model.safetensors")
+    save_file({k: v * 3 if "lora_B" in k else v for k, v in weights.items()}, tmp_path / "g1" / "adapter_model.safetensors")
+    with pytest.raises(RexftError, match="g1 differs from its factors"):
+        export.check_written(None, None, tmp_path, ["g0", "g1"], layers, model, torch.float32)
