@@ -116,7 +116,7 @@ def routing_layer(model, index: int):
 
 
 class RouteRecorder:
-    """A per-row state hook (``rexft.eval.engine.RowState``) wrapped to pair each route a layer logs with its
+    """A per-row state hook (``rexft.inference.RowState``) wrapped to pair each route a layer logs with its
     example: the engines run every forward that logs routes right after setting its rows' state, so the
     routes logged between two calls belong to the rows of the first."""
 
