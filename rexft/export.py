@@ -253,13 +253,13 @@ def check_written(cfg: RunConfig, tokenizer, folder: Path, names: list[str], lay
     with torch.inference_mode():
         expected = model(input_ids=ids).logits.float()
         base = base_model_for_export(cfg, tokenizer).eval()
-        loaded = None
-        for index in chosen:  # PEFT's adapter names are module keys: g<index>, not the task's name
-            path = str(folder / folder_name(names[index]))
-            if loaded is None:
-                loaded = PeftModel.from_pretrained(base, path, adapter_name=f"g{index}").eval()
-            else:
-                loaded.load_adapter(path, adapter_name=f"g{index}")
+        def path(index: int) -> str:
+            return str(folder / folder_name(names[index]))
+
+        # PEFT's adapter names are module keys: g<index>, not the task's name
+        loaded = PeftModel.from_pretrained(base, path(chosen[0]), adapter_name=f"g{chosen[0]}").eval()
+        for index in chosen[1:]:
+            loaded.load_adapter(path(index), adapter_name=f"g{index}")
         got = loaded(input_ids=ids, adapter_names=[f"g{index}" for index in chosen]).logits.float()
     for row, index in enumerate(chosen):
         gap = float((got[row] - expected[row]).abs().max())
