@@ -13,7 +13,7 @@
 Per-task export scales with the number of tasks: the base model is loaded once, every prompt is embedded
 once, per-example routes come from one batched pass, and the fidelity check scores every static export at
 once (GroupedLoRA: each row of a batch with its own group's B' A'), then reloads written adapters with PEFT
-(two adapters of one PeftModel, one mixed batch through ``adapter_names``) to check the files are those factors.
+(two adapters of one PeftModel, each scored in its own pass) to check the files are those factors.
 
 Everything is written to a temporary folder, reloaded and checked, then renamed to run_dir/export, so a
 failed export leaves nothing half-written and never replaces an existing export unless
@@ -243,8 +243,9 @@ def set_groups(layers: list[GroupedLoRA], groups: torch.Tensor) -> None:
 def check_written(cfg: RunConfig, tokenizer, folder: Path, names: list[str], layers: list[GroupedLoRA], model,
                   dtype: torch.dtype) -> None:
     """The adapters on disk are the factors scored: the first and last written, loaded by PEFT onto a
-    fresh base as two adapters of one model, give GroupedLoRA's logits for their group on a probe prompt in
-    one mixed batch (PEFT's ``adapter_names``: one row per adapter), to the export dtype's precision."""
+    fresh base as two adapters of one model, each give GroupedLoRA's logits for their group on a probe
+    prompt, to the export dtype's precision. Each adapter gets its own pass (``set_adapter``), not PEFT's
+    mixed batch: ``adapter_names`` counts rows, and MoE blocks (Qwen2-MoE's experts) see flattened tokens."""
     from peft import PeftModel
 
     chosen = sorted({0, len(names) - 1})
@@ -260,7 +261,10 @@ def check_written(cfg: RunConfig, tokenizer, folder: Path, names: list[str], lay
         loaded = PeftModel.from_pretrained(base, path(chosen[0]), adapter_name=f"g{chosen[0]}").eval()
         for index in chosen[1:]:
             loaded.load_adapter(path(index), adapter_name=f"g{index}")
-        got = loaded(input_ids=ids, adapter_names=[f"g{index}" for index in chosen]).logits.float()
+        got = []
+        for row, index in enumerate(chosen):
+            loaded.set_adapter(f"g{index}")
+            got.append(loaded(input_ids=ids[row:row + 1]).logits.float()[0])
     for row, index in enumerate(chosen):
         gap = float((got[row] - expected[row]).abs().max())
         if gap > (1e-3 if dtype == torch.float32 else 5e-2) * max(1.0, float(expected[row].abs().max())):

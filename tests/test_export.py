@@ -134,8 +134,8 @@ def test_routes_computed_in_bfloat16_are_close_to_float32_routes():
 
 
 @torch.no_grad()
-def test_reload_check_loads_both_exports_in_one_peft_batch_and_catches_a_wrong_file(tmp_path, monkeypatch):
-    """check_written: the first and last export, two adapters of one PeftModel in a mixed batch, must give
+def test_reload_check_loads_both_exports_into_one_peft_model_and_catches_a_wrong_file(tmp_path, monkeypatch):
+    """check_written: the first and last export, two adapters of one PeftModel, must each give
     GroupedLoRA's logits; an export whose file is not its factors fails, naming the folder."""
     import pytest
     from safetensors.torch import load_file, save_file
