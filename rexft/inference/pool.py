@@ -51,18 +51,20 @@ class Feed:
 
 @dataclass
 class Waiting:
-    """Rows ready to decode, held in rows ``index`` of ``cache``: row i's keys at columns [firsts[i], ends[i])
-    (``mask`` (rows, columns) there: 0 at the holes between an opening and its rest), its next input token
-    ``last[i]`` and that token's position (``positions[i]``, real tokens before it)."""
+    """Rows ready to decode, held in rows ``index`` of ``cache``: row i's keys at ``columns[i]`` there (its
+    real tokens, in order: not the padding, nor the holes between an opening and its rest), its next input
+    token ``last[i]`` and that token's position (``positions[i]``: as many as its keys)."""
 
     ids: list[int]
     cache: object
-    mask: torch.Tensor
     index: list[int]
-    firsts: list[int]
-    ends: list[int]
+    columns: list[list[int]]
     last: torch.Tensor
     positions: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return max(len(columns) for columns in self.columns)
 
 
 def poolable(model) -> bool:
@@ -105,18 +107,19 @@ class DecodeBatch:
         return self.cache.layers[0].max_cache_len - self.column
 
     def fits(self, waiting: Waiting) -> bool:
-        return len(waiting.ids) <= len(self.free) and all(e - f <= self.column for f, e in zip(waiting.firsts, waiting.ends))
+        return len(waiting.ids) <= len(self.free) and waiting.width <= self.column
 
     def place(self, waiting: Waiting) -> None:
-        """The waiting rows into free slots, right-aligned to ``column``: per layer one copy of all their keys."""
+        """The waiting rows into free slots, their keys side by side up to ``column`` (holes closed up: a key
+        carries its position in its rotation, so only the mask would see them): per layer one copy of all."""
         slots = self.free[: len(waiting.ids)]
         rows_to, cols_to, rows_from, cols_from = [], [], [], []
-        for slot, row, first, end in zip(slots, waiting.index, waiting.firsts, waiting.ends):
-            n = end - first
+        for slot, row, columns in zip(slots, waiting.index, waiting.columns):
+            n = len(columns)
             rows_to += [slot] * n
             cols_to += range(self.column - n, self.column)
             rows_from += [row] * n
-            cols_from += range(first, end)
+            cols_from += columns
             self.starts[slot] = self.column - n
         device = self.mask.device
         to = (torch.tensor(rows_to, dtype=torch.long, device=device), torch.tensor(cols_to, dtype=torch.long, device=device))
@@ -126,7 +129,7 @@ class DecodeBatch:
             layer.values[to[0], :, to[1]] = src.values[source[0], :, source[1]]
         at = torch.tensor(slots, dtype=torch.long, device=device)
         self.mask[at] = 0
-        self.mask[to] = waiting.mask[source].to(self.mask.dtype)
+        self.mask[to] = 1
         self.last[at], self.positions[at] = waiting.last, waiting.positions
         for slot, i in zip(slots, waiting.ids):
             self.ids[slot] = i
@@ -135,8 +138,8 @@ class DecodeBatch:
         """Its rows, as rows waiting to be placed in another batch."""
         slots = [s for s, i in enumerate(self.ids) if i is not None]
         at = torch.tensor(slots, dtype=torch.long, device=self.mask.device)
-        return Waiting([self.ids[s] for s in slots], self.cache, self.mask, slots, [self.starts[s] for s in slots],
-                       [self.column] * len(slots), self.last[at], self.positions[at])
+        return Waiting([self.ids[s] for s in slots], self.cache, slots,
+                       [list(range(self.starts[s], self.column)) for s in slots], self.last[at], self.positions[at])
 
     def step_groups(self, call_cost: int) -> list[tuple[int, int, int]]:
         """Contiguous groups of slots (a, b, first key) for a step's attention (``row_groups``); a free slot
@@ -161,12 +164,12 @@ class DecodeBatch:
         return torch.stack(tokens, 1).tolist()
 
 
-def build(model, parts: list[Waiting], slots: int, room: int) -> DecodeBatch:
-    """A fresh decoding batch of ``slots`` slots for these rows, longest first, its width their widest and
-    ``room`` columns more."""
-    width = max(e - f for part in parts for f, e in zip(part.firsts, part.ends))
+def build(model, parts: list[Waiting], slots: int, room: int, wide: int = 0) -> DecodeBatch:
+    """A fresh decoding batch of ``slots`` slots for these rows, longest first, its width their widest (at
+    least ``wide``: the rows still to join, so that they fit without another build) and ``room`` columns more."""
+    width = max(wide, *(part.width for part in parts))
     batch = DecodeBatch(model, max(slots, sum(len(p.ids) for p in parts)), width + room, parts[0], width)
-    for part in sorted(parts, key=lambda p: -max(e - f for f, e in zip(p.firsts, p.ends))):
+    for part in sorted(parts, key=lambda p: -p.width):
         batch.place(part)
     return batch
 
@@ -274,12 +277,13 @@ class PoolEngine(PlainEngine):
             if batch is None and not queue:
                 return
             while queue and (batch is None or batch.rows + len(queue[0]) <= len(batch.ids)):  # room for a batch
+                wide = max(len(row.prompt) - 1 for rows in queue for row in rows)  # a build's width: every row waiting
                 for part in self._prefill(queue.pop(0), shared, heads, sums):
                     watches.update((i, StopWatch(self.tokenizer, limit(i), sampling.stop)) for i in part.ids)
                     if batch is not None and batch.fits(part):
                         batch.place(part)
-                    else:  # a row wider than the batch: all rebuilt
-                        batch = build(self.model, ([batch.waiting()] if batch else []) + [part], slots, room)
+                    else:  # the first rows, or a row wider than the batch: all (re)built
+                        batch = build(self.model, ([batch.waiting()] if batch else []) + [part], slots, room, wide)
             live = [i for i in batch.ids if i is not None]
             steps = min(self.profile.decode_chunk, max(1, max(limit(i) - len(watches[i].tokens) for i in live)))
             if batch.room < steps or not queue and len(live) <= len(batch.ids) // 2:  # out of room, or draining
@@ -328,13 +332,13 @@ class PoolEngine(PlainEngine):
             tokens = batch["input_ids"] if prefix is None else torch.cat([prefix.input_ids, batch["input_ids"]], 1)
             mask = batch["attention_mask"] if prefix is None else torch.cat([prefix.attention_mask, batch["attention_mask"]], 1)
             width = tokens.shape[1]
-            firsts = mask.int().argmax(-1).tolist()  # each row's first real column (a prefill's one sync)
-            ends = [width - len(row.target) - 1 for row in chosen]  # the keys before each row's last prompt token
+            ends = [width - len(row.target) - 1 for row in chosen]  # each row's last prompt token, fed next
+            real = mask.bool().tolist()  # which columns are real tokens (a prefill's one sync)
+            columns = [[c for c in range(end) if is_real[c]] for is_real, end in zip(real, ends)]
             index = torch.arange(len(run), device=tokens.device)
             last = tokens[index, torch.tensor(ends, device=tokens.device)]
-            before = torch.arange(width, device=tokens.device)[None] < torch.tensor(ends, device=tokens.device)[:, None]
-            parts.append(Waiting([row.id for row in chosen], cache, mask, list(range(len(run))), firsts, ends, last,
-                                 (mask * before).sum(-1)))
+            positions = torch.tensor([len(c) for c in columns], device=tokens.device)
+            parts.append(Waiting([row.id for row in chosen], cache, list(range(len(run))), columns, last, positions))
         return parts
 
 
