@@ -529,3 +529,26 @@ def test_caches_that_cannot_be_joined_decode_each_batch_alone(monkeypatch):
     monkeypatch.setattr(rexft.inference.pool, "poolable", lambda model: False)
     alone = greedy(model, priors, 4, decode_batch_size=8)
     assert [r.prediction for r in alone] == [r.prediction for r in reference]
+
+
+def test_a_text_stream_hands_out_prefixes_of_the_final_text_and_never_a_stop_string():
+    """TextStream, fed a row's tokens a few at a time: every text it hands out is a prefix of the row's
+    whole text cut at its stop string (the one decode of a finished row), held back while a stop string or a
+    multi-byte character may be forming, and the whole of it once the row ends."""
+    from rexft.inference import TextStream, new_text
+    from rexft.modeling import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    text = "naïve café — 数据 ends here STOP and more"
+    tokens = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(tokens) > len(text)  # multi-byte characters span several tokens
+    for stop, chunk in (((), 1), (("STOP",), 1), (("STOP",), 3), (("é —", "zzz"), 2)):
+        stream, seen = TextStream(tokenizer, stop), []
+        for end in range(chunk, len(tokens) + chunk, chunk):
+            seen.append(stream.safe(tokens[:end]))
+        final = new_text(tokenizer, tokens, stop)
+        assert all(final.startswith(part) for part in seen) and seen == sorted(seen, key=len)
+        assert "\ufffd" not in "".join(seen)
+        assert seen[-1] == final if stop else seen[-1] == text
+    eos = tokenizer.eos_token_id
+    assert TextStream(tokenizer).safe(tokens[:4] + [eos] + tokens[4:]) == new_text(tokenizer, tokens[:4], ())

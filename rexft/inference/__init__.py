@@ -14,11 +14,11 @@ from rexft.inference.loading import LoadedModel, adapter_priors, load_model_for_
 from rexft.inference.pool import Feed, PoolEngine
 from rexft.inference.prefix import PrefixPass, prefix_passes
 from rexft.inference.profile import DeviceProfile, device_profile
-from rexft.inference.stops import cut_at_stops, new_text
+from rexft.inference.stops import TextStream, cut_at_stops, new_text
 
 __all__ = ["DeviceProfile", "Engine", "Feed", "Generated", "LoadedModel", "PlainEngine", "PoolEngine", "PrefixPass", "Row",
            "RowState", "Sampling", "adapter_priors", "cut_at_stops", "device_profile", "load_model_for_inference",
-           "make_engine", "new_text", "prefix_passes", "prior_state"]
+           "make_engine", "new_text", "TextStream", "prefix_passes", "prior_state"]
 
 
 def make_engine(kind: str, model, tokenizer, rows: RowState | None, batch_size: int, profile: dict | None = None,

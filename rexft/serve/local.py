@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rexft.adapters import set_prior
-from rexft.inference import Feed, PoolEngine, Row, RowState, Sampling, cut_at_stops, device_profile, new_text
+from rexft.inference import Feed, PoolEngine, Row, RowState, Sampling, TextStream, cut_at_stops, device_profile, new_text
 
 from rexft.serve.backend import Call, Failed, Finished, TextDelta
 from rexft.serve.protocol import APIError
@@ -54,6 +54,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     id: int = 0
     sent: str = ""  # text handed out so far (streams)
+    reader: TextStream | None = None  # a stream's text as it decodes
     cancelled: bool = False  # its client went away
     answered: bool = False  # its last event (Finished or Failed) is out
     alone: bool = False  # decodes in a run of its own (after a run that held it failed)
@@ -246,18 +247,16 @@ class LocalBackend:
                                    kind="server_error")))
 
     def _partial(self, job: Job, tokens: list[int]) -> None:
-        """A stream's new text: decoded so far, held back where a stop string or a multi-byte character may
-        still be forming."""
+        """A stream's new text: decoded incrementally (``TextStream``), held back where a stop string or a
+        multi-byte character may still be forming."""
         if job.done or not job.stream:
             return
+        job.reader = job.reader or TextStream(self.tokenizer, job.stops)
         try:
-            text = new_text(self.tokenizer, tokens, job.stops)
+            text = job.reader.safe(tokens)
         except Exception as err:
             self._fail(job, err)
             return
-        hold = max((len(s) - 1 for s in job.stops), default=0)
-        text = text[: len(text) - hold] if hold else text
-        text = text.rstrip("\ufffd")
         if len(text) > len(job.sent) and text.startswith(job.sent):
             job.emit(TextDelta(text[len(job.sent):]))
             job.sent = text
