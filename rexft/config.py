@@ -420,6 +420,10 @@ class ServeConfig:
     route_log: bool = True  # append every request's route to run_dir/serve/routes.jsonl
     # local backend: rows decoding together (requests join and leave the decoding batch every few tokens)
     max_batch: int = bounded(16, ge=1)
+    # local backend's engine: pool (requests join and leave the decoding batch every few tokens, streams get
+    # text every chunk) | plain (transformers' generate() over the requests waiting when a run starts) |
+    # auto: the pool on a CPU, plain elsewhere (the pool's trade-offs are measured on CPUs)
+    engine: str = one_of("auto", choices=("auto", "pool", "plain"))
     # vllm backend: the URL of a vLLM OpenAI server already holding the exports (e.g. a deployment with
     # tensor parallelism, or replicas behind a load balancer); null: rexft starts and supervises one
     upstream: Optional[str] = None

@@ -220,3 +220,41 @@ def test_one_row_failing_stays_with_its_request(monkeypatch):
     text_failed = answers(failing)
     assert isinstance(text_failed[1], Failed) and "undecodable" in text_failed[1].error.message
     assert [text_failed[0], text_failed[2]] == [together[0], together[2]]
+
+
+def test_the_local_backend_on_the_plain_engine_answers_as_the_pool_does():
+    """serve.engine=plain (the default off the CPU): the requests waiting when a run starts decode through
+    generate(), each cut at its own max_tokens, with the same greedy answers as the pooled engine's."""
+    import asyncio
+
+    from rexft.serve import local
+    from rexft.serve.backend import Call, Finished
+    from rexft.serve.protocol import CompletionRequest
+    from rexft.serve.router import Route
+
+    service = tiny_serving_app().state.service
+    prompts = ["Question: one?", "Question: two, longer than one?", "Q3"]
+
+    def answers(engine: str) -> list:
+        backend = local.LocalBackend(service.backend.model, service.tokenizer, 4, 8, engine=engine)
+        assert backend.pooled == (engine == "pool")
+
+        async def run():
+            loop = asyncio.get_running_loop()
+            jobs = []
+            for prompt, limit in zip(prompts, (6, 3, 8)):
+                request = CompletionRequest(model="tiny", prompt=prompt, temperature=0)
+                call = Call(request, Route("tiny", "mixture"), service.router.route(prompt)[1],
+                            service.tokenizer(prompt).input_ids, limit)
+                jobs.append(backend.submit(local.Job.of(call, loop)))
+            await backend.start()
+            results = [await asyncio.wait_for(job.events.get(), ANSWER_SECONDS) for job in jobs]
+            await backend.stop()
+            return results
+
+        return asyncio.run(run())
+
+    pooled, plain = answers("pool"), answers("plain")
+    assert all(isinstance(a, Finished) for a in pooled + plain), plain
+    assert plain == pooled
+    assert plain[1].completion_tokens <= 3 and any(a.completion_tokens > 3 for a in plain)

@@ -218,6 +218,6 @@ class PlainEngine:
                                           generation_config=config, tokenizer=self.tokenizer if sampling.stop else None)
             texts.update(zip(ids, out[:, batch["input_ids"].shape[1]:].tolist()))
             self.progress(len(ids))
-        sums = self.score({i: row for i, row in by_id.items()})
+        sums = self.score({i: row for i, row in by_id.items() if row.target})
         for i, row in by_id.items():
-            yield Generated(i, texts[i], sums[i] if row.target else None)
+            yield Generated(i, texts[i], sums.get(i))

@@ -6,7 +6,10 @@ alone, so its seed means the same thing every time), and requests that arrive wh
 running batch every few tokens, as rows join the pooled engine's decoding batch (``rexft.inference.Feed``),
 until one that samples otherwise is waiting (it runs next: first come, first served). Each row stops at its own
 ``max_tokens``; a stream receives its new text after every chunk of tokens; a client that goes away has its
-row dropped at the next chunk. Each row's adapter state is its request's prior (the embedding's
+row dropped at the next chunk. That is the pooled engine, the CPU default (``serve.engine``); off the CPU
+the default is the plain engine (transformers' generate(): the pool's trade-offs are measured on CPUs
+only), where a run decodes the requests waiting when it starts, later ones wait for the next run, and a
+stream receives its text when its run ends (for GPU serving at scale: ``serve.backend=vllm``). Each row's adapter state is its request's prior (the embedding's
 similarities to the run's centroids, as at training), set through the engine's per-row hook (``RowState``).
 
 Failures stay with their row: a row whose text cannot be decoded or cut at its stops gets its own error
@@ -26,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from rexft.adapters import set_prior
-from rexft.inference import Feed, PoolEngine, Row, RowState, Sampling, TextStream, cut_at_stops, device_profile, new_text
+from rexft.inference import (Feed, PlainEngine, PoolEngine, Row, RowState, Sampling, TextStream, cut_at_stops, device_profile,
+                              new_text)
 
 from rexft.serve.backend import Call, Failed, Finished, TextDelta
 from rexft.serve.protocol import APIError
@@ -97,10 +101,13 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, model, tokenizer, max_batch: int, max_tokens: int, profile: dict | None = None):
+    def __init__(self, model, tokenizer, max_batch: int, max_tokens: int, profile: dict | None = None,
+                 engine: str = "auto"):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_tokens = max_batch, max_tokens
-        self.profile = device_profile(next(model.parameters()).device, profile)
+        device = next(model.parameters()).device
+        self.profile = device_profile(device, profile)
+        self.pooled = engine == "pool" or engine == "auto" and device.type == "cpu"  # rows join while it decodes
         self.pending: deque[Job] = deque()
         self.ready = threading.Condition()
         self.ids = itertools.count()
@@ -221,12 +228,17 @@ class LocalBackend:
             set_prior(self.model, torch.stack([priors[i] for i in ids]).to(device) if priors else None)
 
         (rows,) = admit([first] + self._take(first.key, self.max_batch - 1))
-        feed = Feed(arrivals=lambda: admit(self._take(first.key, self.max_batch)),
-                    limit=lambda i: 0 if self.running[i].done else self.running[i].limit,
-                    partial=lambda i, tokens: self._partial(self.running[i], tokens))
-        engine = PoolEngine(self.model, self.tokenizer, RowState(set_rows, "row"), batch_size=self.max_batch,
-                            profile=self.profile, feed=feed)
-        sampling = Sampling(max_new_tokens=self.max_tokens, do_sample=first.sampled,
+        if self.pooled:
+            feed = Feed(arrivals=lambda: admit(self._take(first.key, self.max_batch)),
+                        limit=lambda i: 0 if self.running[i].done else self.running[i].limit,
+                        partial=lambda i, tokens: self._partial(self.running[i], tokens))
+            engine = PoolEngine(self.model, self.tokenizer, RowState(set_rows, "row"), batch_size=self.max_batch,
+                                profile=self.profile, feed=feed)
+            most = self.max_tokens  # each row stops at its own limit (the feed's)
+        else:  # these rows alone, each cut at its own limit when it ends
+            engine = PlainEngine(self.model, self.tokenizer, RowState(set_rows, "row"), batch_size=self.max_batch)
+            most = max(job.limit for job in self.running.values())
+        sampling = Sampling(max_new_tokens=most, do_sample=first.sampled,
                             temperature=first.temperature if first.sampled else 1.0, top_p=first.top_p,
                             stop=tuple(first.stops), decode_batch_size=self.max_batch)
         if first.seed is not None:

@@ -68,7 +68,8 @@ def build_service(cfg: RunConfig) -> Service:
         takes_prior = bool(adapter_config and adapter_config["adapter"]["type"] == "trex"
                            and adapter_config["adapter"].get("use_prior"))
         router = build_router(cfg, None, None)
-        backend = LocalBackend(model, tokenizer, settings.max_batch, settings.max_tokens, cfg.eval.profile)
+        backend = LocalBackend(model, tokenizer, settings.max_batch, settings.max_tokens, cfg.eval.profile,
+                               settings.engine)
         context = settings.max_model_len or model.config.max_position_embeddings
         log.info("local backend: %s%s", what, ", a prior per request" if takes_prior else "")
         return Service(cfg.name, router, tokenizer, backend, [], PromptFormat.for_model(tokenizer, cfg.model),
