@@ -221,7 +221,7 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, device: str = "c
     if cfg.quantization == "nf4":  # QLoRA: bitsandbytes NF4 base (CUDA, or its CPU backend)
         from transformers import BitsAndBytesConfig
 
-        on_gpu = torch.cuda.is_available()
+        on_gpu = default_device() == "cuda"
         compute = torch.bfloat16 if on_gpu else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

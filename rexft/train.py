@@ -96,7 +96,7 @@ def make_accelerator(cfg: RunConfig):
     if trainer.fsdp and trainer.deepspeed:
         raise RexftError(f"trainer.fsdp=true and trainer.deepspeed={trainer.deepspeed}: choose one sharding "
                          "(trainer=fsdp or trainer=zero3)")
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = default_device() == "cpu"
     mixed_precision = resolve_mixed_precision(trainer.mixed_precision, deepspeed=bool(trainer.deepspeed))
     log.info("mixed precision: %s (trainer.mixed_precision=%s)", mixed_precision, trainer.mixed_precision)
     plugin = None

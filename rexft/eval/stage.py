@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from rexft.config import RunConfig
 from rexft.data import PromptFormat
 from rexft.eval.protocols import Dropped, Prediction, Prompts, as_row, from_row, score_examples
 from rexft.eval.report import RouteRecorder, routing_heatmap, routing_layer, results_table, summarize, summary_lines
 from rexft.inference import adapter_priors, load_model_for_inference, make_engine, prior_state
+from rexft.modeling import default_device
 from rexft.splits import EvalSet, eval_set, examples_digest
 
 
@@ -61,7 +60,7 @@ def evaluate(cfg: RunConfig) -> Path:
 
     from rexft.rundir import atomic_write_text, write_json, write_jsonl
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=default_device() == "cpu")
     chosen = eval_examples(cfg)
     examples, sources, unseen = chosen.examples, chosen.sources, chosen.unseen
     model, tokenizer, adapter_config, description = load_model_for_inference(cfg)

@@ -103,13 +103,12 @@ def build_service(cfg: RunConfig) -> Service:
                         "--chat-template %s, or its chat requests will be formatted otherwise", template_file)
         backend = VllmBackend(None, settings.upstream, None, settings.startup_timeout)
     else:
-        import torch
-
         from rexft.config import config_root
+        from rexft.modeling import default_device
 
         port = settings.vllm_port or free_port()
         command = vllm_command(vllm_python(settings.vllm_python, config_root()), base, exports, rank, port, context,
-                               not torch.cuda.is_available(), extra)
+                               default_device() == "cpu", extra)
         backend = VllmBackend(command, f"http://127.0.0.1:{port}", folder / "vllm.log", settings.startup_timeout)
     log.info("vllm backend: %d %s adapters of rank %d%s", len(exports), mode.replace("per_", ""), rank,
              f", upstream {settings.upstream}" if settings.upstream else "")
