@@ -1,5 +1,3 @@
-import sys
+from rexft.cli import entry
 
-from rexft.cli import main
-
-sys.exit(main())
+entry()

@@ -374,6 +374,15 @@ def _load(target: str) -> Callable:
     return getattr(importlib.import_module(module), function)
 
 
+def entry() -> None:
+    """The ``rexft`` program (console script and ``python -m rexft``): glibc set to keep freed memory
+    (``rexft.process``), then ``main``."""
+    from rexft.process import reexec_with_kept_heap
+
+    reexec_with_kept_heap()
+    sys.exit(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):

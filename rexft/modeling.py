@@ -178,7 +178,8 @@ def machine_summary(probe: bool = True) -> str:
     where = torch.cuda.get_device_name() if device == "cuda" else f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     line = (f"{where}; torch kernels {torch.backends.cpu.get_cpu_capability()}, native bf16 "
             f"{'yes' if native_bf16(device) else 'no'}; " +
-            ", ".join(f"{name} {installed(name)}" for name in ("torch", "transformers", "peft", "accelerate")))
+            ", ".join(f"{name} {installed(name)}" for name in ("torch", "transformers", "peft", "accelerate")) +
+            f"; malloc {'heap kept' if os.environ.get('MALLOC_MMAP_THRESHOLD_') else 'glibc defaults'}")
     if probe:
         line += f"; float32 matmul {matmul_gflops(device):.0f} GFLOP/s"
     return line

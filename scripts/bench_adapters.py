@@ -14,18 +14,24 @@ frozen, gradients flowing to every linear layer's output (a zero added to the fi
 block's input gradient, which no adapter needs, is not computed). That is the cost every adapter method must
 pay (the backward through the frozen base for the activations' gradients); each method's tokens/s is also
 given as a fraction of it.
+
+Every child runs with glibc keeping freed memory, as the ``rexft`` command line runs (``rexft.process``;
+``--malloc system``: glibc's defaults, what a plain ``python`` script gets).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
 from rexft.modeling import machine_summary
+from rexft.process import HEAP, kept_heap_env
 
 METHODS = {
     # name: (adapter config or PEFT rank, peer)
@@ -121,6 +127,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dropout", type=float, default=0.0, help="adapter dropout, the same for every method")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--malloc", choices=("kept", "system"), default="kept",
+                        help="kept: glibc keeps freed memory, as under the rexft command line; system: glibc's defaults")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -129,10 +137,15 @@ def main():
     print(machine_summary(), flush=True)  # what the figures below depend on
     passthrough = [f"--{k}={getattr(args, k)}" for k in ("hidden", "layers", "vocab", "seq", "batch", "steps", "dropout")]
     passthrough += [f"--shape={args.shape}"] if args.shape else []
+    if args.malloc == "kept":
+        env = kept_heap_env() or dict(os.environ)  # None: set already, or not glibc
+    else:
+        env = {k: v for k, v in os.environ.items() if k not in HEAP}
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
     for round_index in range(args.rounds):
         for method in args.methods:
-            out = subprocess.run([sys.executable, __file__, *passthrough, f"--child={method}"], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, *passthrough, f"--child={method}"], capture_output=True, text=True, check=True,
+                                 env=env)
             runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {round_index + 1}/{args.rounds} {method}: {runs[method][-1]['ms_per_step']:.0f} ms/step", file=sys.stderr)
     tokens = args.batch * args.seq
@@ -143,7 +156,7 @@ def main():
                            "trainable": results[0]["trainable"], "device": results[0]["device"]}
     shape = f"shape {args.shape} {SHAPES[args.shape]}" if args.shape else f"LLaMA hidden={args.hidden} layers={args.layers} vocab={args.vocab}"
     print(f"\n{shape}, batch {args.batch} x seq {args.seq}, dropout {args.dropout}, "
-          f"median of {args.rounds} rounds x {args.steps} steps, device {summary[args.methods[0]]['device']}\n")
+          f"median of {args.rounds} rounds x {args.steps} steps, device {summary[args.methods[0]]['device']}, malloc {args.malloc}\n")
     limit = summary.get("frozen")
     print("| method | trainable | ms/step | tokens/s | of the limit | peak MiB | peer | throughput vs peer | memory vs peer |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -4,6 +4,8 @@
     python scripts/bench_eval.py --protocol generate [--model demo-sni] [--tasks 40] [--per-task 4] [--max-new-tokens 32]
         (--max-new-tokens 128: recipes/sni.yaml's setting, Tk-Instruct's; 32: the CPU demo's)
     --engine plain|pool|auto: which eval engine rexft uses (auto: the pool on a CPU, plain elsewhere)
+    --malloc kept|system: glibc keeping freed memory, as under the rexft command line (rexft.process; the
+        default: the process re-executes itself once), or glibc's defaults
 
 --protocol generate (generative tasks, real SNI validation examples): rexft's generate protocol (prompts
 prefilled in batches of --batch-size, each task's shared instruction once per batch, the rest in runs of
@@ -35,6 +37,7 @@ from rexft.inference import prior_state
 from rexft.eval.protocols import Prompts, first_token, generate
 from rexft.splits import build_splits
 from rexft.modeling import load_model, load_tokenizer, machine_summary
+from rexft.process import reexec_with_kept_heap
 from rexft.tasks.common import LETTERS
 
 
@@ -51,7 +54,10 @@ def main():
     parser.add_argument("--tasks", type=int, default=None, help="--protocol generate: use the first N tasks (all: default)")
     parser.add_argument("--decode-batch-size", type=int, default=64, help="--protocol generate: eval.decode_batch_size")
     parser.add_argument("--engine", default="auto", choices=["auto", "plain", "pool"], help="eval.engine")
+    parser.add_argument("--malloc", choices=("kept", "system"), default="kept")
     args = parser.parse_args()
+    if args.malloc == "kept":
+        reexec_with_kept_heap()
     print(machine_summary(), flush=True)  # what the figures below depend on
     if args.protocol == "generate":
         return bench_generate(args)
