@@ -552,3 +552,33 @@ def test_a_text_stream_hands_out_prefixes_of_the_final_text_and_never_a_stop_str
         assert seen[-1] == final if stop else seen[-1] == text
     eos = tokenizer.eos_token_id
     assert TextStream(tokenizer).safe(tokens[:4] + [eos] + tokens[4:]) == new_text(tokenizer, tokens[:4], ())
+
+
+def test_a_decoding_run_builds_its_batch_once_wide_enough_for_every_row(monkeypatch):
+    """The decoding batch's first build is as wide as the widest row waiting, so a wider row placed after it
+    never forces another full-size build (a build after the first only shrinks a draining batch; with the
+    first part's width alone, the builds here were 64 slots x 54 columns, then 64 x 280); the text is the
+    text of one row at a time."""
+    import rexft.inference.pool as pool
+
+    builds = []
+    real_build = pool.build
+
+    def build(model, parts, slots, room, wide=0):
+        batch = real_build(model, parts, slots, room, wide)
+        builds.append((len(batch.ids), batch.cache.layers[0].max_cache_len))
+        return batch
+
+    monkeypatch.setattr(pool, "build", build)
+    # One prefill batch, two length runs: the run holding the short prompt with the long target prefills (and is
+    # placed) first, then the long prompt's run, which is wider than the first run's rows.
+    data = [Example("gen", 0, "Hi", target="and then " * 40, references=["x"]),
+            Example("gen", 1, "Describe, in order, every step of the long journey home. " * 4, target="ok", references=["y"])]
+    priors = torch.rand(len(data), 8)
+    model = trex_model()
+    batched = greedy(model, priors, 2, data=data)
+    (slots, _), rest = builds[0], builds[1:]
+    assert all(s < slots for s, _ in rest), builds  # only shrinks after the first
+    monkeypatch.undo()
+    alone = greedy(model, priors, 1, data=data)
+    assert [r.prediction for r in batched] == [r.prediction for r in alone]
