@@ -17,8 +17,8 @@ from rexft.inference.profile import DeviceProfile, device_profile
 from rexft.inference.stops import TextStream, cut_at_stops, new_text
 
 __all__ = ["DeviceProfile", "Engine", "Feed", "Generated", "LoadedModel", "PlainEngine", "PoolEngine", "PrefixPass", "Row",
-           "RowState", "Sampling", "adapter_priors", "cut_at_stops", "device_profile", "load_model_for_inference",
-           "make_engine", "new_text", "TextStream", "prefix_passes", "prior_state"]
+           "RowState", "Sampling", "TextStream", "adapter_priors", "cut_at_stops", "device_profile",
+           "load_model_for_inference", "make_engine", "new_text", "prefix_passes", "prior_state"]
 
 
 def make_engine(kind: str, model, tokenizer, rows: RowState | None, batch_size: int, profile: dict | None = None,

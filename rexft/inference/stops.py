@@ -13,12 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def before_eos(tokenizer, tokens: list[int]) -> list[int]:
+    """Generated tokens up to the first EOS."""
+    eos = tokenizer.eos_token_id
+    return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
+
+
 def new_text(tokenizer, tokens: list[int], stop) -> str:
     """Generated tokens up to the first EOS, as text cut before the first stop string."""
-    eos = tokenizer.eos_token_id
-    if eos is not None and eos in tokens:
-        tokens = tokens[: tokens.index(eos)]
-    return cut_at_stops(tokenizer.decode(tokens, skip_special_tokens=True), stop)
+    return cut_at_stops(tokenizer.decode(before_eos(tokenizer, tokens), skip_special_tokens=True), stop)
 
 
 def cut_at_stops(text: str, stop) -> str:
@@ -69,9 +72,7 @@ class TextStream:
     def safe(self, tokens: list[int]) -> str:
         """The text a stream may hand out now: up to EOS, before any stop string, less the characters a stop
         string could still be forming with (and a character still incomplete)."""
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and eos in tokens:
-            tokens = tokens[: tokens.index(eos)]
+        tokens = before_eos(self.tokenizer, tokens)
         if len(tokens) > self.read:
             before = self.tokenizer.decode(tokens[self.start:self.read], skip_special_tokens=True)
             after = self.tokenizer.decode(tokens[self.start:], skip_special_tokens=True)
