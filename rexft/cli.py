@@ -477,9 +477,16 @@ def _stages(command: str, cfg: RunConfig) -> Iterator[str]:
     """The command, preceded by what it needs and the run directory lacks, computed exactly as the commands
     would: cluster-prior and train run `rexft data` when there is no split record or one made with other data
     settings, and train runs cluster-prior when the prior is missing or was built from other rows. Lazy: each
-    check runs once the stage before it has."""
+    check runs once the stage before it has.
+
+    Under a launch (torchrun, accelerate launch) only the main process runs the stages before train: the others
+    would write the same files at the same time. They meet it at the trainer's first barrier, once it is done."""
+    from rexft.rundir import launch_rank
     from rexft.splits import is_stale
 
+    if command == "train" and launch_rank() != 0:
+        yield command
+        return
     if command in ("cluster-prior", "train") and is_stale(cfg):
         log.info("no split record for these data settings at %s: running data first", cfg.path / "data")
         yield "data"

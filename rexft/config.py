@@ -340,6 +340,9 @@ class TrainerConfig:
     # FSDP2 through Accelerate (trainer=fsdp): fully_shard each decoder block, so the frozen base is sharded
     # across processes and gathered one block at a time; adapters train as plain (sharded) parameters
     fsdp: bool = False
+    # seconds a process of a launch waits for the others at a collective (transformers' ddp_timeout), the main
+    # process's data and cluster-prior stages included: the others wait for those before training
+    ddp_timeout: int = bounded(1800, gt=0)
     save_every: int = bounded(0, ge=0)  # optimizer steps between checkpoints (0: only at the end)
     keep_last: int = bounded(2, ge=0)  # checkpoints kept (0: all)
     resume: bool = False  # continue from the newest checkpoint in run_dir/checkpoints

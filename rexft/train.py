@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -90,7 +91,7 @@ def _fsdp_plugin():
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
     from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     trainer = cfg.trainer
     if trainer.fsdp and trainer.deepspeed:
@@ -99,14 +100,14 @@ def make_accelerator(cfg: RunConfig):
     on_cpu = default_device() == "cpu"
     mixed_precision = resolve_mixed_precision(trainer.mixed_precision, deepspeed=bool(trainer.deepspeed))
     log.info("mixed precision: %s (trainer.mixed_precision=%s)", mixed_precision, trainer.mixed_precision)
-    plugin = None
+    plugin, timeout = None, timedelta(seconds=trainer.ddp_timeout)
     if trainer.deepspeed and "LOCAL_RANK" not in os.environ:
         raise RexftError(f"trainer.deepspeed={trainer.deepspeed} needs a launcher, even for one process: torchrun "
                          "--nproc_per_node N -m rexft train ... (or accelerate launch, or deepspeed --module rexft)")
     if trainer.deepspeed:
         # DeepSpeed initialises the process group itself (gloo on CPU); Accelerate's cpu=True disables it.
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        state = PartialState(cpu=False, backend="gloo" if on_cpu else None)
+        state = PartialState(cpu=False, backend="gloo" if on_cpu else None, timeout=timeout)
         plugin = _deepspeed_plugin(trainer, state.num_processes, mixed_precision)
     cpu = on_cpu and plugin is None  # Accelerate forms a gloo process group on CPU only when told so
     report_to = list(trainer.report_to)  # its choices are checked with the config
@@ -114,12 +115,12 @@ def make_accelerator(cfg: RunConfig):
         os.environ.setdefault("WANDB_DIR", str(cfg.path))  # W&B's files live in the run directory too
     fsdp = None
     if trainer.fsdp:
-        fsdp = _fsdp_plugin() if PartialState(cpu=cpu).num_processes > 1 else None
+        fsdp = _fsdp_plugin() if PartialState(cpu=cpu, timeout=timeout).num_processes > 1 else None
         if fsdp is None:
             log.info("trainer.fsdp: one process, nothing to shard: training unsharded")
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=trainer.grad_accum,
                               deepspeed_plugin=plugin, fsdp_plugin=fsdp, log_with=report_to or None,
-                              project_dir=str(cfg.path))
+                              project_dir=str(cfg.path), kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
     if fsdp is not None and accelerator.distributed_type != DistributedType.FSDP:
         # Accelerate 1.15 turns FSDP on for accelerator devices only. On CPU gloo processes (tests, CI) the
         # same FSDP2 path is taken by setting the state as Accelerate does on a GPU (both shared states).
@@ -387,6 +388,9 @@ class Trainer:
 
         self.cfg, tcfg = cfg, cfg.trainer
         self.accelerator = make_accelerator(cfg)
+        # Under a launch the main process ran data and cluster-prior before it got here (rexft.cli._stages):
+        # no process reads the run directory before that is done.
+        self.accelerator.wait_for_everyone()
         set_seed(tcfg.seed)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.main = self.accelerator.is_main_process
