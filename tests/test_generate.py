@@ -582,3 +582,32 @@ def test_a_decoding_run_builds_its_batch_once_wide_enough_for_every_row(monkeypa
     monkeypatch.undo()
     alone = greedy(model, priors, 1, data=data)
     assert [r.prediction for r in batched] == [r.prediction for r in alone]
+
+
+def test_the_plain_engine_ends_each_row_at_its_own_limit_and_the_batch_when_all_have():
+    """A server's per-row limits on generate(): a row ends at its own max_tokens, or at once when its client is
+    gone (limit 0), without changing the other rows; a batch whose rows all reached theirs stops decoding."""
+    from rexft.inference import Feed, PlainEngine, Row, Sampling
+
+    model = tiny_model().eval()
+    # no row stops at EOS: only the limits end them
+    model.lm_head.register_forward_hook(lambda module, args, out: out.index_fill(-1, torch.tensor([TOK.eos_token_id]), -1e9))
+    rows = [Row(i, TOK(p)["input_ids"]) for i, p in enumerate(PROMPTS[:4])]
+    sampling = Sampling(max_new_tokens=12)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+
+    def run(limits: dict[int, int] | None):
+        forwards.clear()
+        feed = None if limits is None else Feed(arrivals=lambda: [], limit=limits.__getitem__, partial=lambda i, t: None)
+        made = {g.id: g.tokens for g in PlainEngine(model, TOK, batch_size=4, feed=feed).generate(rows, sampling)}
+        return made, len(forwards)
+
+    free, free_forwards = run(None)
+    assert all(len(tokens) == 12 for tokens in free.values()) and free_forwards == 12
+    limited, _ = run({0: 3, 1: 0, 2: 12, 3: 7})
+    assert limited[2] == free[2]  # a row without a lower limit: the same tokens
+    for i, n in ((0, 3), (1, 0), (3, 7)):
+        assert limited[i][:n] == free[i][:n] and set(limited[i][max(n, 1):]) <= {TOK.pad_token_id}
+    _, short_forwards = run({i: 3 for i in range(4)})
+    assert short_forwards == 3  # the prefill and two steps: the batch ended with its rows

@@ -9,9 +9,9 @@
     profile   what the pooled engine trades off per device type
 """
 
-from rexft.inference.engine import Engine, Generated, PlainEngine, Row, RowState, Sampling, prior_state
+from rexft.inference.engine import Engine, Feed, Generated, PlainEngine, Row, RowState, Sampling, prior_state
 from rexft.inference.loading import LoadedModel, adapter_priors, load_model_for_inference
-from rexft.inference.pool import Feed, PoolEngine
+from rexft.inference.pool import PoolEngine
 from rexft.inference.prefix import PrefixPass, prefix_passes
 from rexft.inference.profile import DeviceProfile, device_profile
 from rexft.inference.stops import TextStream, cut_at_stops, new_text
@@ -25,10 +25,10 @@ def make_engine(kind: str, model, tokenizer, rows: RowState | None, batch_size: 
                 progress=None, feed: Feed | None = None) -> Engine:
     """``eval.engine``: plain, pool, or auto (the pool on a CPU, plain elsewhere: the pool is not measured
     off the CPU); ``profile`` overrides the device profile's fields. ``feed`` (a server's rows joining while
-    it decodes) needs the pool."""
+    it decodes) needs the pool; the plain engine takes only its per-row limits."""
     device = next(model.parameters()).device
     if kind == "auto":
         kind = "pool" if device.type == "cpu" or feed is not None else "plain"
     if kind == "plain":
-        return PlainEngine(model, tokenizer, rows, batch_size, progress)
+        return PlainEngine(model, tokenizer, rows, batch_size, progress, feed)
     return PoolEngine(model, tokenizer, rows, batch_size, progress, device_profile(device, profile), feed=feed)

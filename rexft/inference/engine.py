@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, Hashable, Iterator, Protocol
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rexft.adapters import route_logs_paused, set_prior, set_token_mask
 from rexft.modeling import pad_id
@@ -60,6 +61,18 @@ class Sampling:
         """The fields of ``settings`` (an EvalConfig, or any object with some of these attributes)."""
         values = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
         return cls(**{**values, "stop": tuple(values.get("stop") or ())})
+
+
+@dataclass
+class Feed:
+    """A server's hooks into an engine's ``generate``: rows that arrive while it decodes join the decoding
+    batch, each row stops at its own token limit, and each row's tokens so far are handed out after every
+    chunk (a stream's deltas). The plain engine takes only ``limit`` (read every step: ``RowLimits``). ``arrivals()`` returns batches of new rows; ``limit(id)`` a row's most new
+    tokens (0 ends it at the next chunk: a client gone); ``partial(id, tokens)`` sees an unfinished row's tokens."""
+
+    arrivals: Callable[[], list[list[Row]]]
+    limit: Callable[[int], int]
+    partial: Callable[[int, list[int]], None]
 
 
 @dataclass
@@ -148,14 +161,28 @@ def generation_config(tokenizer, sampling: Sampling, pad_id: int):
     return config
 
 
+class RowLimits(StoppingCriteria):
+    """Ends each row of a generate() batch once it has ``limit(id)`` new tokens, read every step (0: at once,
+    a client gone); the batch ends when every row has. Rows ended so are padded after, as at EOS."""
+
+    def __init__(self, ids: list[int], prompt_width: int, limit: Callable[[int], int]):
+        self.ids, self.prompt_width, self.limit = ids, prompt_width, limit
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        made = input_ids.shape[1] - self.prompt_width
+        return torch.tensor([made >= self.limit(i) for i in self.ids], dtype=torch.bool, device=input_ids.device)
+
+
 class PlainEngine:
     """Length-sorted, left-padded batches of ``batch_size`` rows through the model's forward and generate()."""
 
     share_prefixes = False  # every row runs its whole prompt (the pool engine runs a group's opening once)
 
-    def __init__(self, model, tokenizer, rows: RowState | None = None, batch_size: int = 16, progress=None):
+    def __init__(self, model, tokenizer, rows: RowState | None = None, batch_size: int = 16, progress=None,
+                 feed: Feed | None = None):
         self.model, self.tokenizer, self.rows, self.batch_size = model, tokenizer, rows, batch_size
         self.progress = progress or (lambda n: None)  # called with the rows each batch finished
+        self.feed = feed
 
     @property
     def device(self):
@@ -213,9 +240,13 @@ class PlainEngine:
             batch = {k: v.to(self.device) for k, v in left_pad([by_id[i].prompt for i in ids], self.pad_id).items()}
             self._set_rows(ids)
             set_token_mask(self.model, None)
+            limits = None
+            if self.feed is not None and sampling.num_beams == 1:
+                limits = StoppingCriteriaList([RowLimits(ids, batch["input_ids"].shape[1], self.feed.limit)])
             with route_logs_paused(self.model):
                 out = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                          generation_config=config, tokenizer=self.tokenizer if sampling.stop else None)
+                                          generation_config=config, stopping_criteria=limits,
+                                          tokenizer=self.tokenizer if sampling.stop else None)
             texts.update(zip(ids, out[:, batch["input_ids"].shape[1]:].tolist()))
             self.progress(len(ids))
         sums = self.score({i: row for i, row in by_id.items() if row.target})

@@ -28,25 +28,13 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
 from rexft.adapters import route_logs_paused, set_token_mask
-from rexft.inference.engine import Generated, PlainEngine, Row, RowState, Sampling, generation_config, left_pad, summed_logprobs
+from rexft.inference.engine import Feed, Generated, PlainEngine, Row, RowState, Sampling, generation_config, left_pad, summed_logprobs
 from rexft.inference.prefix import (batch_openings, cache_kwarg, cheapest_split, forward_after, forward_rests, length_runs,
                                     prefill_prefixes, shared_prefix_lengths, shared_prefix_order)
 from rexft.inference.profile import DeviceProfile, device_profile
 from rexft.inference.stops import StopWatch
 
 ROOM = 32  # columns a decoding batch has beyond its rows' tokens and their max_new_tokens, for rows joining later
-
-
-@dataclass
-class Feed:
-    """A server's hooks into ``PoolEngine.generate``: rows that arrive while it decodes join the decoding
-    batch, each row stops at its own token limit, and each row's tokens so far are handed out after every
-    chunk (a stream's deltas). ``arrivals()`` returns batches of new rows; ``limit(id)`` a row's most new
-    tokens (0 ends it at the next chunk: a client gone); ``partial(id, tokens)`` sees an unfinished row's tokens."""
-
-    arrivals: Callable[[], list[list[Row]]]
-    limit: Callable[[int], int]
-    partial: Callable[[int, list[int]], None]
 
 
 @dataclass
@@ -200,9 +188,8 @@ class PoolEngine(PlainEngine):
 
     def __init__(self, model, tokenizer, rows: RowState | None = None, batch_size: int = 16, progress=None,
                  profile: DeviceProfile | None = None, share_prefixes: bool = True, feed: Feed | None = None):
-        super().__init__(model, tokenizer, rows, batch_size, progress)
+        super().__init__(model, tokenizer, rows, batch_size, progress, feed)
         self.profile = profile or device_profile(self.device)
-        self.feed = feed
         # Rows of a group share their opening's KV cache only where the model computes the same for all of them.
         self.share_prefixes = share_prefixes and (rows is None or rows.varies != "row")
 

@@ -8,8 +8,9 @@ until one that samples otherwise is waiting (it runs next: first come, first ser
 ``max_tokens``; a stream receives its new text after every chunk of tokens; a client that goes away has its
 row dropped at the next chunk. That is the pooled engine, the CPU default (``serve.engine``); off the CPU
 the default is the plain engine (transformers' generate(): the pool's trade-offs are measured on CPUs
-only), where a run decodes the requests waiting when it starts, later ones wait for the next run, and a
-stream receives its text when its run ends (for GPU serving at scale: ``serve.backend=vllm``). Each row's adapter state is its request's prior (the embedding's
+only), where a run decodes the requests waiting when it starts, later ones wait for the next run, each row
+ends at its own ``max_tokens`` or when its client goes away (the run ends once every row has), and a stream
+receives its text when its run ends (for GPU serving at scale: ``serve.backend=vllm``). Each row's adapter state is its request's prior (the embedding's
 similarities to the run's centroids, as at training), set through the engine's per-row hook (``RowState``).
 
 Failures stay with their row: a row whose text cannot be decoded or cut at its stops gets its own error
@@ -228,15 +229,17 @@ class LocalBackend:
             set_prior(self.model, torch.stack([priors[i] for i in ids]).to(device) if priors else None)
 
         (rows,) = admit([first] + self._take(first.key, self.max_batch - 1))
+        limit = lambda i: 0 if self.running[i].done else self.running[i].limit  # noqa: E731  (0: its client went away)
         if self.pooled:
-            feed = Feed(arrivals=lambda: admit(self._take(first.key, self.max_batch)),
-                        limit=lambda i: 0 if self.running[i].done else self.running[i].limit,
+            feed = Feed(arrivals=lambda: admit(self._take(first.key, self.max_batch)), limit=limit,
                         partial=lambda i, tokens: self._partial(self.running[i], tokens))
             engine = PoolEngine(self.model, self.tokenizer, RowState(set_rows, "row"), batch_size=self.max_batch,
                                 profile=self.profile, feed=feed)
             most = self.max_tokens  # each row stops at its own limit (the feed's)
-        else:  # these rows alone, each cut at its own limit when it ends
-            engine = PlainEngine(self.model, self.tokenizer, RowState(set_rows, "row"), batch_size=self.max_batch)
+        else:  # these rows alone, each ending at its own limit (or its client gone); answered when all have
+            feed = Feed(arrivals=lambda: [], limit=limit, partial=lambda i, tokens: None)
+            engine = PlainEngine(self.model, self.tokenizer, RowState(set_rows, "row"), batch_size=self.max_batch,
+                                 feed=feed)
             most = max(job.limit for job in self.running.values())
         sampling = Sampling(max_new_tokens=most, do_sample=first.sampled,
                             temperature=first.temperature if first.sampled else 1.0, top_p=first.top_p,
