@@ -1,6 +1,6 @@
 """The quality study, tuned fairly: every method's lr chosen on the tuning split, then more seeds at that lr.
 
-    python scripts/quality_study.py run --study sni          # resumable: re-run after a kill, finished jobs are skipped
+    python scripts/quality_study.py run --study sni          # resumable: jobs recorded under docs/studies/ are skipped
     python scripts/quality_study.py collect --study sni      # copy the finished jobs' records (run does it per sweep)
     python scripts/quality_study.py report --study sni       # docs/quality_study_sni_cpu.md from what has finished
     python scripts/quality_study.py run --study cs14         # the 14-task mixture (recipe study-cs14)
@@ -82,15 +82,6 @@ def collect_all(args) -> None:
         collect_sweep(sweep.parent, docs / sweep.parent.parent.name / sweep.parent.name)
 
 
-def chosen_lr(sweep_dir: Path, metric: str) -> str | None:
-    from rexft.sweep import best, sweep_jobs
-
-    jobs = sweep_jobs(sweep_dir, metric)
-    if any(j.status != "ok" or j.tuning is None for j in jobs) or len(jobs) < len(LRS):
-        return None
-    return best(jobs).params["trainer.lr"]
-
-
 def run(args) -> None:
     study = STUDIES[args.study]
     root, docs = Path(args.root) / args.study, Path(args.docs) / args.study
@@ -103,21 +94,28 @@ def run(args) -> None:
         collect(base, docs / "base")
     for name in args.methods or METHODS:
         adapter = METHODS[name]
-        if len(method_runs(docs, adapter, study["metric"])["runs"]) == 1 + len(SEEDS):
+        # What is recorded under docs/ counts as done, so a fresh machine (no run directories) resumes too.
+        recorded = method_runs(docs, adapter, study["metric"])
+        if len(recorded["runs"]) == 1 + len(SEEDS):
             print(f"{name}: every job is recorded under {docs / adapter}; skipped", file=sys.stderr)
             continue
         started = time.perf_counter()
-        tune = root / adapter / "tune"
-        rexft("train", "-m", *recipe, f"adapter={adapter}", f"trainer.lr={','.join(LRS)}", f"hydra.sweep.dir={tune}")
-        collect_sweep(tune, docs / adapter / "tune")
-        lr = chosen_lr(tune, study["metric"])
+        lrs = [lr for lr in LRS if lr not in recorded["tuning"]]
+        if lrs:
+            tune = root / adapter / "tune"
+            rexft("train", "-m", *recipe, f"adapter={adapter}", f"trainer.lr={','.join(lrs)}", f"hydra.sweep.dir={tune}")
+            collect_sweep(tune, docs / adapter / "tune")
+            recorded = method_runs(docs, adapter, study["metric"])
+        lr = recorded["lr"]
         if lr is None:
             print(f"{name}: a tuning job did not finish; its seeds wait for the next run", file=sys.stderr)
             continue
-        seeds = root / adapter / "seeds"
-        rexft("train", "-m", *recipe, f"adapter={adapter}", f"trainer.lr={lr}", f"trainer.seed={','.join(SEEDS)}",
-              f"hydra.sweep.dir={seeds}")
-        collect_sweep(seeds, docs / adapter / "seeds")
+        seeds = [seed for seed in SEEDS if seed not in recorded["runs"]]
+        if seeds:
+            into = root / adapter / "seeds"
+            rexft("train", "-m", *recipe, f"adapter={adapter}", f"trainer.lr={lr}", f"trainer.seed={','.join(seeds)}",
+                  f"hydra.sweep.dir={into}")
+            collect_sweep(into, docs / adapter / "seeds")
         print(f"{name}: lr {lr} chosen on the tuning split; {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
 
