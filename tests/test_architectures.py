@@ -20,6 +20,7 @@ from conftest import ROOT, randomize_adapters, run_cli, vllm_python
 from rexft.adapters import adapter_layers, adapter_types, format_targets, set_token_mask
 from rexft.config import AdapterConfig, DataConfig, ModelConfig
 from rexft.data import PromptFormat
+from rexft.errors import RexftError
 from rexft.eval.protocols import Prompts, loglik
 from rexft.eval.report import RouteRecorder
 from rexft.export import (example_routes, mean_routes, set_groups, stack_static_factors, static_factors,
@@ -187,6 +188,16 @@ def test_targets_are_listed_by_name_with_fused_projections_said(bases):
     assert not any("qkv_proj" in n for n in adapter_layers(excluded))
     assert "not in adapter.target_modules, or in adapter.exclude_modules): model.layers.*.self_attn.qkv_proj" in format_targets(excluded)
 
+
+
+def test_a_gpt2_style_model_is_refused_naming_its_conv1d_projections():
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB,
+                                                                bos_token_id=1, eos_token_id=2))
+    with pytest.raises(RexftError, match=r"matched no nn.Linear in GPT2LMHeadModel \(its projections "
+                                               r"c_attn, c_fc, c_proj are transformers' GPT-2-style Conv1D"):
+        rexft.inject_adapters(gpt2, config("lora"))
 
 @pytest.fixture(scope="module")
 def moe_dir(bases, tmp_path_factory):

@@ -90,7 +90,10 @@ def inject_adapters(model: nn.Module, adapter_cfg: AdapterConfig | dict) -> nn.M
     cls = adapter_class(cfg.type)
     names = target_names(model, cfg)
     if not names:
-        raise RexftError(f"adapter.target_modules {cfg.target_modules} matched no nn.Linear in {type(model).__name__}")
+        conv1d = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if type(m).__name__ == "Conv1D"})
+        hint = (f" (its projections {', '.join(conv1d)} are transformers' GPT-2-style Conv1D, which rexft's adapters "
+                "do not wrap: they wrap nn.Linear)") if conv1d else ""
+        raise RexftError(f"adapter.target_modules {cfg.target_modules} matched no nn.Linear in {type(model).__name__}{hint}")
     for param in model.parameters():
         param.requires_grad_(False)
     layout = TokenLayout()  # every forward records its (b, s) token grid for the adapters (see base.py)
